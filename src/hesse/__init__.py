@@ -1,0 +1,15 @@
+"""hesse: second derivatives for PyTorch, exact where structure allows, fast everywhere.
+
+The public names live here; each is implemented in a private module with one idea.
+"""
+
+from hesse._chunking import LoopFallbackWarning
+from hesse._transforms import hessian, hvp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoopFallbackWarning",
+    "hessian",
+    "hvp",
+]

@@ -1,0 +1,150 @@
+"""The one chunked, vectorised loop, and the memory arithmetic that sizes its chunks.
+
+# NOTE [chunking]
+Every batched product in hesse (Hessian columns, compressed HVPs, operator
+matmats, probe vectors) goes through :func:`map_chunks`. It applies a batched
+function to ``chunk_size`` rows at a time and writes each result into one
+preallocated output, so the peak is ``output + one chunk`` rather than the
+``2 x output`` of a concatenation. When the batched function fails (a function
+that ``vmap`` cannot batch: in-place updates of captured tensors, BatchNorm in
+train mode, data-dependent control flow), it warns once, names the cause, and
+continues with the unbatched function row by row: same answer, slower.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GiB = 1024**3
+
+
+class LoopFallbackWarning(UserWarning):
+    """A batched (vmap) path failed and hesse fell back to a slower loop."""
+
+
+def map_chunks(
+    batched: Callable[[torch.Tensor], torch.Tensor],
+    single: Callable[[torch.Tensor], torch.Tensor] | None,
+    k: int,
+    rows: Callable[[int, int], torch.Tensor],
+    *,
+    chunk_size: int,
+    call: str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply ``batched`` to ``rows`` in chunks of ``chunk_size``; stack into ``out``.
+
+    Args:
+        batched: maps a ``(c, ...)`` chunk to a ``(c, ...)`` result.
+        single: maps one row to one result; used row by row if ``batched`` raises.
+            ``None`` re-raises instead.
+        k: number of rows.
+        rows: ``rows(start, stop)`` returns the ``(stop - start, ...)`` inputs; rows are
+            made on demand so that no ``(k, ...)`` input need exist at once.
+        chunk_size: rows per call of ``batched``.
+        call: call form for the warning.
+        out: optional preallocated ``(k, ...)`` output.
+
+    Returns:
+        ``(k, ...)``: the results, in order.
+    """
+    looping = False
+    for start in range(0, k, chunk_size):
+        chunk = rows(start, min(k, start + chunk_size))
+        result = None
+        if not looping:
+            try:
+                result = batched(chunk)
+            except Exception as err:  # noqa: BLE001 - any vmap failure falls back
+                if single is None:
+                    raise
+                looping = True
+                warnings.warn(
+                    f"{call}: the vectorised (vmap) path failed ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200]}); falling back to a loop over "
+                    f"{k} products, which gives the same result more slowly.",
+                    LoopFallbackWarning,
+                    stacklevel=3,
+                )
+        if looping:
+            assert single is not None
+            result = torch.stack([single(r) for r in chunk])
+        assert result is not None
+        if out is None:
+            out = result.new_empty((k, *result.shape[1:]))
+        out[start : start + chunk.shape[0]] = result
+    if out is None:  # k == 0
+        raise ValueError(f"{call}: nothing to compute (zero rows).")
+    return out
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Half of the memory currently free on ``device`` (bytes)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 * GiB
+
+
+class _AllocationCounter(TorchDispatchMode):
+    """Sum the bytes of every tensor the dispatcher produces (an upper bound on the peak)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not func._schema.is_mutable:
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def allocated_bytes(fn: Callable[[], object]) -> tuple[object, int]:
+    """Run ``fn()`` and return its result with the bytes it allocated in total.
+
+    Total allocation bounds the peak from above, so chunk sizes derived from it
+    stay within the budget (at the price of some conservatism).
+    """
+    counter = _AllocationCounter()
+    with counter:
+        result = fn()
+    return result, counter.bytes
+
+
+def chunk_size_for(
+    *,
+    rows: int,
+    per_row_bytes: int,
+    fixed_bytes: int,
+    budget: int,
+) -> int:
+    """The largest chunk whose estimate ``fixed + c * per_row`` fits ``budget`` (at least 1)."""
+    room = budget - fixed_bytes
+    if per_row_bytes <= 0:
+        return rows
+    return int(max(1, min(rows, room // per_row_bytes)))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,90 @@
+"""Flatten a pytree of tensors into one vector and back.
+
+Every mechanism in hesse works on one flat vector ``x`` of length ``n`` (row-major,
+leaves in pytree order). :class:`Flat` is the one place that maps between that
+vector and the user's structure (a tensor, a tuple of tensors, a dict of
+parameters), including the nested block structure ``torch.func.hessian`` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+
+@dataclass(frozen=True)
+class Flat:
+    """The layout of a pytree of tensors as one flat vector."""
+
+    spec: TreeSpec
+    shapes: tuple[torch.Size, ...]
+    numels: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(tree: Any) -> Flat:
+        leaves, spec = tree_flatten(tree)
+        return Flat(
+            spec=spec,
+            shapes=tuple(leaf.shape for leaf in leaves),
+            numels=tuple(leaf.numel() for leaf in leaves),
+            dtype=leaves[0].dtype,
+            device=leaves[0].device,
+        )
+
+    @property
+    def n(self) -> int:
+        return sum(self.numels)
+
+    @property
+    def offsets(self) -> list[int]:
+        out, acc = [], 0
+        for m in self.numels:
+            out.append(acc)
+            acc += m
+        return out
+
+    def flatten(self, tree: Any) -> torch.Tensor:
+        """Concatenate the leaves of ``tree`` (laid out like this one) into ``(n,)``."""
+        leaves, _ = tree_flatten(tree)
+        if len(leaves) == 1:
+            return leaves[0].reshape(-1)
+        return torch.cat([leaf.reshape(-1) for leaf in leaves])
+
+    def flatten_batched(self, tree: Any) -> torch.Tensor:
+        """Like :meth:`flatten` for leaves with one leading batch dimension: ``(k, n)``."""
+        leaves, _ = tree_flatten(tree)
+        k = leaves[0].shape[0]
+        return torch.cat([leaf.reshape(k, -1) for leaf in leaves], dim=1)
+
+    def unflatten(self, vec: torch.Tensor) -> Any:
+        """Split ``(..., n)`` into the tree, each leaf shaped ``(..., *shape)``."""
+        batch = vec.shape[:-1]
+        parts = torch.split(vec, list(self.numels), dim=-1)
+        leaves = [p.reshape(*batch, *s) for p, s in zip(parts, self.shapes)]
+        return tree_unflatten(leaves, self.spec)
+
+    def unflatten_blocks(self, mat: torch.Tensor) -> Any:
+        """Split an ``(n, n)`` matrix into the nested structure of ``torch.func.hessian``.
+
+        Block ``[i][j]`` has shape ``shape_i + shape_j``: the outer tree indexes the
+        gradient's leaves, the inner tree the input's leaves.
+        """
+        offs = self.offsets
+        rows = []
+        for oi, ni, si in zip(offs, self.numels, self.shapes):
+            row = [
+                mat[oi : oi + ni, oj : oj + nj].reshape(*si, *sj)
+                for oj, nj, sj in zip(offs, self.numels, self.shapes)
+            ]
+            rows.append(tree_unflatten(row, self.spec))
+        return tree_unflatten(rows, self.spec)
+
+
+def numel(shape: torch.Size | tuple[int, ...]) -> int:
+    return math.prod(shape)
