@@ -1,0 +1,1 @@
+"""Curvature operators: the operator core and the Hessian, GGN and Fisher of functions and models."""
