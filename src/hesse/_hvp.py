@@ -64,11 +64,7 @@ class FlatHVP:
         check_choice(call, "mode", mode, MODES)
         self.argnums = normalize_argnums(call, argnums, len(args))
         self.single_arg = isinstance(argnums, int)
-        primals = (
-            args[self.argnums[0]]
-            if self.single_arg
-            else tuple(args[i] for i in self.argnums)
-        )
+        primals = args[self.argnums[0]] if self.single_arg else tuple(args[i] for i in self.argnums)
         check_differentiable_leaves(call, primals)
         self.primals = primals
         self.flat = Flat.of(primals)
@@ -78,6 +74,7 @@ class FlatHVP:
         self.mode = mode
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
+        self._row_bytes: int | None = None
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +111,10 @@ class FlatHVP:
             x = self.x.detach().requires_grad_(True)
             with torch.enable_grad():
                 y = self.g(x)
-                (gr,) = torch.autograd.grad(y, x, create_graph=True, allow_unused=True)
-            if gr is None:
+                gr = None
+                if y.requires_grad:
+                    (gr,) = torch.autograd.grad(y, x, create_graph=True, allow_unused=True)
+            if gr is None:  # f does not depend on x
                 gr = torch.zeros_like(x)
             self._graph = (x, gr)
             self._gradient = gr.detach()
@@ -142,32 +141,60 @@ class FlatHVP:
             return self._revrev_batched, self._revrev_single
         return self._fwdrev_batched, self._fwdrev_single
 
-    def _probe(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Products with the first rows, choosing the strategy; also their allocation."""
-        batched, _ = self._paths()
-        try:
-            return allocated_bytes(lambda: batched(rows))  # type: ignore[return-value]
-        except Exception:
-            if self.mode != "auto":
-                raise
-        # NOTE [strategies]: forward-over-reverse failed; reverse-over-reverse next.
-        self.mode = "reverse-over-reverse"
-        self._revrev_graph()
-        try:
-            return allocated_bytes(lambda: self._revrev_batched(rows))  # type: ignore[return-value]
-        except Exception:
-            return allocated_bytes(  # type: ignore[return-value]
-                lambda: torch.stack([self._revrev_single(r) for r in rows])
+    def _per_row_bytes(self) -> int:
+        """Estimated bytes one product adds to a chunk.
+
+        # NOTE [memory estimate]
+        One gradient evaluation is run under an allocation counter (its result is
+        kept: reverse-over-reverse reuses its graph, ``hvp`` returns the gradient).
+        A product carries a tangent through the forward and the backward pass, so it
+        allocates about as much as one gradient again per vector, plus the shared
+        primal; ``4 x`` the gradient's total allocation bounds that from above.
+        Total allocation already exceeds the peak, so the estimate is conservative.
+        """
+        if self._row_bytes is None:
+            _, used = allocated_bytes(lambda: self.gradient)
+            self._row_bytes = 4 * used + 4 * self.n * self.x.element_size()
+        return self._row_bytes
+
+    def _first_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Products with the first chunk; in ``auto`` mode this settles the strategy."""
+        batched, single = self._paths()
+        if self.mode != "auto":
+            return map_chunks(
+                batched,
+                single,
+                chunk.shape[0],
+                tensor_rows(chunk),
+                chunk_size=chunk.shape[0],
+                call=self.call,
             )
+        try:
+            out = self._fwdrev_batched(chunk)
+            self.mode = "forward-over-reverse"
+            return out
+        except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
+            self.mode = "reverse-over-reverse"
+        return map_chunks(
+            self._revrev_batched,
+            self._revrev_single,
+            chunk.shape[0],
+            tensor_rows(chunk),
+            chunk_size=chunk.shape[0],
+            call=self.call,
+        )
 
     @property
     def gradient(self) -> torch.Tensor:
         """The flat gradient at ``x`` (computed by the first product if not yet)."""
-        if self._gradient is None:
-            if self.mode == "reverse-over-reverse":
-                self._revrev_graph()
-            else:
+        if self._gradient is None and self.mode != "reverse-over-reverse":
+            try:
                 self._gradient = grad(self.g)(self.x).detach()
+            except Exception:  # noqa: BLE001 - NOTE [strategies]
+                if self.mode != "auto":
+                    raise
+        if self._gradient is None:
+            self._revrev_graph()
         assert self._gradient is not None
         return self._gradient
 
@@ -183,43 +210,37 @@ class FlatHVP:
     ) -> torch.Tensor:
         """``H @ v`` for the ``k`` vectors ``rows(start, stop)``: a ``(k, n)`` tensor.
 
-        Without ``chunk_size``, the first two products are run alone and their
-        allocation measured; the rest go in chunks sized so that
+        Without ``chunk_size``, chunks are sized so that
         ``fixed_bytes + chunk * per_row`` fits ``memory_budget`` (default: half the
-        free memory).
+        free memory), see NOTE [memory estimate].
         """
         check_chunk_size(self.call, chunk_size)
         check_memory_budget(self.call, memory_budget)
-        done = 0
-        if self.mode != "reverse-over-reverse" or chunk_size is None:
-            first = min(k, 2)
-            head, used = self._probe(rows(0, first))
-            if out is None:
-                out = head.new_empty((k, *head.shape[1:]))
-            out[:first] = head
-            done = first
-            if chunk_size is None:
-                budget = memory_budget or default_memory_budget(self.x.device)
-                chunk_size = chunk_size_for(
-                    rows=max(1, k - done),
-                    per_row_bytes=used // first,
-                    fixed_bytes=fixed_bytes,
-                    budget=int(budget),
-                )
-        if done == k:
-            assert out is not None
-            return out
-        batched, single = self._paths()
-        rest = map_chunks(
-            batched,
-            single,
-            k - done,
-            lambda s, e: rows(done + s, done + e),
-            chunk_size=chunk_size,
-            call=self.call,
-            out=None if out is None else out[done:],
-        )
-        return rest if out is None else out
+        if chunk_size is None:
+            budget = memory_budget or default_memory_budget(self.x.device)
+            chunk_size = chunk_size_for(
+                rows=k,
+                per_row_bytes=self._per_row_bytes(),
+                fixed_bytes=fixed_bytes,
+                budget=int(budget),
+            )
+        first = min(k, chunk_size)
+        head = self._first_chunk(rows(0, first))
+        if out is None:
+            out = head.new_empty((k, *head.shape[1:]))
+        out[:first] = head
+        if first < k:
+            batched, single = self._paths()
+            map_chunks(
+                batched,
+                single,
+                k - first,
+                lambda s, e: rows(first + s, first + e),
+                chunk_size=chunk_size,
+                call=self.call,
+                out=out[first:],
+            )
+        return out
 
 
 def basis_rows(n: int, like: torch.Tensor) -> RowSource:

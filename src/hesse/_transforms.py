@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 from hesse._chunking import default_memory_budget, format_bytes
 from hesse._flat import Flat
 from hesse._hvp import FlatHVP, basis_rows, tensor_rows
-from hesse._validation import describe, fail
+from hesse._validation import check_chunk_size, check_memory_budget, describe, fail
 
 
 def _call_form(name: str, f: Callable, nargs: int) -> str:
@@ -67,6 +67,8 @@ def hessian(
 
     def wrapped(*args: Any) -> Any:
         call = _call_form("hesse.hessian", f, len(args))
+        check_chunk_size(call, chunk_size)
+        check_memory_budget(call, memory_budget)
         engine = FlatHVP(f, args, argnums, call=call, mode=mode)
         n = engine.n
         itemsize = engine.x.element_size()
@@ -131,14 +133,24 @@ def hvp(
     """
     call = "hesse.hvp(f, primals, tangents)"
     if not isinstance(primals, tuple):
-        fail(call, f"expected primals to be a tuple, got {describe(primals)}. Wrap it: (x,).", TypeError)
+        fail(
+            call,
+            f"expected primals to be a tuple, got {describe(primals)}. Wrap it: (x,).",
+            TypeError,
+        )
     if not isinstance(tangents, tuple):
-        fail(call, f"expected tangents to be a tuple, got {describe(tangents)}. Wrap it: (v,).", TypeError)
+        fail(
+            call,
+            f"expected tangents to be a tuple, got {describe(tangents)}. Wrap it: (v,).",
+            TypeError,
+        )
     engine = FlatHVP(f, primals, tuple(range(len(primals))), call=call, mode=mode)
     flat = engine.flat
     t_leaves, t_spec = tree_flatten(tangents)
     if t_spec != flat.spec:
-        fail(call, f"expected tangents to have the structure of primals ({flat.spec}), got {t_spec}.")
+        fail(
+            call, f"expected tangents to have the structure of primals ({flat.spec}), got {t_spec}."
+        )
     lead = None
     for t, shape in zip(t_leaves, flat.shapes):
         if not isinstance(t, torch.Tensor):
@@ -172,4 +184,3 @@ def hvp(
         hv = flat.unflatten(out[0])
     gradient = flat.unflatten(engine.gradient)
     return gradient, hv
-

@@ -93,9 +93,16 @@ class LinearOperator(abc.ABC):
 
     def _check_tensor(self, call: str, x: torch.Tensor) -> None:
         if x.dtype != self.dtype:
-            fail(call, f"expected dtype {self.dtype}, got {x.dtype}. Cast with .to({self.dtype}).", TypeError)
+            fail(
+                call,
+                f"expected dtype {self.dtype}, got {x.dtype}. Cast with .to({self.dtype}).",
+                TypeError,
+            )
         if x.device != self.device:
-            fail(call, f"expected a tensor on {self.device}, got one on {x.device}. Move it with .to().")
+            fail(
+                call,
+                f"expected a tensor on {self.device}, got one on {x.device}. Move it with .to().",
+            )
 
     def _matmul_tree(self, call: str, tree: dict) -> dict:
         layout = self.layout
@@ -125,7 +132,10 @@ class LinearOperator(abc.ABC):
         if not isinstance(other, LinearOperator):
             return NotImplemented
         if other.shape != self.shape:
-            fail(f"{self._name()} + {other._name()}", f"shapes differ: {self.shape} and {other.shape}.")
+            fail(
+                f"{self._name()} + {other._name()}",
+                f"shapes differ: {self.shape} and {other.shape}.",
+            )
         return _Sum(self, other)
 
     def __mul__(self, alpha: float) -> LinearOperator:
@@ -252,7 +262,9 @@ class _Scaled(LinearOperator):
         return self.alpha * self.op._rmatmat(X)
 
 
-def as_operator(A: LinearOperator | torch.Tensor, *, call: str = "hesse.as_operator(A)") -> LinearOperator:
+def as_operator(
+    A: LinearOperator | torch.Tensor, *, call: str = "hesse.as_operator(A)"
+) -> LinearOperator:
     """``A`` itself if it is an operator; a dense tensor wrapped as one (symmetry detected)."""
     if isinstance(A, LinearOperator):
         return A

@@ -1,0 +1,114 @@
+"""Reference Hessians and assertion helpers, for hesse's tests and for users' own.
+
+The references here are deliberately independent of hesse's engine: central finite
+differences of the gradient (in float64) and ``torch.autograd.functional.hessian``
+(PyTorch's own reverse-over-reverse implementation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from hesse._flat import Flat
+from hesse._validation import check_differentiable_leaves, normalize_argnums
+
+__all__ = [
+    "assert_hessian_close",
+    "assert_symmetric",
+    "autograd_hessian",
+    "finite_difference_hessian",
+]
+
+
+def _flat_problem(
+    call: str, f: Callable[..., torch.Tensor], args: tuple[Any, ...], argnums: int | tuple[int, ...]
+) -> tuple[Flat, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    nums = normalize_argnums(call, argnums, len(args))
+    primals = args[nums[0]] if isinstance(argnums, int) else tuple(args[i] for i in nums)
+    check_differentiable_leaves(call, primals)
+    flat = Flat.of(primals)
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        tree = flat.unflatten(x)
+        full = list(args)
+        if isinstance(argnums, int):
+            full[nums[0]] = tree
+        else:
+            for i, leaf in zip(nums, tree):
+                full[i] = leaf
+        return f(*full).reshape(())
+
+    return flat, flat.flatten(primals).detach(), g
+
+
+def finite_difference_hessian(
+    f: Callable[..., torch.Tensor],
+    *args: Any,
+    argnums: int | tuple[int, ...] = 0,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The flat ``(n, n)`` Hessian by central differences of the autograd gradient, in float64.
+
+    ``H[:, i] = (grad f(x + eps e_i) - grad f(x - eps e_i)) / (2 eps)``, symmetrised.
+    Error O(eps^2) plus rounding O(machine eps / eps). Cost: 2n gradients.
+    """
+    flat, x, g = _flat_problem(
+        "hesse.testing.finite_difference_hessian(f, *args)", f, args, argnums
+    )
+    x = x.double()
+
+    def gradient(z: torch.Tensor) -> torch.Tensor:
+        z = z.detach().to(flat.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            (gr,) = torch.autograd.grad(g(z), z, allow_unused=True)
+        return torch.zeros_like(z, dtype=torch.float64) if gr is None else gr.double()
+
+    n = x.numel()
+    H = torch.empty(n, n, dtype=torch.float64)
+    for i in range(n):
+        e = torch.zeros_like(x)
+        e[i] = eps
+        H[:, i] = (gradient(x + e) - gradient(x - e)) / (2 * eps)
+    return (H + H.T) / 2
+
+
+def autograd_hessian(
+    f: Callable[..., torch.Tensor], *args: Any, argnums: int | tuple[int, ...] = 0
+) -> torch.Tensor:
+    """The flat ``(n, n)`` Hessian from ``torch.autograd.functional.hessian``."""
+    _, x, g = _flat_problem("hesse.testing.autograd_hessian(f, *args)", f, args, argnums)
+    return torch.autograd.functional.hessian(g, x)
+
+
+def assert_symmetric(H: torch.Tensor, *, rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    """Assert a square matrix equals its transpose within tolerance."""
+    assert H.dim() == 2 and H.shape[0] == H.shape[1], (
+        f"expected a square matrix, got {tuple(H.shape)}"
+    )
+    torch.testing.assert_close(H, H.T, rtol=rtol, atol=atol)
+
+
+def assert_hessian_close(
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> None:
+    """Assert two Hessians agree leaf by leaf (same structure, shapes and values).
+
+    Accepts flat matrices or the nested structure of ``torch.func.hessian``; the
+    tolerances default to ``torch.testing.assert_close``'s for the dtype.
+    """
+    a_leaves, a_spec = tree_flatten(actual)
+    e_leaves, e_spec = tree_flatten(expected)
+    assert a_spec == e_spec, f"Hessian structures differ: {a_spec} vs {e_spec}"
+    for a, e in zip(a_leaves, e_leaves):
+        assert a.shape == e.shape, (
+            f"Hessian block shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}"
+        )
+        torch.testing.assert_close(a, e.to(a.dtype), rtol=rtol, atol=atol)
