@@ -1,0 +1,1 @@
+"""Sparsity detection: trace a function to ATen ops and propagate index patterns."""
