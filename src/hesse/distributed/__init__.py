@@ -1,0 +1,16 @@
+"""Distributed curvature on ``torch.distributed``: data-parallel operators, a split dense Hessian.
+
+See docs/distributed.md. Every rank runs the same program; hesse combines the
+ranks' parts with collectives that fail loudly (see NOTE [failure] in
+:mod:`hesse.distributed._context`).
+"""
+
+from hesse.distributed._context import DistributedError
+from hesse.distributed._dense import hessian
+from hesse.distributed._sharding import shard
+
+__all__ = [
+    "DistributedError",
+    "hessian",
+    "shard",
+]
