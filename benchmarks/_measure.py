@@ -1,0 +1,125 @@
+"""Time and peak memory of one call, measured the same way for every method.
+
+# NOTE [peak memory]
+Peak memory is the growth of the process's resident set during the first call:
+Linux's RSS high-water mark (``VmHWM`` in ``/proc/self/status``) is reset to the
+current RSS just before the call (``/proc/self/clear_refs``) and read just after,
+minus the RSS at the reset. Everything the call touches counts (tensors, autograd
+graphs, vmap batches, Python objects). To make freed memory leave the RSS between
+methods, :func:`prepare_process` tells glibc to serve every allocation of 64 KiB
+or more with its own ``mmap`` (returned to the system on free) instead of reusing a
+heap that only grows. Where ``/proc`` is missing (not Linux) the peak reads ``None``
+and the table prints ``n/a``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_prepared = False
+
+
+def prepare_process(threads: int | None = 1) -> None:
+    """Set glibc's mmap threshold (see NOTE [peak memory]) and torch's thread count."""
+    global _prepared
+    if not _prepared:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        except (OSError, AttributeError):
+            pass
+        _prepared = True
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> int | None:
+    """Reset the RSS high-water mark; return the current RSS in bytes (or ``None``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    rss = _status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, float, int | None]:
+    """Run ``fn()`` once; return its result, its wall time and its peak RSS growth (bytes)."""
+    gc.collect()
+    base = _reset_peak()
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    hwm = _status_kib("VmHWM")
+    peak = None if base is None or hwm is None else max(0, hwm * 1024 - base)
+    return result, elapsed, peak
+
+
+def measure(
+    calls: dict[str, Callable[[], Any]],
+    *,
+    repeats: int,
+    max_seconds: float,
+    summarize: Callable[[Any], dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Median wall time and peak memory of each call, timed side by side.
+
+    Each call first runs once alone to measure its peak memory (NOTE [peak memory])
+    and to warm caches. Then up to ``repeats`` rounds time every call once per
+    round, interleaved, so that load from other processes falls on all methods
+    alike; a call whose first run took more than ``max_seconds / repeats`` is not
+    repeated and its first run is its time (slow baselines are timed once).
+
+    Returns:
+        ``{name: {"time_s", "peak_mem_bytes", "repeats", **summarize(first result)}}``.
+    """
+    first: dict[str, float] = {}
+    peaks: dict[str, int | None] = {}
+    extra: dict[str, dict[str, Any]] = {}
+    for name, fn in calls.items():
+        result, first[name], peaks[name] = peak_memory(fn)
+        extra[name] = summarize(result) if summarize is not None else {}
+        del result
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    slow = {name for name, t in first.items() if t * repeats > max_seconds}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            if name in slow:
+                continue
+            gc.collect()
+            start = time.perf_counter()
+            result = fn()
+            times[name].append(time.perf_counter() - start)
+            del result
+    out = {}
+    for name in calls:
+        samples = times[name] or [first[name]]
+        out[name] = {
+            "time_s": statistics.median(samples),
+            "peak_mem_bytes": peaks[name],
+            "repeats": len(samples),
+            **extra[name],
+        }
+    return out

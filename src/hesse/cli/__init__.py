@@ -1,0 +1,48 @@
+"""The ``hesse`` command: ``hesse analyze`` (a curvature report) and ``hesse bench``.
+
+Each subcommand lives in its own module and is imported only when it runs, so
+``hesse --help`` stays fast and ``hesse bench`` does not need matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``hesse`` command (both subcommands)."""
+    from hesse.cli import _analyze, _bench
+
+    parser = argparse.ArgumentParser(
+        prog="hesse",
+        description="Second derivatives for PyTorch: curvature reports and benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{analyze,bench}")
+    _analyze.add_parser(sub)
+    _bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hesse`` console script; returns the exit code.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, non-zero on bad input or failure (the message is on stderr).
+
+    Example:
+        >>> main(["--help"])  # doctest: +SKIP
+    """
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":  # python -m hesse.cli
+    raise SystemExit(main())
