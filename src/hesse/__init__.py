@@ -5,11 +5,17 @@ The public names live here; each is implemented in a private module with one ide
 
 from hesse._chunking import LoopFallbackWarning
 from hesse._transforms import hessian, hvp
+from hesse.spectra import EigshResult, SpectralDensity, eigsh, spectral_density, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EigshResult",
     "LoopFallbackWarning",
+    "SpectralDensity",
+    "eigsh",
     "hessian",
     "hvp",
+    "spectral_density",
+    "trace",
 ]

@@ -1,0 +1,38 @@
+"""Random probe vectors, drawn only from an explicit generator.
+
+# NOTE [probes]
+Every stochastic algorithm in hesse draws its vectors here. Probes come from the
+caller's ``torch.Generator`` (a fixed-seed one when ``None`` is passed, never the
+global RNG), are drawn on the generator's device and then moved to the operator's
+device and dtype. So two processes holding identically seeded generators draw
+identical probes, which is what distributed operators rely on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: seed of the generator used when the caller passes ``generator=None``.
+DEFAULT_SEED = 0
+
+
+def resolve_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator`` itself, or a fresh CPU generator seeded with :data:`DEFAULT_SEED`."""
+    return torch.Generator().manual_seed(DEFAULT_SEED) if generator is None else generator
+
+
+def rademacher(
+    n: int, k: int, *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(n, k)`` independent random signs (+1 or -1)."""
+    signs = torch.randint(0, 2, (n, k), generator=generator, device=generator.device)
+    return (2 * signs - 1).to(dtype=dtype, device=device)
+
+
+def gaussian(
+    n: int, k: int, *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(n, k)`` independent standard normal entries."""
+    draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    out = torch.randn((n, k), generator=generator, device=generator.device, dtype=draw_dtype)
+    return out.to(dtype=dtype, device=device)

@@ -1,0 +1,281 @@
+"""Stochastic trace estimation: Hutchinson, Hutch++ and XTrace, with error bars.
+
+# NOTE [adaptive trace]
+Each estimator is a small state that can *grow*: spend more products and refine
+its estimate, reusing everything computed so far. A fixed budget is one growth
+step; with ``rtol`` the driver grows in rounds (each about half of what has been
+spent, so at most ~1.5x the products a perfectly informed stop would need) until
+``stderr <= rtol * |value|`` or the budget is spent.
+
+* Hutchinson: more probes.
+* Hutch++: the sketch ``Q`` grows by Gram-Schmidt, so earlier deflated probes are
+  updated without new products: with ``P = I - Q Q^T`` and new columns ``Q_n``,
+  ``P' z = P z - Q_n (Q_n^T z)`` and ``A P' z = A P z - (A Q_n)(Q_n^T z)``.
+* XTrace: the test matrix gains columns; ``Y = A Omega = Q R`` and ``A Q`` are
+  extended, and the leave-one-out estimates are recomputed (``O(n s^2)`` flops,
+  no products).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hesse._estimate import Estimate
+from hesse._probes import gaussian, rademacher, resolve_generator
+from hesse._validation import check_choice, check_generator, fail
+from hesse.operators._base import LinearOperator
+from hesse.spectra._input import check_int, check_positive_float, square_operator
+
+METHODS = ("hutch++", "hutchinson", "xtrace")
+
+
+def _orthonormal_extension(
+    Q: torch.Tensor, Y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``C, Q_n, R_n`` with ``Y = Q C + Q_n R_n`` and ``[Q, Q_n]`` orthonormal."""
+    C = Q.T @ Y
+    W = Y - Q @ C
+    C2 = Q.T @ W
+    W -= Q @ C2
+    Qn, Rn = torch.linalg.qr(W)
+    # Columns of W at rounding level normalise to directions that need one more pass.
+    Qn -= Q @ (Q.T @ Qn)
+    Qn = torch.linalg.qr(Qn).Q
+    Rn = Qn.T @ W
+    return C + C2, Qn, Rn
+
+
+def _mean_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    count = samples.numel()
+    mean = samples.mean()
+    if count < 2:
+        return mean, torch.full_like(mean, math.inf)
+    return mean, samples.std() / math.sqrt(count)
+
+
+class _Hutchinson:
+    """``mean_i z_i^T A z_i`` over Rademacher probes ``z_i``."""
+
+    min_round = 2
+
+    def __init__(self, op: LinearOperator, gen: torch.Generator) -> None:
+        self.op, self.gen = op, gen
+        self.samples = torch.zeros(0, dtype=op.dtype, device=op.device)
+
+    def _probes(self, count: int) -> torch.Tensor:
+        n = self.op.shape[0]
+        return rademacher(n, count, generator=self.gen, dtype=self.op.dtype, device=self.op.device)
+
+    def grow(self, budget: int) -> int:
+        Z = self._probes(budget)
+        values = (Z * self.op._matmat(Z)).sum(0)
+        self.samples = torch.cat([self.samples, values])
+        return budget
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _mean_stderr(self.samples)
+
+
+class _HutchPlusPlus(_Hutchinson):
+    """``tr(Q^T A Q)`` exactly plus Hutchinson on ``(I - QQ^T) A (I - QQ^T)``."""
+
+    min_round = 4
+
+    def __init__(self, op: LinearOperator, gen: torch.Generator) -> None:
+        super().__init__(op, gen)
+        n = op.shape[0]
+        self.Q = torch.zeros(n, 0, dtype=op.dtype, device=op.device)
+        self.exact = torch.zeros((), dtype=op.dtype, device=op.device)
+        self.X = torch.zeros(n, 0, dtype=op.dtype, device=op.device)  # deflated probes P z
+        self.AX = torch.zeros(n, 0, dtype=op.dtype, device=op.device)  # A P z
+
+    def grow(self, budget: int) -> int:
+        n = self.op.shape[0]
+        sketch = min(budget // 3, n - self.Q.shape[1])
+        probes = budget - 2 * sketch
+        if sketch > 0:
+            S = gaussian(n, sketch, generator=self.gen, dtype=self.op.dtype, device=self.op.device)
+            _, Qn, _ = _orthonormal_extension(self.Q, self.op._matmat(S))
+            AQn = self.op._matmat(Qn)
+            self.exact = self.exact + (Qn * AQn).sum()
+            coeff = Qn.T @ self.X
+            self.X = self.X - Qn @ coeff
+            self.AX = self.AX - AQn @ coeff
+            self.Q = torch.cat([self.Q, Qn], dim=1)
+        Z = self._probes(probes)
+        Z -= self.Q @ (self.Q.T @ Z)
+        self.X = torch.cat([self.X, Z], dim=1)
+        self.AX = torch.cat([self.AX, self.op._matmat(Z)], dim=1)
+        self.samples = (self.X * self.AX).sum(0)
+        return 2 * sketch + probes
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, stderr = _mean_stderr(self.samples)
+        return self.exact + mean, stderr
+
+
+class _XTrace:
+    """Exchangeable leave-one-out Hutch++ over one Gaussian test matrix ``Omega``."""
+
+    min_round = 4
+
+    def __init__(self, op: LinearOperator, gen: torch.Generator) -> None:
+        self.op, self.gen = op, gen
+        n = op.shape[0]
+
+        def empty(cols: int) -> torch.Tensor:
+            return torch.zeros(n, cols, dtype=op.dtype, device=op.device)
+
+        self.Omega, self.Y, self.Q, self.Z = empty(0), empty(0), empty(0), empty(0)
+        self.R = torch.zeros(0, 0, dtype=op.dtype, device=op.device)
+
+    def grow(self, budget: int) -> int:
+        n = self.op.shape[0]
+        cols = min(budget // 2, n - self.Q.shape[1])
+        if cols <= 0:
+            return 0
+        s = self.Q.shape[1]
+        Om = gaussian(n, cols, generator=self.gen, dtype=self.op.dtype, device=self.op.device)
+        Yn = self.op._matmat(Om)
+        C, Qn, Rn = _orthonormal_extension(self.Q, Yn)
+        R = self.R.new_zeros(s + cols, s + cols)
+        R[:s, :s] = self.R
+        R[:s, s:] = C
+        R[s:, s:] = Rn
+        self.R = R
+        self.Omega = torch.cat([self.Omega, Om], dim=1)
+        self.Y = torch.cat([self.Y, Yn], dim=1)
+        self.Q = torch.cat([self.Q, Qn], dim=1)
+        self.Z = torch.cat([self.Z, self.op._matmat(Qn)], dim=1)
+        return 2 * cols
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        Q, Z, Om, Y, R = self.Q, self.Z, self.Omega, self.Y, self.R
+        sig = torch.linalg.svdvals(R)
+        W = Q.T @ Om
+        if sig[-1] > 10 * R.shape[0] * torch.finfo(R.dtype).eps * sig[0]:
+            # Leaving column i out of Y removes the direction Q s_i, s_i ~ R^{-T} e_i,
+            # from the range: Q_(i) Q_(i)^T = Q Q^T - (Q s_i)(Q s_i)^T.
+            S = torch.linalg.solve_triangular(
+                R.T, torch.eye(R.shape[0], dtype=R.dtype, device=R.device), upper=False
+            )
+            S = S / torch.linalg.vector_norm(S, dim=0)
+            H = Q.T @ Z
+            d = (S * W).sum(0)
+            loo = torch.trace(H) - (S * (H @ S)).sum(0)
+            U = Om - Q @ W + (Q @ S) * d
+            AU = Y - Z @ W + (Z @ S) * d
+        else:
+            # Y is rank deficient: its range already holds range(A) (generically every
+            # leave-one-out subset spans it too), so no direction is left out.
+            Ur = torch.linalg.svd(R).U[:, sig > 10 * R.shape[0] * torch.finfo(R.dtype).eps * sig[0]]
+            Qr, Zr = Q @ Ur, Z @ Ur
+            Wr = Qr.T @ Om
+            loo = torch.trace(Qr.T @ Zr).expand(Om.shape[1])
+            U = Om - Qr @ Wr
+            AU = Y - Zr @ Wr
+        return _mean_stderr(loo + (U * AU).sum(0))
+
+
+_ESTIMATORS = {"hutchinson": _Hutchinson, "hutch++": _HutchPlusPlus, "xtrace": _XTrace}
+
+
+def trace(
+    A: LinearOperator | torch.Tensor,
+    *,
+    method: str = "hutch++",
+    num_matvecs: int = 100,
+    rtol: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Estimate:
+    """Estimate ``tr(A)`` from matrix-vector products, with a standard error.
+
+    Methods (``m`` = ``num_matvecs``):
+
+    * ``"hutchinson"``: ``(1/m) sum_i z_i^T A z_i`` over Rademacher ``z_i``
+      (Hutchinson, 1989). ``stderr`` = sample standard deviation / ``sqrt(m)``.
+      Error ``O(||A||_F / sqrt(m))``.
+    * ``"hutch++"``: ``m/3`` products sketch the range, ``Q = orth(A S)``; ``m/3``
+      give ``tr(Q^T A Q)`` exactly; the last ``m/3`` run Hutchinson on the deflated
+      remainder ``(I - QQ^T) A (I - QQ^T)`` (Meyer, Musco, Musco & Woodruff, 2021).
+      ``stderr`` is that of the Hutchinson part given ``Q`` (the exact part adds
+      none). Error ``O(1/m)`` for PSD ``A`` with decaying spectrum; exact (stderr 0)
+      when ``rank(A) <= m/3``.
+    * ``"xtrace"``: ``m/2`` Gaussian test vectors serve as both sketch and probes;
+      the estimate averages the ``m/2`` leave-one-out Hutch++ estimates, and
+      ``stderr`` is their standard deviation / ``sqrt(m/2)`` (Epperly, Tropp &
+      Webber, 2024). Exact when ``rank(A) < m/2``.
+
+    With ``rtol`` the estimate is adaptive: products are added in rounds (reusing
+    all earlier ones) until ``stderr <= rtol * |value|`` or ``num_matvecs`` are spent.
+    The stopping rule makes the stopped estimate very slightly biased, as any
+    sequential rule does.
+
+    Args:
+        A: a square operator or dense tensor (symmetry is not required).
+        method: ``"hutch++"`` (default), ``"hutchinson"`` or ``"xtrace"``.
+        num_matvecs: products to spend (the budget when ``rtol`` is given); at least
+            2 for Hutchinson and 4 for the others.
+        rtol: requested relative standard error, or ``None`` for a fixed budget.
+        generator: source of all probes; ``None`` uses a fixed-seed generator.
+
+    Returns:
+        An :class:`~hesse.Estimate` with ``value``, ``stderr``, ``num_matvecs``
+        (``.confidence_interval()`` gives a normal-approximation interval).
+
+    Raises:
+        TypeError: bad argument types.
+        ValueError: non-square ``A``, unknown ``method``, a budget below the minimum,
+            a non-positive ``rtol``.
+
+    Cost: at most ``num_matvecs`` products in a few batched calls; memory
+    ``O(n * num_matvecs)`` for Hutch++/XTrace (the sketch and probes), ``O(n * m)``
+    per round for Hutchinson; ``O(n s^2)`` flops for XTrace's ``s = m/2`` columns.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> est = trace(A, method="xtrace", num_matvecs=30)
+        >>> round(float(est.value), 6)
+        55.0
+
+    References:
+        Hutchinson, M. F. (1989). A stochastic estimator of the trace of the influence
+        matrix for Laplacian smoothing splines.
+        Meyer, R. A., Musco, C., Musco, C. & Woodruff, D. P. (2021). Hutch++: Optimal
+        stochastic trace estimation. SOSA.
+        Epperly, E. N., Tropp, J. A. & Webber, R. J. (2024). XTrace: Making the most
+        of every sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl.
+    """
+    call = "hesse.trace(A)"
+    op = square_operator(call, A)
+    check_choice(call, "method", method, METHODS)
+    cls = _ESTIMATORS[method]
+    check_int(call, "num_matvecs", num_matvecs, 1)
+    if num_matvecs < cls.min_round:
+        fail(
+            call,
+            f"method={method!r} needs num_matvecs >= {cls.min_round} (to estimate its own "
+            f"error), got {num_matvecs}.",
+        )
+    if rtol is not None:
+        rtol = check_positive_float(call, "rtol", rtol)
+    check_generator(call, generator)
+    est = cls(op, resolve_generator(generator))
+    if rtol is None:
+        used = est.grow(num_matvecs)
+        value, stderr = est.estimate()
+        return Estimate(value=value, stderr=stderr, num_matvecs=used)
+    used = est.grow(min(num_matvecs, max(cls.min_round, 12)))
+    value, stderr = est.estimate()
+    while stderr > rtol * value.abs():
+        round_budget = min(num_matvecs - used, max(cls.min_round, used // 2))
+        if round_budget < cls.min_round:
+            break
+        spent = est.grow(round_budget)
+        if spent == 0:
+            break
+        used += spent
+        value, stderr = est.estimate()
+    return Estimate(value=value, stderr=stderr, num_matvecs=used)
