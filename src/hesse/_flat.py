@@ -65,6 +65,8 @@ class Flat:
     def unflatten(self, vec: torch.Tensor) -> Any:
         """Split ``(..., n)`` into the tree, each leaf shaped ``(..., *shape)``."""
         batch = vec.shape[:-1]
+        if len(self.shapes) == 1:  # no split: its backward would copy every product
+            return tree_unflatten([vec.reshape(*batch, *self.shapes[0])], self.spec)
         parts = torch.split(vec, list(self.numels), dim=-1)
         leaves = [p.reshape(*batch, *s) for p, s in zip(parts, self.shapes)]
         return tree_unflatten(leaves, self.spec)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 from hesse._chunking import default_memory_budget, format_bytes
 from hesse._flat import Flat
-from hesse._hvp import FlatHVP, basis_rows, tensor_rows
+from hesse._hvp import FlatHVP, tensor_rows
 from hesse._validation import check_chunk_size, check_memory_budget, describe, fail
 
 
@@ -86,7 +86,7 @@ def hessian(
             )
         out = engine.apply(
             n,
-            basis_rows(n, engine.x),
+            None,
             chunk_size=chunk_size,
             memory_budget=budget,
             fixed_bytes=result_bytes,
