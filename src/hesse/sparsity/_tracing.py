@@ -57,9 +57,13 @@ def trace(g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, call: s
         NotImplementedError: if ``g`` reads values into Python (control flow, ``.item()``,
             data-dependent shapes), or cannot be traced at all.
     """
+
+    def flat(v: torch.Tensor) -> torch.Tensor:  # a plain one-argument function for make_fx
+        return g(v)
+
     try:
         return make_fx(
-            functionalize(g, remove="mutations"),
+            functionalize(flat, remove="mutations"),
             decomposition_table=_decompositions(),
             tracing_mode="fake",
             _allow_non_fake_inputs=True,
