@@ -4,17 +4,35 @@ The public names live here; each is implemented in a private module with one ide
 """
 
 from hesse._chunking import LoopFallbackWarning
+from hesse._estimate import Estimate
 from hesse._transforms import hessian, hvp
+from hesse.estimators import diagonal
+from hesse.operators import (
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    LinearOperator,
+    as_operator,
+    hessian_operator,
+)
 from hesse.spectra import EigshResult, SpectralDensity, eigsh, spectral_density, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EigshResult",
+    "Estimate",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "LinearOperator",
     "LoopFallbackWarning",
     "SpectralDensity",
+    "as_operator",
+    "diagonal",
     "eigsh",
     "hessian",
+    "hessian_operator",
     "hvp",
     "spectral_density",
     "trace",

@@ -1,0 +1,645 @@
+"""Curvature of a model's loss over a dataset: Hessian, GGN and Fisher operators.
+
+# NOTE [aggregation]
+Every dataset pass of every model operator goes through one method,
+:meth:`_ModelOperator._accumulate`. It iterates the batches of ``data`` (afresh
+for every product), asks a per-batch function for that batch's contribution in
+*sum form* (see NOTE [loss conventions] in ``_losses.py``) together with the
+batch's count ``M_b``, adds the contributions up, and passes the pair
+``(total, count)`` through the hook :meth:`_ModelOperator._reduce`, which is the
+identity in one process. A data-parallel subclass overrides ``_reduce`` to
+all-reduce both (sums), which makes N ranks equal one process for any shard
+sizes. Only then is the total divided by the dataset count for
+``reduction="mean"``, so the operator is the curvature of the dataset-mean loss
+(``sum_b M_b L_b / sum_b M_b``: a short last batch weighs what its terms weigh)
+and, for ``reduction="sum"``, of the dataset-sum loss. Per-batch functions see
+the batch's position ``index`` in the pass: MC-Fisher samples are drawn from a
+generator seeded with ``(seed, index)`` so that every product uses the same
+samples (a fixed operator); a sharded subclass must pass globally unique indices.
+
+# NOTE [train/eval mode]
+The model is evaluated as it is: its ``training`` flag is never changed. In
+train mode, dropout makes every pass random (not a fixed operator: detect it
+with ``check_deterministic=True``) and BatchNorm uses batch statistics (a
+different, but deterministic, loss per batch). Buffers are passed as copies, so
+products never update running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from hesse._chunking import map_chunks
+from hesse._flat import Flat
+from hesse._hvp import tensor_rows
+from hesse._validation import (
+    check_choice,
+    check_differentiable_leaves,
+    check_generator,
+    describe,
+    fail,
+)
+from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
+from hesse.operators._losses import OutputCurvature, PlainLoss, output_curvature, reduction_of
+
+Batch = tuple[Any, Any]
+
+
+def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {k: p for k, p in named.items() if p.requires_grad}
+        if not chosen:
+            fail(
+                call,
+                "the model has no parameters that require grad. Unfreeze some or pass params=.",
+            )
+        return {k: p.detach() for k, p in chosen.items()}
+    if isinstance(params, dict):
+        for k, t in params.items():
+            if k not in named:
+                fail(
+                    call,
+                    f"params names {k!r}, which is not a parameter of the model. Parameters: {list(named)}.",
+                )
+            if not isinstance(t, torch.Tensor) or t.shape != named[k].shape:
+                fail(
+                    call,
+                    f"expected params[{k!r}] of shape {tuple(named[k].shape)}, got {describe(t)}.",
+                )
+        order = [k for k in named if k in params]
+        return {k: params[k].detach() for k in order}
+    if isinstance(params, (list, tuple)) and params and all(isinstance(k, str) for k in params):
+        for k in params:
+            if k not in named:
+                fail(
+                    call,
+                    f"params names {k!r}, which is not a parameter of the model. Parameters: {list(named)}.",
+                )
+            if not named[k].requires_grad:
+                fail(
+                    call,
+                    f"parameter {k!r} does not require grad. Select trainable parameters, or call "
+                    f"model.get_parameter({k!r}).requires_grad_().",
+                )
+        if len(set(params)) != len(params):
+            fail(call, f"params lists a name twice: {list(params)}.")
+        return {k: named[k].detach() for k in named if k in params}
+    fail(
+        call,
+        f"expected params to be None, a non-empty list of parameter names or a dict name -> tensor, "
+        f"got {describe(params)}.",
+        TypeError,
+    )
+
+
+class _ModelOperator(LinearOperator):
+    """Shared machinery: parameter selection, batch iteration, aggregation."""
+
+    _title = "ModelOperator"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Iterable[Batch],
+        *,
+        params: Any,
+        progress: bool,
+        check_deterministic: bool,
+        curvature: OutputCurvature | None,
+    ) -> None:
+        call = self._call = f"hesse.{self._title}(model, loss_fn, data)"
+        if not isinstance(model, nn.Module):
+            fail(call, f"expected model to be a torch.nn.Module, got {describe(model)}.", TypeError)
+        if not callable(loss_fn):
+            fail(call, f"expected loss_fn to be callable, got {describe(loss_fn)}.", TypeError)
+        try:
+            is_iterator = iter(data) is data
+        except TypeError:
+            fail(
+                call,
+                f"expected data to be an iterable of (inputs, targets) batches, got {describe(data)}.",
+                TypeError,
+            )
+        if is_iterator:
+            fail(
+                call,
+                "data is a one-shot iterator, but every product re-iterates the data. Pass a "
+                "list of batches or a DataLoader.",
+                TypeError,
+            )
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.progress = progress
+        self.reduction = reduction_of(call, loss_fn)
+        self.curvature = curvature if curvature is not None else PlainLoss(loss_fn, self.reduction)
+        selected = _select_params(call, model, params)
+        check_differentiable_leaves(call, selected, "parameters")
+        self.param_names = list(selected)
+        self.layout = Flat.of(selected)
+        self._x = self.layout.flatten(selected).detach()
+        names = set(selected)
+        self._fixed = {k: p.detach() for k, p in model.named_parameters() if k not in names}
+        n = self.layout.n
+        self.shape = (n, n)
+        self.dtype, self.device = self._x.dtype, self._x.device
+        self._validate_first_batch(check_deterministic)
+
+    def _name(self) -> str:
+        return self._call
+
+    # -- evaluation -----------------------------------------------------------------
+    def _tensors(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # NOTE [train/eval mode]: buffers are copies, so running statistics never change.
+        buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+        return {**self._fixed, **buffers, **params}
+
+    def _forward(self, x: torch.Tensor, inputs: Any) -> torch.Tensor:
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args)
+
+    def _sum_loss(self, x: torch.Tensor, inputs: Any, targets: Any) -> torch.Tensor:
+        return self.curvature.sum_form(self._forward(x, inputs), targets)
+
+    def _count(self, inputs: Any, targets: Any) -> int:
+        return self.curvature.count(targets, int(tree_flatten(inputs)[0][0].shape[0]))
+
+    def _unpack(self, batch: Any) -> Batch:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            fail(
+                self._call,
+                f"expected each batch to be an (inputs, targets) pair, got {describe(batch)}.",
+                TypeError,
+            )
+        dev = self.device
+
+        def move(t: Any) -> Any:
+            return t.to(dev) if isinstance(t, torch.Tensor) and t.device != dev else t
+
+        return tree_map(move, batch[0]), tree_map(move, batch[1])
+
+    def _batches(self) -> Iterator[Batch]:
+        data: Iterable = self.data
+        if self.progress:
+            from tqdm import tqdm
+
+            total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+            data = tqdm(data, total=total, desc=self._title, leave=False)
+        for batch in data:
+            yield self._unpack(batch)
+
+    def _validate_first_batch(self, check_deterministic: bool) -> None:
+        call = self._call
+        first = next(iter(self.data), None)
+        if first is None:
+            fail(call, "data yielded no batches. Pass at least one (inputs, targets) batch.")
+        inputs, targets = self._unpack(first)
+        with torch.no_grad():
+            out = self._forward(self._x, inputs)
+        if not isinstance(out, torch.Tensor):
+            fail(
+                call,
+                f"expected the model to return a tensor, got {describe(out)}. Wrap the model so "
+                "that it returns the output tensor the loss takes.",
+                TypeError,
+            )
+        self.curvature.check(call, out, targets)
+        with torch.no_grad():
+            loss = self.loss_fn(out, targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            fail(
+                call,
+                f"expected loss_fn(output, targets) to return a scalar tensor, got {describe(loss)}.",
+            )
+        if check_deterministic:
+            again = next(iter(self.data))
+            a, b = tree_flatten(first)[0], tree_flatten(again)[0]
+            same = len(a) == len(b) and all(
+                not isinstance(s, torch.Tensor) or (s.shape == t.shape and torch.equal(s, t))
+                for s, t in zip(a, b)
+            )
+            if not same:
+                fail(
+                    call,
+                    "data yields a different first batch on each pass (a shuffling DataLoader?), "
+                    "so products would not be of one fixed operator. Use shuffle=False or a list "
+                    "of batches.",
+                )
+            with torch.no_grad():
+                out2 = self._forward(self._x, inputs)
+            if not torch.equal(out, out2):
+                fail(
+                    call,
+                    "the model returns different outputs on two passes over the same batch "
+                    "(dropout or another random layer in train mode?), so products would not be of "
+                    "one fixed operator. Call model.eval() or remove the randomness.",
+                )
+
+    # -- NOTE [aggregation] -----------------------------------------------------------
+    def _accumulate(self, per_batch: Callable[[int, Any, Any], torch.Tensor]) -> torch.Tensor:
+        """``sum_b per_batch(b, inputs_b, targets_b)``, reduced, divided by the count if mean."""
+        total: torch.Tensor | None = None
+        count = 0
+        for index, (inputs, targets) in enumerate(self._batches()):
+            contribution = per_batch(index, inputs, targets)
+            total = contribution if total is None else total.add_(contribution)
+            count += self._count(inputs, targets)
+        if total is None:
+            fail(
+                self._call,
+                "data yielded no batches on this pass. Pass a re-iterable collection of batches.",
+            )
+        total, count_t = self._reduce(
+            total, torch.tensor(float(count), dtype=torch.float64, device=self.device)
+        )
+        if self.reduction == "mean":
+            total = total / count_t.to(total.dtype)
+        return total
+
+    def _reduce(
+        self, total: torch.Tensor, count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combine partial sums across processes: the identity in one process."""
+        return total, count
+
+    # -- vectorised products over columns ---------------------------------------------
+    def _columns(
+        self, single: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor
+    ) -> torch.Tensor:
+        """``single`` applied to each column of ``X`` (``(n, k)``): returns ``(k, n)``."""
+        k = X.shape[1]
+        if k == 1:
+            return single(X[:, 0]).unsqueeze(0)
+        return map_chunks(
+            vmap(single), single, k, tensor_rows(X.T), chunk_size=self.chunk_size, call=self._call
+        )
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self._accumulate(
+            lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
+        ).T
+
+    def _batch_matmat(self, index: int, inputs: Any, targets: Any, X: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HessianOperator(_ModelOperator):
+    """The Hessian of a model's loss over a dataset, with respect to its parameters.
+
+    .. math:: H = \\nabla_\\theta^2 \\frac{1}{M} \\sum_b M_b \\, \\ell(f_\\theta(X_b), Y_b)
+
+    for ``reduction="mean"`` (``M_b`` the number of terms the batch loss averages,
+    ``M`` their total, so a short last batch is weighted exactly) and
+    :math:`\\sum_b \\ell(f_\\theta(X_b), Y_b)` for ``"sum"``. A plain callable loss
+    (without a ``reduction`` attribute) is taken to be a mean over the batch's
+    samples.
+
+    Products go batch by batch through the whole of ``data`` (re-iterated every
+    time): per batch, forward-over-reverse AD (``jvp`` of ``grad`` of the loss
+    through ``torch.func.functional_call``), vectorised over columns with ``vmap``
+    in chunks of ``chunk_size``. The model's train/eval mode is respected (see
+    NOTE [train/eval mode]).
+
+    Args:
+        model: a ``torch.nn.Module`` returning a tensor.
+        loss_fn: ``loss_fn(output, targets) -> scalar`` (an ``nn`` loss or any
+            callable); ``reduction="none"`` is rejected.
+        data: a re-iterable collection of ``(inputs, targets)`` batches (a list, a
+            ``DataLoader`` without shuffling); ``inputs`` may be a tensor or a tuple
+            of tensors passed as positional arguments.
+        params: ``None`` (every parameter that requires grad), a list of parameter
+            names (a block of the Hessian), or a dict name -> tensor (the point at
+            which to evaluate; other parameters keep their values).
+        progress: show a tqdm progress bar over batches on every pass.
+        check_deterministic: run the first batch twice (and iterate the data twice)
+            at construction and raise if anything differs.
+
+    Attributes:
+        layout: the :class:`hesse._flat.Flat` of the selected parameters, so
+            ``op @ {name: tensor}`` works; ``param_names`` lists them in order.
+
+    Raises:
+        TypeError, ValueError: for a non-module model, a one-shot iterator or empty
+            data, unknown or frozen parameter names, a model that returns a
+            non-tensor, a non-scalar loss (messages name the fix).
+
+    Cost: one product with ``k`` columns is one pass over the data; per batch
+    about ``4`` gradients' work per column, vectorised. Memory: one batch's
+    forward graph times the chunk.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+        >>> H = HessianOperator(model, torch.nn.MSELoss(), data)
+        >>> H.shape
+        (8, 8)
+    """
+
+    _title = "HessianOperator"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Iterable[Batch],
+        *,
+        params: Any = None,
+        progress: bool = False,
+        check_deterministic: bool = False,
+    ) -> None:
+        curvature = output_curvature(
+            f"hesse.{self._title}(model, loss_fn, data)", loss_fn, required=False
+        )
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            progress=progress,
+            check_deterministic=check_deterministic,
+            curvature=curvature,
+        )
+        self.tags = frozenset({SYMMETRIC})
+
+    def _batch_matmat(self, index, inputs, targets, X):
+        x0 = self._x
+
+        def single(v: torch.Tensor) -> torch.Tensor:
+            return jvp(grad(lambda x: self._sum_loss(x, inputs, targets)), (x0,), (v,))[1]
+
+        return self._columns(single, X)
+
+
+class _OuterProductOperator(_ModelOperator):
+    """``sum_n J_n^T Q_n J_n`` with ``J_n`` the per-sample output Jacobian (GGN, Fisher).
+
+    ``_factor(index, output, targets)`` gives ``S`` (``(N, D, K)``) with
+    ``Q_n = S_n S_n^T``; the exact diagonal is ``sum_{n,k} (J_n^T s_nk)^2``.
+    """
+
+    def _factor(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _batch_matmat(self, index, inputs, targets, X):
+        x0 = self._x
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return self._forward(x, inputs)
+
+        out, vjp_fn = vjp(fn, x0)
+        out = out.detach()
+        N = out.shape[0]
+        # Q depends on the batch only; compute it once, outside the vmapped column loop.
+        prod = self._output_product_fn(index, out, targets)
+
+        def single(v: torch.Tensor) -> torch.Tensor:
+            jv = jvp(fn, (x0,), (v,))[1]
+            u = prod(jv.reshape(N, -1)).reshape(out.shape)
+            return vjp_fn(u)[0]
+
+        return self._columns(single, X)
+
+    def _output_product_fn(self, index, out, targets) -> Callable[[torch.Tensor], torch.Tensor]:
+        S = self._factor(index, out, targets)
+        return lambda V: torch.einsum("ndk,nk->nd", S, torch.einsum("ndk,nd->nk", S, V))
+
+    # -- structure used by hesse.diagonal -----------------------------------------------
+    def _factor_squares(
+        self,
+        factor: Callable[[int, torch.Tensor, Any], torch.Tensor],
+        *,
+        chunk_size: int | None = None,
+        per_column: bool = False,
+    ) -> torch.Tensor:
+        """``sum_n sum_k (J_n^T s_nk)^2`` over the dataset (reduced and normalised).
+
+        Per-sample VJPs, vectorised over the columns of ``S_n`` and over groups of
+        ``chunk_size`` samples. Returns ``(n,)``, or ``(K, n)`` if ``per_column``.
+        """
+        x0 = self._x
+        n = self.shape[0]
+        itemsize = x0.element_size()
+
+        def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
+            with torch.no_grad():
+                out = self._forward(x0, inputs)
+            S = factor(index, out, targets).detach()
+            N, D, K = S.shape
+            group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, 3 * K * n * itemsize)))
+            num_groups = -(-N // group)
+
+            def sample(inp: Any, s: torch.Tensor) -> torch.Tensor:
+                def fn(x: torch.Tensor) -> torch.Tensor:
+                    return self._forward(x, tree_map(lambda t: t.unsqueeze(0), inp)).reshape(-1)
+
+                _, vjp_fn = vjp(fn, x0)
+                G = vmap(vjp_fn)(s.T)[0]  # (K, n)
+                return G.square()
+
+            def slice_inputs(lo: int, hi: int) -> Any:
+                return tree_map(lambda t: t[lo:hi], inputs)
+
+            def reduce(G: torch.Tensor) -> torch.Tensor:
+                return G.sum(0) if per_column else G.sum((0, 1))
+
+            def batched(ids: torch.Tensor) -> torch.Tensor:
+                lo = int(ids[0]) * group
+                hi = min(N, lo + group)
+                return reduce(vmap(sample)(slice_inputs(lo, hi), S[lo:hi])).unsqueeze(0)
+
+            def single(gid: torch.Tensor) -> torch.Tensor:
+                lo = int(gid) * group
+                hi = min(N, lo + group)
+                rows = [sample(tree_map(lambda t, i=i: t[i], inputs), S[i]) for i in range(lo, hi)]
+                return reduce(torch.stack(rows))
+
+            parts = map_chunks(
+                batched,
+                single,
+                num_groups,
+                lambda s, e: torch.arange(s, e),
+                chunk_size=1,
+                call=f"hesse.diagonal({self._title})",
+            )
+            return parts.sum(0)
+
+        return self._accumulate(per_batch)
+
+    def _batch_gradient_squares(
+        self, factor: Callable[[int, torch.Tensor, Any], torch.Tensor]
+    ) -> torch.Tensor:
+        """``sum_b sum_k (J_b^T s_bk)^2``: squares of whole-batch VJPs (``(K, n)``)."""
+        x0 = self._x
+
+        def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
+            out, vjp_fn = vjp(lambda x: self._forward(x, inputs), x0)
+            S = factor(index, out.detach(), targets)
+            cot = S.permute(2, 0, 1).reshape(S.shape[2], *out.shape)
+            G = vmap(vjp_fn)(cot)[0] if cot.shape[0] > 1 else vjp_fn(cot[0])[0].unsqueeze(0)
+            return G.square()
+
+        return self._accumulate(per_batch)
+
+
+class GGNOperator(_OuterProductOperator):
+    """The generalised Gauss-Newton matrix of a model's loss over a dataset.
+
+    .. math:: G = \\frac{1}{M} \\sum_n J_n^\\top H_n J_n
+
+    with ``J_n`` the Jacobian of sample ``n``'s model output with respect to the
+    selected parameters and ``H_n`` the Hessian of its loss with respect to that
+    output (closed forms for ``nn.MSELoss``, ``nn.CrossEntropyLoss``,
+    ``nn.BCEWithLogitsLoss`` and ``nn.BCELoss``; any other loss through
+    ``output_hessian``). Weighting over batches is as in :class:`HessianOperator`.
+    Symmetric and positive semi-definite.
+
+    Args:
+        model, loss_fn, data, params, progress, check_deterministic: as in
+            :class:`HessianOperator`.
+        output_hessian: for a loss without a closed form, a callable
+            ``(output, targets) -> (N, D, D)`` returning the per-sample blocks of
+            the Hessian of ``loss_fn(output, targets)`` with respect to each
+            sample's flattened output (``D`` entries).
+
+    Raises:
+        NotImplementedError: for a loss without a known output Hessian and no
+            ``output_hessian`` (or an unsupported loss option).
+        TypeError, ValueError: as in :class:`HessianOperator`.
+
+    Cost: per batch, one forward pass plus, per column, one forward-mode (JVP) and
+    one reverse (VJP) pass through the model: about 3 gradients' work per
+    column, vectorised.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1]))]
+        >>> G = GGNOperator(model, torch.nn.CrossEntropyLoss(), data)
+        >>> bool((G.to_dense() - G.to_dense().T).abs().max() < 1e-12)
+        True
+    """
+
+    _title = "GGNOperator"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Iterable[Batch],
+        *,
+        params: Any = None,
+        output_hessian: Callable | None = None,
+        progress: bool = False,
+        check_deterministic: bool = False,
+    ) -> None:
+        curvature = output_curvature(
+            f"hesse.{self._title}(model, loss_fn, data)", loss_fn, output_hessian
+        )
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            progress=progress,
+            check_deterministic=check_deterministic,
+            curvature=curvature,
+        )
+        self.tags = frozenset({SYMMETRIC, PSD})
+
+    def _factor(self, index, output, targets):
+        return self.curvature.factor(output, targets)
+
+    def _output_product_fn(self, index, out, targets):
+        return lambda V: self.curvature.hessian_vector(out, targets, V)
+
+
+class FisherOperator(_OuterProductOperator):
+    """The Fisher information of a model over a dataset: Monte-Carlo or empirical.
+
+    .. math:: F = \\frac{1}{M} \\sum_n J_n^\\top \\, \\Big(\\frac{1}{m} \\sum_{j=1}^m s_{nj} s_{nj}^\\top\\Big) J_n
+
+    ``kind="mc"``: ``s_nj`` are output gradients of the loss at labels sampled
+    from the model's predictive distribution (categorical for cross-entropy,
+    Bernoulli for BCE, Gaussian for MSE; ``E[s s^T] = H_n``, so ``F`` is an
+    unbiased estimate of the GGN). The samples are drawn from ``generator`` at
+    construction time and reused by every product (see NOTE [aggregation]), so
+    ``F`` is one fixed symmetric PSD operator. ``kind="empirical"``: ``m = 1`` and
+    ``s_n`` is the output gradient at the true target (any loss works).
+
+    Args:
+        model, loss_fn, data, params, progress, check_deterministic: as in
+            :class:`HessianOperator`.
+        kind: ``"mc"`` or ``"empirical"``.
+        mc_samples: labels sampled per sample (``kind="mc"``).
+        generator: the ``torch.Generator`` the MC samples come from (default: a
+            fresh generator seeded with 0, so results are reproducible).
+        output_hessian: as in :class:`GGNOperator`; an MC Fisher of such a loss
+            samples Gaussian vectors ``S_n z`` with ``S_n S_n^T = H_n``.
+
+    Raises:
+        NotImplementedError: ``kind="mc"`` for a loss with no known output
+            Hessian and no ``output_hessian``.
+        TypeError, ValueError: as in :class:`HessianOperator`, and for a bad
+            ``kind``, ``mc_samples`` or ``generator``.
+
+    Cost: as :class:`GGNOperator`, plus drawing the samples in every pass.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1]))]
+        >>> F = FisherOperator(model, torch.nn.CrossEntropyLoss(), data, kind="empirical")
+        >>> F.shape
+        (8, 8)
+    """
+
+    _title = "FisherOperator"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Iterable[Batch],
+        *,
+        kind: str = "mc",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        params: Any = None,
+        output_hessian: Callable | None = None,
+        progress: bool = False,
+        check_deterministic: bool = False,
+    ) -> None:
+        call = f"hesse.{self._title}(model, loss_fn, data)"
+        check_choice(call, "kind", kind, ("mc", "empirical"))
+        check_generator(call, generator)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            fail(call, f"mc_samples should be a positive int, got {mc_samples!r}.")
+        self.kind, self.mc_samples = kind, mc_samples
+        curvature = output_curvature(call, loss_fn, output_hessian, required=kind == "mc")
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            progress=progress,
+            check_deterministic=check_deterministic,
+            curvature=curvature,
+        )
+        self.tags = frozenset({SYMMETRIC, PSD})
+
+    def _generator(self, index: int) -> torch.Generator:
+        # NOTE [aggregation]: one stream per batch position, identical in every pass.
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self._seed + 1_000_003 * index) % 2**63)
+        return g
+
+    def _factor(self, index, output, targets):
+        if self.kind == "empirical":
+            return self.curvature.gradient(output, targets).unsqueeze(2)
+        return self.curvature.sample(output, targets, self._generator(index), self.mc_samples)
