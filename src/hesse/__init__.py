@@ -3,8 +3,16 @@
 The public names live here; each is implemented in a private module with one idea.
 """
 
+from hesse import distributed  # the subpackage hesse.distributed (data-parallel curvature)
 from hesse._chunking import LoopFallbackWarning
 from hesse._estimate import Estimate
+from hesse._sparse import (
+    hessian_diagonal,
+    hessian_sparsity,
+    jacobian_sparsity,
+    sparse_hessian,
+    sparse_jacobian,
+)
 from hesse._transforms import hessian, hvp
 from hesse.estimators import diagonal
 from hesse.operators import (
@@ -30,8 +38,14 @@ __all__ = [
     "SpectralDensity",
     "as_operator",
     "diagonal",
+    "distributed",
     "eigsh",
     "hessian",
+    "hessian_diagonal",
+    "hessian_sparsity",
+    "jacobian_sparsity",
+    "sparse_hessian",
+    "sparse_jacobian",
     "hessian_operator",
     "hvp",
     "spectral_density",

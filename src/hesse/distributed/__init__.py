@@ -7,10 +7,14 @@ ranks' parts with collectives that fail loudly (see NOTE [failure] in
 
 from hesse.distributed._context import DistributedError
 from hesse.distributed._dense import hessian
+from hesse.distributed._operators import FisherOperator, GGNOperator, HessianOperator
 from hesse.distributed._sharding import shard
 
 __all__ = [
     "DistributedError",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
     "hessian",
     "shard",
 ]
