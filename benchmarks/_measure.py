@@ -7,8 +7,10 @@ current RSS just before the call (``/proc/self/clear_refs``) and read just after
 minus the RSS at the reset. Everything the call touches counts (tensors, autograd
 graphs, vmap batches, Python objects). To make freed memory leave the RSS between
 methods, :func:`prepare_process` tells glibc to serve every allocation of 64 KiB
-or more with its own ``mmap`` (returned to the system on free) instead of reusing a
-heap that only grows. Where ``/proc`` is missing (not Linux) the peak reads ``None``
+or more with its own ``mmap`` (returned to the system on free), and before every
+measured call ``malloc_trim(0)`` hands back the free pages inside the heap, so that
+a method cannot hide its allocations in memory an earlier method left resident.
+Where ``/proc`` is missing (not Linux) the peak reads ``None``
 and the table prints ``n/a``.
 """
 
@@ -24,18 +26,19 @@ from typing import Any
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _prepared = False
+_libc: Any = None
 
 
 def prepare_process(threads: int | None = 1) -> None:
     """Set glibc's mmap threshold (see NOTE [peak memory]) and torch's thread count."""
-    global _prepared
+    global _prepared, _libc
     if not _prepared:
         try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+            _libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
         except (OSError, AttributeError):
-            pass
+            _libc = None
         _prepared = True
     if threads is not None:
         import torch
@@ -68,6 +71,8 @@ def _reset_peak() -> int | None:
 def peak_memory(fn: Callable[[], Any]) -> tuple[Any, float, int | None]:
     """Run ``fn()`` once; return its result, its wall time and its peak RSS growth (bytes)."""
     gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
     base = _reset_peak()
     start = time.perf_counter()
     result = fn()
