@@ -229,14 +229,12 @@ def _exact_dense(op: DenseOperator, **_: Any) -> torch.Tensor:
 def _exact_function(
     op: FunctionHessianOperator, *, chunk_size: int | None, call: str, **_: Any
 ) -> torch.Tensor:
-    try:  # the sparse path (hesse._sparse) colours the Hessian: far fewer products when sparse
-        from hesse._sparse import hessian_diagonal
+    try:  # the sparse path colours the Hessian: one product per colour, not per entry
+        from hesse._sparse import DIAGONAL_METHODS, DiagonalProblem
     except ImportError:
         return _exact_basis(op, chunk_size=chunk_size, call=call)
-    engine = op.engine
-    argnums = engine.argnums[0] if engine.single_arg else engine.argnums
-    diag = hessian_diagonal(engine.f, argnums)(*engine.args)
-    return op.layout.flatten(diag).to(op.dtype)
+    # The operator's own engine, so the colour products reuse its cached gradient graph.
+    return DIAGONAL_METHODS["auto"](DiagonalProblem(op.engine, None, chunk_size, call)).detach()
 
 
 @register_diagonal("exact", _OuterProductOperator)
@@ -280,19 +278,27 @@ def _hutchinson(
     num_chunks = -(-m // cs)
 
     def batched(ids: torch.Tensor) -> torch.Tensor:
-        # One chunk of probes; only running sums (and sums of squares) are kept.
+        # One chunk of probes; only its mean and sum of squared deviations are kept.
         c = min(cs, m - int(ids[0]) * cs)
         Z = rademacher(n, c, generator=gen, dtype=op.dtype, device=op.device)
         est = op._matmat(Z) * Z  # (n, c): one draw per column
-        return torch.stack([est.sum(1), est.square().sum(1)]).unsqueeze(0)
+        mean = est.mean(1)
+        m2 = (est - mean.unsqueeze(1)).square().sum(1)
+        return torch.stack([mean, m2, torch.full_like(mean, c)]).unsqueeze(0)
 
-    sums = map_chunks(
+    parts = map_chunks(
         batched, None, num_chunks, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
-    ).sum(0)
-    value = sums[0] / m
+    )
+    # Chan et al.'s pairwise update: stable, unlike sums of squares.
+    value, m2, count = parts[0, 0], parts[0, 1], parts[0, 2]
+    for mean_b, m2_b, count_b in parts[1:]:
+        total = count + count_b
+        delta = mean_b - value
+        value = value + delta * count_b / total
+        m2 = m2 + m2_b + delta.square() * count * count_b / total
+        count = total
     if m > 1:
-        var = (sums[1] - m * value.square()).clamp_min(0) / (m - 1)
-        stderr = (var / m).sqrt()
+        stderr = (m2 / (m - 1) / m).sqrt()
     else:
         stderr = torch.full_like(value, float("nan"))
     return Estimate(value=value, stderr=stderr, num_matvecs=m)
