@@ -301,9 +301,10 @@ def _best(A: sp.csr_matrix, star: bool, kind: str) -> Coloring:
         g = _Greedy(A, star=star, period=period, reach=reach)
         g.colour()
         if star:
-            g.improve()
+            if g.top > bound:
+                g.improve()
             reach = g.reach
-        else:
+        elif g.top > bound:
             g.iterate()
         if best is None or g.top < best.num_colors:
             best = g.result(kind)

@@ -62,7 +62,7 @@ def _to_torch(P: sp.spmatrix) -> torch.Tensor:
     coo = sp.coo_matrix(P)
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
     vals = torch.ones(coo.nnz, dtype=torch.bool)
-    return torch.sparse_coo_tensor(idx, vals, coo.shape).coalesce()
+    return torch.sparse_coo_tensor(idx, vals, coo.shape, check_invariants=False).coalesce()
 
 
 def _from_torch(call: str, pattern: Any, shape: tuple[int, int]) -> sp.csr_matrix:

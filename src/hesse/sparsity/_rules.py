@@ -166,7 +166,7 @@ def _group_ids(shape: tuple[int, ...], dims: list[int]) -> tuple[np.ndarray, int
 
 # Linear in every tensor argument (or piecewise linear: NOTE [piecewise-linear operators]).
 LINEAR_POINTWISE = {
-    "add", "sub", "rsub", "neg", "clone", "_to_copy", "alias", "lift_fresh_copy", "copy",
+    "add", "sub", "rsub", "neg", "clone", "_to_copy",
     "positive", "where", "relu", "abs", "clamp", "clamp_min", "clamp_max", "hardtanh",
     "leaky_relu", "maximum", "minimum", "fmax", "fmin", "masked_fill", "nan_to_num", "frac",
     "fill", "conj", "real", "_conj", "resolve_conj", "resolve_neg", "relu6", "threshold",
@@ -200,10 +200,10 @@ def pointwise(name: str, args: tuple, kwargs: dict, out: Any) -> Local | None:
             pairs.append(Pair(0, maps[0], 1, maps[1]))
         elif len(tensors) == 2 and tensors[0] is tensors[1]:
             pairs.append(Pair(0, maps[0], 0, maps[0]))
-    elif name == "div" and len(args) >= 2 and isinstance(args[1], State):
-        den = args[1]
-        if den.dependent:
-            d = deps.index(den) if den in deps else None
+    elif name == "div":
+        den = args[1] if len(args) >= 2 else kwargs.get("other")
+        if isinstance(den, State) and den.dependent:
+            d = deps.index(den)
             for a in range(len(deps)):
                 pairs.append(Pair(a, maps[a], d, maps[d]))
         # a dependent numerator over a constant denominator is linear
@@ -228,7 +228,7 @@ SELECTION = {
     "squeeze_copy", "unsqueeze_copy", "transpose_copy", "t_copy", "diagonal_copy",
     "alias_copy", "unfold_copy", "split_copy", "split_with_sizes_copy", "unbind_copy",
     "embedding", "index_fill", "take", "_reshape_alias", "expand_as", "clone_", "contiguous",
-    "tril", "triu", "masked_scatter", "im2col", "col2im_",
+    "tril", "triu", "masked_scatter", "im2col", "alias", "copy", "lift_fresh_copy",
 }
 
 
@@ -587,6 +587,8 @@ for _n in ("mm", "bmm", "addmm", "baddbmm", "mv", "dot"):
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: matmul_rule(_n, args, kwargs, out)
 for _n in SELECTION:
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: selection(op, _n, args, kwargs, out)
+for _n in LINEAR_POINTWISE | {"mul", "div"}:
+    _RULES[_n] = lambda op, args, kwargs, out, _n=_n: pointwise(_n, args, kwargs, out)
 _RULES["convolution"] = lambda op, args, kwargs, out: convolution("convolution", args, kwargs, out)
 _RULES["native_layer_norm"] = lambda op, args, kwargs, out: layer_norm("native_layer_norm", args, kwargs, out)
 for _n in ("scatter_add", "scatter_reduce"):

@@ -31,6 +31,9 @@ def _decompositions() -> dict:
     global _DECOMPOSITIONS
     if _DECOMPOSITIONS is None:
         _DECOMPOSITIONS = dict(core_aten_decompositions())
+        # keep detach visible: it has zero derivative, while its decomposition (alias)
+        # would pass dependencies through
+        _DECOMPOSITIONS.pop(torch.ops.aten.detach.default, None)
     return _DECOMPOSITIONS
 
 

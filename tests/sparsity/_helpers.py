@@ -1,0 +1,27 @@
+"""Dense references for sparsity tests: nonzeros of torch.func derivatives at random points."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import hessian, jacrev
+
+
+def dense_hessian_pattern(f, x: torch.Tensor, gen: torch.Generator, points: int = 3) -> torch.Tensor:
+    """Union over random points of the nonzeros of ``torch.func.hessian`` (flat, bool)."""
+    n = x.numel()
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for _ in range(points):
+        p = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        H = hessian(f)(p).reshape(n, n)
+        out |= H != 0
+    return out
+
+
+def dense_jacobian_pattern(f, x: torch.Tensor, gen: torch.Generator, points: int = 3) -> torch.Tensor:
+    n = x.numel()
+    out = None
+    for _ in range(points):
+        p = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        J = jacrev(lambda v: f(v).reshape(-1))(p).reshape(-1, n) != 0
+        out = J if out is None else out | J
+    return out
