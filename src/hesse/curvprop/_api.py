@@ -9,18 +9,20 @@ sweep is ``vmap``-ed over the samples of a batch in memory-sized chunks through
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, vjp, vmap
 
 from hesse._chunking import allocated_bytes, chunk_size_for, default_memory_budget, map_chunks
 from hesse._validation import check_choice, check_chunk_size, describe, fail
-from hesse.curvprop._exact import Propagation, diagonal_from_cols
-from hesse.curvprop._graph import Plan, UnsupportedGraph, plan, trace
+from hesse.curvprop._exact import Propagation, assemble_term, diagonal_from_cols
+from hesse.curvprop._graph import Plan, UnsupportedGraph, plan, sink_chain, trace
 
 METHODS = ("exact", "becker-lecun")
 
@@ -34,10 +36,12 @@ class Traced:
     """A model and loss traced on one sample (or on the whole batch, see ``per_sample``)."""
 
     names: list[str]
+    others: list[str]  # buffers and parameters that are not differentiated
     model: Plan
     loss: Plan
     scale: float  # total loss = scale * sum of the per-sample losses
     per_sample: bool  # False: the loss does not split over samples (the batch is one unit)
+    sample_bytes: dict[str, int] = field(default_factory=dict)  # per method, measured once
 
 
 def _split_scale(model, loss_fn, params, inputs, targets) -> float | None:
@@ -66,53 +70,165 @@ def _split_scale(model, loss_fn, params, inputs, targets) -> float | None:
     return None
 
 
+# NOTE [trace cache]
+# Tracing costs a few tenths of a second, more than the propagation itself on an MLP,
+# so a trace is kept per model (weakly) and reused when the loss object, the names,
+# shapes and dtypes of parameters and buffers, the input and target shapes and the
+# train/eval flags all match. Parameters and buffers enter the graph as inputs, so
+# new values never make a trace stale; only a change to the Python code of
+# ``forward`` (or to state it branches on outside these keys) would.
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _trace_key(model, loss_fn, params, inputs, targets) -> tuple:
+    state = [(k, v.shape, v.dtype) for k, v in params.items()]
+    state += [(k, v.shape, v.dtype) for k, v in _others(model, params).items()]
+    return (
+        id(loss_fn),
+        getattr(loss_fn, "reduction", None),
+        tuple(state),
+        (inputs.shape, inputs.dtype, inputs.device),
+        (targets.shape, targets.dtype),
+        tuple(m.training for m in model.modules()),
+        tuple(
+            (k, v)
+            for k, v in sorted(vars(loss_fn).items())
+            if isinstance(v, (int, float, str, bool, type(None)))
+        ),
+    )
+
+
+def _others(model: nn.Module, params: dict) -> dict[str, torch.Tensor]:
+    """Buffers and the parameters not differentiated: inputs of the graph, not constants."""
+    out = {k: v.detach() for k, v in model.named_parameters() if k not in params}
+    out.update({k: v for k, v in model.named_buffers() if k not in params})
+    return out
+
+
 def prepare(call: str, model, loss_fn, params, inputs, targets) -> Traced:
     """Trace ``loss_fn(model(x), y)`` for curvature propagation (raises UnsupportedGraph)."""
+    try:
+        key = _trace_key(model, loss_fn, params, inputs, targets)
+        cached = _TRACES.get(model, {}).get(key)
+    except TypeError:  # unhashable state: no caching
+        key, cached = None, None
+    if cached is not None:
+        return cached
     names = list(params)
+    others = _others(model, params)
     scale = _split_scale(model, loss_fn, params, inputs, targets) if inputs.shape[0] > 1 else 1.0
     per_sample = scale is not None
     x0, y0 = (inputs[:1], targets[:1]) if per_sample else (inputs, targets)
+    onames = list(others)
 
-    def model_fn(plist, x):
-        return functional_call(model, dict(zip(names, plist)), (x,))
+    def model_fn(plist, olist, x):
+        state = dict(zip(names, plist))
+        state.update(zip(onames, olist))
+        return functional_call(model, state, (x,))
 
     plist = [params[k] for k in names]
+    olist = [others[k] for k in onames]
     with torch.no_grad():
-        out0 = model_fn(plist, x0)
+        out0 = model_fn(plist, olist, x0)
     if not isinstance(out0, torch.Tensor):
         raise UnsupportedGraph(f"the model returned {describe(out0)}, not one tensor")
-    gm_m = trace(model_fn, plist, x0)
+    gm_m = trace(model_fn, plist, olist, x0)
     gm_l = trace(lambda out, y: loss_fn(out, y), out0, y0)
     mplan = plan(gm_m, list(range(len(names))))
     lplan = plan(gm_l, [0])
-    return Traced(names, mplan, lplan, 1.0 if scale is None else scale, per_sample)
+    tr = Traced(names, onames, mplan, lplan, 1.0 if scale is None else scale, per_sample)
+    if key is not None:
+        _TRACES.setdefault(model, {})[key] = tr
+    return tr
 
 
-def sample_diagonal(tr: Traced, method: str, plist, x, y) -> torch.Tensor:
-    """The flat Hessian diagonal (or its Becker-LeCun approximation) of one unit's loss."""
+@dataclass
+class Layout:
+    """How one sample's row is laid out: dense diagonals, then factored sink terms."""
+
+    dense: list[int]  # parameter positions with a dense per-sample diagonal
+    terms: list[tuple[int, list, bool, float, str, list[torch.Size]]]
+
+
+def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> torch.Tensor:
+    """One unit's curvature as a flat row; its :class:`Layout` is stored in ``holder``."""
     prop = Propagation()
-    run_m = prop.forward(tr.model, [*plist, x])
+    run_m = prop.forward(tr.model, [*plist, *olist, x])
     out = run_m["env"][tr.model.output]
     run_l = prop.forward(tr.loss, [out, y])
     seed = torch.ones_like(run_l["env"][tr.loss.output])
-    g_l, c_l = prop.backward(run_l, seed, None, prune=False)
+    g_l, c_l, _ = prop.backward(run_l, seed, None, prune=False)
     ph = tr.loss.placeholders[0]
     g_out = g_l[ph] if g_l[ph] is not None else torch.zeros_like(out)
     if method == "exact":
-        _, cols = prop.backward(run_m, g_out, c_l[ph], prune=True)
-        diags = [diagonal_from_cols(prop, cols[ph]) for ph in tr.model.placeholders[: len(plist)]]
+        _, cols, terms = prop.backward(run_m, g_out, c_l[ph], prune=True)
+        diags = [diagonal_from_cols(prop, cols[leaf]) for leaf in tr.model.placeholders]
+        diags = diags[: len(plist)]
     else:
         from hesse.curvprop._diagonal_only import propagate_diagonal
 
         d_out = diagonal_from_cols(prop, c_l[ph])
         if d_out is None:
             d_out = torch.zeros_like(out)
-        diags = propagate_diagonal(run_m, g_out, d_out, len(plist))
-    pieces = [
-        torch.zeros_like(p).reshape(-1) if d is None else d.reshape(-1)
-        for p, d in zip(plist, diags)
-    ]
-    return torch.cat(pieces) * tr.scale
+        diags, terms = propagate_diagonal(run_m, g_out, d_out)
+    dense = [i for i in range(len(plist)) if diags[i] is not None]
+    layout = Layout(dense, [])
+    pieces = [diags[i].reshape(-1) for i in dense]
+    for t in terms:
+        index, chain = sink_chain(tr.model, t.leaf)
+        layout.terms.append((index, chain, t.left, t.scale, t.kind, [q.shape for q in t.parts]))
+        pieces.extend(q.reshape(-1) for q in t.parts)
+    holder[:] = [layout]
+    return torch.cat(pieces) if pieces else out.new_zeros(1)
+
+
+def assemble(
+    tr: Traced, layout: Layout, rows: torch.Tensor, plist, *, per_sample: bool
+) -> torch.Tensor:
+    """Turn ``(B, r)`` rows into ``(B, n)`` per-sample diagonals or the summed ``(n,)``."""
+    b = rows.shape[0]
+    lead = (b,) if per_sample else ()
+    diags = [p.new_zeros((*lead, *p.shape)) for p in plist]
+    off = 0
+
+    def take(shape):
+        nonlocal off
+        size = math.prod(shape)
+        piece = rows[:, off : off + size].reshape(b, *shape)
+        off += size
+        return piece
+
+    for i in layout.dense:
+        piece = take(plist[i].shape)
+        diags[i] += piece if per_sample else piece.sum(0)
+    for index, chain, left, scale, kind, shapes in layout.terms:
+        sq = assemble_term(kind, tuple(take(sh) for sh in shapes), per_sample)
+        if left:
+            sq = sq.transpose(-1, -2)
+        diags[index] += _through_chain(chain, plist[index], sq * scale, per_sample)
+    flat = (
+        torch.cat([d.reshape(*lead, -1) for d in diags])
+        if not per_sample
+        else torch.cat([d.reshape(b, -1) for d in diags], dim=1)
+    )
+    return flat * tr.scale
+
+
+def _through_chain(chain, param: torch.Tensor, sq: torch.Tensor, per_sample: bool):
+    """Map a square from the sink node back to the parameter (rearrangements only)."""
+    if not chain:
+        return sq
+
+    def f(p):
+        env = {chain[0].leaves[chain[0].active[0]]: p}
+        for ni in chain:
+            env[ni.node] = ni.call(env)
+        return env[chain[-1].node]
+
+    _, pull = vjp(f, param)
+    if per_sample:
+        return vmap(lambda s: pull(s)[0])(sq)
+    return pull(sq)[0]
 
 
 def diagonals(
@@ -123,65 +239,86 @@ def diagonals(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
+    olist: list[torch.Tensor],
+    per_sample: bool,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """``(B, n)`` per-sample diagonals (``(1, n)`` when the batch is one unit)."""
+    """``(B, n)`` per-sample diagonals, or the ``(n,)`` diagonal of the batch loss."""
+    holder: list = []
     if not tr.per_sample:
-        return sample_diagonal(tr, method, plist, inputs, targets)[None]
+        row = sample_row(tr, method, plist, olist, inputs, targets, holder)[None]
+        return assemble(tr, holder[0], row, plist, per_sample=per_sample)
 
     def single(i: torch.Tensor) -> torch.Tensor:
-        return sample_diagonal(tr, method, plist, inputs[i][None], targets[i][None])
+        return sample_row(tr, method, plist, olist, inputs[i][None], targets[i][None], holder)
 
     def batched(idx: torch.Tensor) -> torch.Tensor:
-        return vmap(lambda x, y: sample_diagonal(tr, method, plist, x[None], y[None]))(
+        return vmap(lambda x, y: sample_row(tr, method, plist, olist, x[None], y[None], holder))(
             inputs[idx], targets[idx]
         )
 
     b = inputs.shape[0]
     rows = lambda s, e: torch.arange(s, e, device=inputs.device)  # noqa: E731
-    # The first sample runs alone: it surfaces an unsupported op before any
-    # vmap fallback could hide it, and measures the memory of one sample.
-    head, used = allocated_bytes(lambda: batched(rows(0, 1)))
-    n = head.shape[1]
+    done, out = 0, None
+    if method not in tr.sample_bytes:
+        # The first sample of a new trace runs alone: it surfaces an unsupported op
+        # before any vmap fallback could hide it, and measures one sample's memory.
+        head, used = allocated_bytes(lambda: batched(rows(0, 1)))
+        tr.sample_bytes[method] = int(used)
+        out = head.new_empty((b, head.shape[1]))
+        out[:1] = head
+        done = 1
     if chunk_size is None:
         chunk_size = chunk_size_for(
-            rows=max(1, b - 1),
-            per_row_bytes=int(used),
-            fixed_bytes=b * n * head.element_size(),
+            rows=max(1, b - done),
+            per_row_bytes=tr.sample_bytes[method],
+            fixed_bytes=0,
             budget=default_memory_budget(inputs.device),
         )
-    out = head.new_empty((b, n))
-    out[:1] = head
-    if b > 1:
-        map_chunks(
+    if done < b:
+        rest = map_chunks(
             batched,
             single,
-            b - 1,
-            lambda s, e: rows(1 + s, 1 + e),
+            b - done,
+            lambda s, e: rows(done + s, done + e),
             chunk_size=chunk_size,
             call=call,
-            out=out[1:],
+            out=None if out is None else out[done:],
         )
-    return out
+        out = rest if out is None else out
+    return assemble(tr, holder[0], out, plist, per_sample=per_sample)
 
 
-def _brute_force(tr_scale, model, loss_fn, params, inputs, targets, per_sample: bool):
+def _brute_force(call, model, loss_fn, params, inputs, targets, per_sample: bool):
+    """The exact diagonal from one HVP per parameter (per sample, or for the batch loss)."""
     from hesse._hvp import FlatHVP, basis_rows
-
-    names = list(params)
 
     def loss(p, x, y):
         return loss_fn(functional_call(model, p, (x,)), y)
 
-    units = [(inputs[i : i + 1], targets[i : i + 1]) for i in range(inputs.shape[0])]
     if not per_sample:
-        units = [(inputs, targets)]
+        op = FlatHVP(loss, (dict(params), inputs, targets), 0, call=call)
+        return torch.diagonal(op.apply(op.n, basis_rows(op.n, op.x)))
+    scale = _split_scale(model, loss_fn, params, inputs, targets)
+    if scale is None:
+        _not_split(call)
     rows = []
-    for x, y in units:
-        op = FlatHVP(loss, (dict(params), x, y), 0, call="hesse.curvprop")
-        h = op.apply(op.n, basis_rows(op.n, op.x))
-        rows.append(torch.diagonal(h) * tr_scale)
-    return names, torch.stack(rows)
+    for i in range(inputs.shape[0]):
+        x, y = inputs[i : i + 1], targets[i : i + 1]
+        op = FlatHVP(loss, (dict(params), x, y), 0, call=call)
+        rows.append(torch.diagonal(op.apply(op.n, basis_rows(op.n, op.x))) * scale)
+    return torch.stack(rows)
+
+
+def _not_split(call: str):
+    fail(
+        call,
+        "the loss does not split into per-sample terms (loss(batch) is neither the sum "
+        "nor the mean of the per-sample losses, e.g. BatchNorm in train mode or a "
+        "weighted mean), so per-sample diagonals are not defined. Use "
+        "hesse.diagonal(hesse.HessianOperator(...), method='exact') for the batch.",
+        NotImplementedError,
+    )
 
 
 def per_sample_diagonal(
@@ -270,24 +407,24 @@ def per_sample_diagonal(
     params = check_model_inputs(call, model, inputs, targets, params)
     check_choice(call, "method", method, METHODS)
     check_chunk_size(call, chunk_size)
-    names, rows, per_sample = batch_diagonals(
-        call, model, loss_fn, params, inputs, targets, method=method, chunk_size=chunk_size
+    rows = batch_diagonal(
+        call,
+        model,
+        loss_fn,
+        params,
+        inputs,
+        targets,
+        method=method,
+        per_sample=True,
+        chunk_size=chunk_size,
     )
-    if not per_sample:
-        fail(
-            call,
-            "the loss does not split into per-sample terms (loss(batch) is neither the sum "
-            "nor the mean of the per-sample losses, e.g. BatchNorm in train mode or a "
-            "weighted mean), so per-sample diagonals are not defined. Use "
-            "hesse.diagonal(hesse.HessianOperator(...), method='exact') for the batch.",
-            NotImplementedError,
-        )
+    names = list(params)
     shapes = [params[k].shape for k in names]
     pieces = torch.split(rows, [s.numel() for s in shapes], dim=1)
     return {k: p.reshape(rows.shape[0], *s) for k, p, s in zip(names, pieces, shapes)}
 
 
-def batch_diagonals(
+def batch_diagonal(
     call: str,
     model,
     loss_fn,
@@ -296,18 +433,33 @@ def batch_diagonals(
     targets: torch.Tensor,
     *,
     method: str,
+    per_sample: bool,
     chunk_size: int | None = None,
-) -> tuple[list[str], torch.Tensor, bool]:
-    """``(names, rows, per_sample)``: flat diagonals per sample (or one row for the batch).
+) -> torch.Tensor:
+    """Flat diagonal of ``loss_fn(model(inputs), targets)``: ``(n,)``, or ``(B, n)`` per sample.
 
-    Falls back to brute-force HVPs (exact) with a warning when tracing fails.
+    Parameters are flattened in the order of ``params``. Falls back to brute-force
+    HVPs (exact) with a :class:`CurvpropFallbackWarning` when the model does not trace.
     """
     params = {k: v.detach() for k, v in params.items()}
     try:
         tr = prepare(call, model, loss_fn, params, inputs, targets)
+        if per_sample and not tr.per_sample:
+            _not_split(call)
         plist = [params[k] for k in tr.names]
-        rows = diagonals(call, tr, method, plist, inputs, targets, chunk_size=chunk_size)
-        return tr.names, rows, tr.per_sample
+        others = _others(model, params)
+        olist = [others[k] for k in tr.others]
+        return diagonals(
+            call,
+            tr,
+            method,
+            plist,
+            inputs,
+            targets,
+            olist=olist,
+            per_sample=per_sample,
+            chunk_size=chunk_size,
+        )
     except UnsupportedGraph as err:
         if method != "exact":
             fail(
@@ -323,12 +475,7 @@ def batch_diagonals(
             CurvpropFallbackWarning,
             stacklevel=3,
         )
-        scale = _split_scale(model, loss_fn, params, inputs, targets)
-        per_sample = scale is not None
-        names, rows = _brute_force(
-            scale if per_sample else 1.0, model, loss_fn, params, inputs, targets, per_sample
-        )
-        return names, rows, per_sample
+        return _brute_force(call, model, loss_fn, params, inputs, targets, per_sample)
 
 
 def check_model_inputs(call, model, inputs, targets, params) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ per-sample diagonals (BackPACK's ``BatchDiagHessian``) at no extra cost.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,6 +67,8 @@ def _floats(out: Any) -> tuple[list[torch.Tensor], list[int], bool]:
 
 def reduce_to(block: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum a ``(K, *broadcast_shape)`` block down to ``(K, *shape)`` (the VJP of broadcasting)."""
+    if block[0].numel() == math.prod(shape):  # only size-1 dimensions differ
+        return block.reshape(block.shape[0], *shape)
     lead = block.dim() - 1 - len(shape)
     if lead > 0:
         block = block.sum(dim=tuple(range(1, 1 + lead)))
@@ -116,16 +119,19 @@ class Propagation:
         seed_cols: dict[int, Any] | None,
         *,
         prune: bool,
-    ) -> tuple[dict[fx.Node, Any], dict[fx.Node, dict[int, Any]]]:
-        """Sweep the graph backwards from its output; return grads and columns at placeholders.
+    ) -> tuple[dict, dict, dict]:
+        """Sweep the graph backwards from its output.
 
-        ``prune``: only the diagonal at the targets is wanted, so bilinear nodes with
-        disjoint parameter dependencies are skipped (NOTE [second-order adjoints]).
+        Returns the gradients and the columns at the placeholders, and the sums of
+        squares met at sink parameters (NOTE [parameter sinks]). ``prune``: only the diagonal at the targets is
+        wanted, so bilinear nodes with disjoint parameter dependencies are skipped
+        (NOTE [second-order adjoints]) and sinks are squared where reached.
         """
         p: Plan = run["plan"]
         env, vjps = run["env"], run["vjps"]
         grads: dict[fx.Node, Any] = {p.output: seed_grad}
         cols: dict[fx.Node, dict[int, Any]] = {p.output: dict(seed_cols or {})}
+        terms: list[SinkTerm] = []
         for ni in reversed(p.order):
             node = ni.node
             if node not in grads or not ni.active:
@@ -140,15 +146,20 @@ class Propagation:
                 continue
             inputs = [ni.leaves[i] for i in ni.active]
             vjp_fn, fpos, is_tuple = vjps[node]
-            cot = _pick(g, fpos, is_tuple, env[node])
-            for leaf, gi in zip(inputs, vjp_fn(cot)):
-                _add(grads, leaf, gi)
-            if here:
+            if ni.name in ("mm", "addmm"):
+                _mm_grads(p, ni, env, g, grads, skip_targets=prune)
+            else:
+                cot = _pick(g, fpos, is_tuple, env[node])
+                for leaf, gi in zip(inputs, vjp_fn(cot)):
+                    _add(grads, leaf, gi)
+            if here and prune and ni.name in ("mm", "addmm"):
+                self._transport_mm(p, ni, env, here, cols, terms)
+            elif here:
                 self._transport(p, ni, env, vjp_fn, fpos, is_tuple, here, cols)
             self._residual(p, ni, env, g, cols, prune)
         out_g = {ph: grads.get(ph) for ph in p.placeholders}
         out_c = {ph: cols.get(ph, {}) for ph in p.placeholders}
-        return out_g, out_c
+        return out_g, out_c, terms
 
     def _add_cols(self, p: Plan, cols, leaf, s, c, slot=None) -> None:
         rel = self.relevant[s]
@@ -180,6 +191,37 @@ class Propagation:
             for s, part in zip(sources, torch.split(r, sizes)):
                 self._add_cols(p, cols, leaf, s, part)
 
+    def _transport_mm(self, p, ni: NodeInfo, env, here, cols, terms) -> None:
+        """``mm``/``addmm`` by hand, summing squares at sink weights (NOTE [parameter sinks])."""
+        args, kwargs = ni.node.args, ni.node.kwargs
+        alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
+        i1, i2 = (1, 2) if ni.name == "addmm" else (0, 1)
+        m1, m2 = env[args[i1]], env[args[i2]]
+        sources = list(here)
+        u = here[sources[0]] if len(sources) == 1 else torch.cat([here[s] for s in sources])
+        sizes = [here[s].shape[0] for s in sources]
+
+        def spread(leaf, part):
+            for s, piece in zip(sources, torch.split(part, sizes)):
+                self._add_cols(p, cols, leaf, s, piece)
+
+        if ni.name == "addmm" and 0 in ni.active:
+            spread(args[0], reduce_to(u * beta if beta != 1 else u, env[args[0]].shape))
+        if i1 in ni.active or i2 in ni.active:
+            signs = torch.cat([self.signs[s] for s in sources])
+        if i1 in ni.active:
+            if args[i1] in p.sinks:  # grad = alpha u_c m2^T = alpha (m2 u_c^T)^T
+                kind, parts = square_sum(m2.T, u.transpose(1, 2), signs)
+                terms.append(SinkTerm(args[i1], True, alpha**2, kind, parts))
+            else:
+                spread(args[i1], alpha * (u @ m2.T))
+        if i2 in ni.active:
+            if args[i2] in p.sinks:  # grad = alpha m1^T u_c
+                kind, parts = square_sum(m1, u, signs)
+                terms.append(SinkTerm(args[i2], False, alpha**2, kind, parts))
+            else:
+                spread(args[i2], alpha * (m1.T @ u))
+
     def _residual(self, p: Plan, ni: NodeInfo, env, g, cols, prune: bool) -> None:
         if ni.family in ("linear", "piecewise", "constant"):
             return
@@ -202,6 +244,31 @@ class Propagation:
 
 
 # -- helpers ---------------------------------------------------------------------------
+def _mm_grads(p: Plan, ni: NodeInfo, env, g, grads, *, skip_targets: bool) -> None:
+    """Gradients through ``mm``/``addmm`` by hand, skipping parameters whose gradient is unused.
+
+    When only the diagonal at the targets is wanted, their gradients (one
+    parameter-sized tensor per sample) are never needed.
+    """
+    args, kwargs = ni.node.args, ni.node.kwargs
+    alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
+    i1, i2 = (1, 2) if ni.name == "addmm" else (0, 1)
+    m1, m2 = env[args[i1]], env[args[i2]]
+
+    def wanted(pos):
+        leaf = args[pos]
+        if pos not in ni.active:
+            return False
+        return not (skip_targets and (leaf in p.sinks or leaf.op == "placeholder"))
+
+    if ni.name == "addmm" and wanted(0):
+        _add(grads, args[0], (g * beta).sum_to_size(env[args[0]].shape))
+    if wanted(i1):
+        _add(grads, args[i1], alpha * (g @ m2.T))
+    if wanted(i2):
+        _add(grads, args[i2], alpha * (m1.T @ g))
+
+
 def _vjp(ni: NodeInfo, env) -> tuple[Any, tuple]:
     prims = [env[ni.leaves[i]] for i in ni.active]
     meta: dict[str, Any] = {}
@@ -352,6 +419,53 @@ def _general(ni: NodeInfo, env, g) -> tuple[list, torch.Tensor]:
     for pos, piece, t in zip(ni.active, torch.split(colsm, sizes, dim=1), prims):
         parts.append((pos, piece.reshape(m, *t.shape)))
     return parts, torch.sign(lam)
+
+
+@dataclass
+class SinkTerm:
+    """A sum of squares met at a sink, kept factored until samples are summed.
+
+    NOTE [parameter sinks]: per sample, ``S = sum_c s_c (x^T u_c)^2`` would be one
+    parameter-sized tensor per sample; the factors are far smaller, so they leave
+    the vmapped sweep as they are and :func:`assemble_term` contracts them over the
+    batch (BackPACK's ``einsum`` of squares for linear layers). ``kind``:
+    ``"rows"``: ``S = sum_r a_r b_r^T`` from ``(a (m, i), b (m, o))``;
+    ``"gram"``: ``S = sum_{r,s} x_r x_s T_rs`` from ``(x (m, i), T (m, m, o))``;
+    ``"dense"``: ``S`` itself. ``left``: ``S`` is transposed (the sink was ``mat1``).
+    """
+
+    leaf: fx.Node
+    left: bool
+    scale: float
+    kind: str
+    parts: tuple[torch.Tensor, ...]
+
+
+def square_sum(x: torch.Tensor, u: torch.Tensor, signs: torch.Tensor) -> tuple[str, tuple]:
+    """Factors of ``sum_c s_c (x^T u_c)^2`` for ``x`` ``(m, i)``, ``u`` ``(K, m, o)``.
+
+    One row: ``(x^2)^T (sum_c s_c u_c^2)``. Several rows: through the ``(m, m, o)``
+    Gram tensor of the columns when that is cheaper than the products themselves.
+    """
+    k, m, o = u.shape
+    i = x.shape[1]
+    if m == 1:
+        return "rows", (x * x, torch.einsum("k,kro->ro", signs, u * u))
+    if m * (k * o + i * o) <= k * i * o:
+        return "gram", (x, torch.einsum("k,kro,kso->rso", signs, u, u))
+    prods = torch.einsum("ri,kro->kio", x, u)
+    return "dense", (torch.einsum("k,kio->io", signs, prods * prods),)
+
+
+def assemble_term(kind: str, parts: tuple[torch.Tensor, ...], per_sample: bool) -> torch.Tensor:
+    """Contract a :class:`SinkTerm`'s batched ``(B, ...)`` factors: ``(B, i, o)`` or ``(i, o)``."""
+    b = "b" if per_sample else ""
+    if kind == "rows":
+        return torch.einsum(f"bri,bro->{b}io", *parts)
+    if kind == "gram":
+        x, gram = parts
+        return torch.einsum(f"bri,bsi,brso->{b}io", x, x, gram)
+    return parts[0] if per_sample else parts[0].sum(0)
 
 
 def diagonal_from_cols(prop: Propagation, cols: dict[int, Any]) -> torch.Tensor | None:

@@ -128,6 +128,16 @@ LINEAR = _names(
     "replication_pad2d", "upsample_nearest2d", "scatter_add", "index_add", "trace",
     "movedim", "unflatten", "flatten", "_reshape_alias", "squeeze_dims",
 )  # fmt: skip
+# NOTE [parameter sinks]
+# A parameter used exactly once, reached only through ops that merely rearrange its
+# elements, is a "sink": every column reaches it through one node, so the squares
+# can be summed at that node without materialising one parameter-sized gradient
+# per column (for ``mm`` the sum of squares of the outer products x u_c^T is
+# (x^2)^T (sum_c s_c u_c^2), BackPACK's trick for linear layers).
+BIJECTIVE = _names(
+    "permute", "t", "transpose", "view", "_unsafe_view", "reshape", "clone", "alias",
+    "contiguous", "squeeze", "unsqueeze", "lift_fresh_copy", "squeeze_dims",
+)  # fmt: skip
 # Piecewise linear: zero second derivative almost everywhere.
 PIECEWISE = _names(
     "relu", "leaky_relu", "hardtanh", "clamp", "clamp_min", "clamp_max", "abs",
@@ -208,6 +218,7 @@ class Plan:
     deps: dict[fx.Node, frozenset[int]]  # which targets each node depends on
     output: fx.Node
     users: dict[fx.Node, int]  # number of active uses of each node
+    sinks: set[fx.Node]  # NOTE [parameter sinks]
 
 
 def _is_float(meta_val: Any) -> bool:
@@ -258,7 +269,16 @@ def plan(gm: fx.GraphModule, targets: list[int]) -> Plan:
     for ni in order:
         for i in ni.active:
             users[ni.leaves[i]] = users.get(ni.leaves[i], 0) + 1
-    return Plan(gm, placeholders, list(targets), order, info, deps, output, users)
+    sinks = {placeholders[i] for i in targets if users.get(placeholders[i]) == 1}
+    for ni in order:
+        if (
+            ni.name in BIJECTIVE
+            and len(ni.active) == 1
+            and ni.leaves[ni.active[0]] in sinks
+            and users.get(ni.node) == 1
+        ):
+            sinks.add(ni.node)
+    return Plan(gm, placeholders, list(targets), order, info, deps, output, users, sinks)
 
 
 def _family(node: fx.Node, name: str, active: list[int], leaves: list[Any]) -> str:
@@ -275,3 +295,14 @@ def _family(node: fx.Node, name: str, active: list[int], leaves: list[Any]) -> s
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
         return "pointwise"
     return "general"
+
+
+def sink_chain(p: Plan, leaf: fx.Node) -> tuple[int, list[NodeInfo]]:
+    """The target placeholder behind a sink and the rearrangements from it to ``leaf``."""
+    chain: list[NodeInfo] = []
+    node = leaf
+    while node.op != "placeholder":
+        ni = p.info[node]
+        chain.append(ni)
+        node = ni.leaves[ni.active[0]]
+    return p.placeholders.index(node), chain[::-1]
