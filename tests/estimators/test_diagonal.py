@@ -210,3 +210,51 @@ def test_errors(gen):
         NotImplementedError, match="sampled labels need a loss with a known output Hessian"
     ):
         hesse.diagonal(F, method="mc")
+
+
+class Shared(nn.Module):
+    """Linear modules called twice, a weight also used functionally, 3-D inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twice = nn.Linear(3, 3)
+        self.tied = nn.Linear(3, 3)
+        self.seq = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.twice(torch.tanh(self.twice(x))))
+        h = self.tied(h) + torch.sin(h @ self.tied.weight)  # weight used outside its module
+        h = self.seq(torch.stack([h, h.cos()], 1)).sum(1)  # (N, 2, 3) inputs
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_exact_ggn_diagonal_on_shared_and_functional_weights(loss, gen):
+    torch.manual_seed(0)
+    model = Shared().to(DT)
+    X = torch.randn(9, 3, generator=gen, dtype=DT)
+    if loss == "ce":
+        Y, loss_fn = torch.randint(0, 2, (9,), generator=gen), nn.CrossEntropyLoss()
+    else:
+        Y, loss_fn = torch.rand(9, 2, generator=gen, dtype=DT).round(), nn.BCEWithLogitsLoss()
+    data = [(X[:5], Y[:5]), (X[5:], Y[5:])]
+    G = hesse.GGNOperator(model, loss_fn, data)
+    ref = G.to_dense().diagonal()
+    torch.testing.assert_close(hesse.diagonal(G), ref, rtol=0, atol=1e-10)
+    # only the head takes the fast path; the check rejected the functionally used weight
+    assert set(G._linear_plan) == {"head."}
+    F = hesse.FisherOperator(
+        model, loss_fn, data, kind="empirical", params=["tied.weight", "head.bias"]
+    )
+    torch.testing.assert_close(hesse.diagonal(F), F.to_dense().diagonal(), rtol=0, atol=1e-10)
+
+
+def test_exact_ggn_diagonal_needs_independent_samples(gen):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(DT).train()
+    data = [
+        (torch.randn(5, 3, generator=gen, dtype=DT), torch.randn(5, 2, generator=gen, dtype=DT))
+    ]
+    G = hesse.GGNOperator(model, nn.MSELoss(), data)
+    with pytest.raises(NotImplementedError, match="BatchNorm layer in train mode"):
+        hesse.diagonal(G)

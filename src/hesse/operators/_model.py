@@ -47,6 +47,7 @@ from hesse._validation import (
 )
 from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
 from hesse.operators._losses import OutputCurvature, PlainLoss, output_curvature, reduction_of
+from hesse.operators._squares import batch_factor_squares
 
 Batch = tuple[Any, Any]
 
@@ -383,6 +384,8 @@ class _OuterProductOperator(_ModelOperator):
     ``Q_n = S_n S_n^T``; the exact diagonal is ``sum_{n,k} (J_n^T s_nk)^2``.
     """
 
+    _linear_plan: dict | None = None
+
     def _factor(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
 
@@ -419,55 +422,22 @@ class _OuterProductOperator(_ModelOperator):
     ) -> torch.Tensor:
         """``sum_n sum_k (J_n^T s_nk)^2`` over the dataset (reduced and normalised).
 
-        Per-sample VJPs, vectorised over the columns of ``S_n`` and over groups of
-        ``chunk_size`` samples. Returns ``(n,)``, or ``(K, n)`` if ``per_column``.
+        See NOTE [linear fast path] in ``_squares.py``. Returns ``(n,)``, or
+        ``(K, n)`` if ``per_column``.
         """
-        x0 = self._x
-        n = self.shape[0]
-        itemsize = x0.element_size()
+        self._linear_plan = None  # re-derived (and re-verified) on the first batch
 
         def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
-            with torch.no_grad():
-                out = self._forward(x0, inputs)
-            S = factor(index, out, targets).detach()
-            N, D, K = S.shape
-            group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, 3 * K * n * itemsize)))
-            num_groups = -(-N // group)
-
-            def sample(inp: Any, s: torch.Tensor) -> torch.Tensor:
-                def fn(x: torch.Tensor) -> torch.Tensor:
-                    return self._forward(x, tree_map(lambda t: t.unsqueeze(0), inp)).reshape(-1)
-
-                _, vjp_fn = vjp(fn, x0)
-                G = vmap(vjp_fn)(s.T)[0]  # (K, n)
-                return G.square()
-
-            def slice_inputs(lo: int, hi: int) -> Any:
-                return tree_map(lambda t: t[lo:hi], inputs)
-
-            def reduce(G: torch.Tensor) -> torch.Tensor:
-                return G.sum(0) if per_column else G.sum((0, 1))
-
-            def batched(ids: torch.Tensor) -> torch.Tensor:
-                lo = int(ids[0]) * group
-                hi = min(N, lo + group)
-                return reduce(vmap(sample)(slice_inputs(lo, hi), S[lo:hi])).unsqueeze(0)
-
-            def single(gid: torch.Tensor) -> torch.Tensor:
-                lo = int(gid) * group
-                hi = min(N, lo + group)
-                rows = [sample(tree_map(lambda t, i=i: t[i], inputs), S[i]) for i in range(lo, hi)]
-                return reduce(torch.stack(rows))
-
-            parts = map_chunks(
-                batched,
-                single,
-                num_groups,
-                lambda s, e: torch.arange(s, e),
-                chunk_size=1,
-                call=f"hesse.diagonal({self._title})",
+            return batch_factor_squares(
+                self,
+                factor,
+                index,
+                inputs,
+                targets,
+                chunk_size=chunk_size,
+                per_column=per_column,
+                verify=index == 0,
             )
-            return parts.sum(0)
 
         return self._accumulate(per_batch)
 

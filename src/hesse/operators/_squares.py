@@ -1,0 +1,210 @@
+"""Sums of squared per-sample VJPs, the core of exact and MC GGN/Fisher diagonals.
+
+For one batch with output factor ``S`` (``(N, D, K)``) this computes
+``sum_n sum_k (J_n^T s_nk)^2`` for every selected parameter, in two ways:
+
+# NOTE [linear fast path]
+A parameter of an ``nn.Linear`` that is called once per forward pass on ``(N, in)``
+inputs has per-sample VJPs ``delta_nk a_n^T`` (weight) and ``delta_nk`` (bias),
+with ``a_n`` the module's input and ``delta_nk`` the VJP at its output. Their
+squares sum to ``(sum_k delta_nk^2)^T a_n^2``: one matrix product, never a
+per-sample gradient in memory. The ``delta``s of all such modules come from one
+backward pass batched over the ``K`` columns (``is_grads_batched``). Modules are
+found with forward hooks, so the model's structure is free (residual branches,
+functional code around the modules). Because a weight could also be used outside
+its module (tied or functional use), the first batch of every pass checks that
+``delta_n0 a_n^T`` summed over samples equals the true gradient for column 0;
+modules that fail the check, are called more than once, or see inputs with extra
+dimensions, go to the generic path.
+
+Every other parameter takes the generic path: per-sample VJPs
+(``torch.func.vjp`` of the model on one sample, vmapped over the ``K`` columns
+and over groups of samples) with respect to those parameters only.
+
+Both paths assume that samples do not interact (no BatchNorm in train mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import vjp, vmap
+from torch.utils._pytree import tree_map
+
+from hesse._chunking import map_chunks
+from hesse._validation import fail
+
+Factor = Callable[[int, torch.Tensor, Any], torch.Tensor]
+
+
+def _linear_candidates(op: Any) -> dict[str, nn.Linear]:
+    """Linear modules owning selected parameters that are not shared with other modules."""
+    selected = set(op.param_names)
+    uses: dict[int, int] = {}
+    for mod in op.model.modules():
+        for p in mod.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    out = {}
+    for name, mod in op.model.named_modules():
+        if type(mod) is not nn.Linear:
+            continue
+        owned = [p for p in (mod.weight, mod.bias) if p is not None]
+        if any(uses[id(p)] > 1 for p in owned):
+            continue
+        prefix = f"{name}." if name else ""
+        if f"{prefix}weight" in selected or f"{prefix}bias" in selected:
+            out[prefix] = mod
+    return out
+
+
+def _check_independent_samples(op: Any, call: str) -> None:
+    for name, mod in op.model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+            fail(
+                call,
+                f"module {name!r} is a BatchNorm layer in train mode, so samples interact and "
+                "per-sample Jacobians are not defined. Call model.eval() first.",
+                NotImplementedError,
+            )
+
+
+def batch_factor_squares(
+    op: Any,
+    factor: Factor,
+    index: int,
+    inputs: Any,
+    targets: Any,
+    *,
+    chunk_size: int | None,
+    per_column: bool,
+    verify: bool,
+) -> torch.Tensor:
+    """One batch's ``sum_{n,k} (J_n^T s_nk)^2``: ``(n,)``, or ``(K, n)`` if ``per_column``."""
+    call = f"hesse.diagonal({op._title})"
+    _check_independent_samples(op, call)
+    layout = op.layout
+    offsets = dict(zip(op.param_names, layout.offsets))
+    numels = dict(zip(op.param_names, layout.numels))
+    candidates = op._linear_plan if op._linear_plan is not None else _linear_candidates(op)
+
+    # One forward pass with hooks recording each candidate's input and output.
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in candidates}
+    handles = [
+        mod.register_forward_hook(lambda m, i, o, p=p: records[p].append((i[0], o)))
+        for p, mod in candidates.items()
+    ]
+    x = op._x.detach().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = op._forward(x, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    S = factor(index, out.detach(), targets).detach()
+    N, _, K = S.shape
+    cot = S.permute(2, 0, 1).reshape(K, *out.shape)
+    fast = {
+        p: rec[0]
+        for p, rec in records.items()
+        if len(rec) == 1
+        and rec[0][0].dim() == 2
+        and rec[0][1].dim() == 2
+        and rec[0][1].requires_grad
+    }
+    if fast and verify:
+        (g0,) = torch.autograd.grad(out, x, cot[0], retain_graph=True)
+        deltas0 = torch.autograd.grad(out, [o for _, o in fast.values()], cot[0], retain_graph=True)
+        for (p, (a, _)), d in zip(list(fast.items()), deltas0):
+            for suffix, value in (("weight", d.T @ a), ("bias", d.sum(0))):
+                name = p + suffix
+                if name not in offsets:
+                    continue
+                true = g0[offsets[name] : offsets[name] + numels[name]].reshape(value.shape)
+                scale = true.abs().max().clamp_min(torch.finfo(true.dtype).tiny)
+                if not torch.allclose(value, true, rtol=1e-5, atol=1e-6 * float(scale)):
+                    del fast[p]  # used outside its module: generic path
+                    break
+        op._linear_plan = {p: candidates[p] for p in fast}
+    result = x.new_zeros((K, op.shape[0]) if per_column else (op.shape[0],))
+    covered: set[str] = set()
+    if fast:
+        outs = [o for _, o in fast.values()]
+        if K == 1:
+            deltas = [d.unsqueeze(0) for d in torch.autograd.grad(out, outs, cot[0])]
+        else:
+            deltas = torch.autograd.grad(out, outs, cot, is_grads_batched=True)
+        for (p, (a, _)), d in zip(fast.items(), deltas):
+            d2 = d.detach().square()  # (K, N, out)
+            a2 = a.detach().square()  # (N, in)
+            parts = {
+                "weight": torch.einsum("kno,ni->koi", d2, a2) if per_column else d2.sum(0).T @ a2,
+                "bias": d2.sum(1) if per_column else d2.sum((0, 1)),
+            }
+            for suffix, value in parts.items():
+                name = p + suffix
+                if name in offsets:
+                    o = offsets[name]
+                    flat = value.reshape(K, -1) if per_column else value.reshape(-1)
+                    result[..., o : o + numels[name]] = flat
+                    covered.add(name)
+    del out
+    rest = [name for name in op.param_names if name not in covered]
+    if rest:
+        idx = torch.cat(
+            [torch.arange(offsets[k], offsets[k] + numels[k], device=op.device) for k in rest]
+        )
+        sq = _generic(op, inputs, S, idx, chunk_size=chunk_size, per_column=per_column, call=call)
+        result[..., idx] = sq
+    return result
+
+
+def _generic(
+    op: Any,
+    inputs: Any,
+    S: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    chunk_size: int | None,
+    per_column: bool,
+    call: str,
+) -> torch.Tensor:
+    """Per-sample VJPs with respect to the flat entries ``idx``; squared and summed."""
+    x0 = op._x
+    xr0 = x0[idx]
+    N, _, K = S.shape
+    m = idx.numel()
+    group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, 3 * K * m * x0.element_size())))
+    num_groups = -(-N // group)
+
+    def sample(inp: Any, s: torch.Tensor) -> torch.Tensor:
+        def fn(xr: torch.Tensor) -> torch.Tensor:
+            x = x0.index_put((idx,), xr)
+            return op._forward(x, tree_map(lambda t: t.unsqueeze(0), inp)).reshape(-1)
+
+        _, vjp_fn = vjp(fn, xr0)
+        return vmap(vjp_fn)(s.T)[0].square()  # (K, m)
+
+    def reduce(G: torch.Tensor) -> torch.Tensor:
+        return G.sum(0) if per_column else G.sum((0, 1))
+
+    def bounds(gid: torch.Tensor) -> tuple[int, int]:
+        lo = int(gid) * group
+        return lo, min(N, lo + group)
+
+    def batched(ids: torch.Tensor) -> torch.Tensor:
+        lo, hi = bounds(ids[0])
+        chunk = tree_map(lambda t: t[lo:hi], inputs)
+        return reduce(vmap(sample)(chunk, S[lo:hi])).unsqueeze(0)
+
+    def single(gid: torch.Tensor) -> torch.Tensor:
+        lo, hi = bounds(gid)
+        rows = [sample(tree_map(lambda t, i=i: t[i], inputs), S[i]) for i in range(lo, hi)]
+        return reduce(torch.stack(rows))
+
+    parts = map_chunks(
+        batched, single, num_groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
+    )
+    return parts.sum(0)
