@@ -144,13 +144,13 @@ def eigsh(
         max_matvecs: budget of operator-vector products; default ``100 *
             basis_size``. When it runs out the best pairs are returned with
             ``converged`` False where they missed ``tol``, and a warning.
-        block_size: vectors per step; default 1 when ``k == 1`` and ``min(k, 4)``
-            otherwise, small enough to keep the matvec count low, large enough to
-            find eigenvalues of that multiplicity (a single-vector Krylov space
-            holds only one vector of a repeated eigenvalue's eigenspace: use a block
-            at least as large as the multiplicity you expect).
+        block_size: vectors per step (default 1, which needs the fewest products).
+            A single-vector Krylov space holds only one vector of a repeated
+            eigenvalue's eigenspace, so pass a block at least as large as the
+            multiplicity you expect; blocks also turn each step into one batched
+            product, which vectorised operators evaluate faster per vector.
         basis_size: basis vectors held before a restart; default
-            ``min(n, max(2 k + 2 block_size, 20))``.
+            ``min(n, max(2 k + 2 block_size, 30))``.
         generator: source of the random starting block (and of refills after an
             invariant subspace). ``None`` uses a fixed-seed generator.
 
@@ -193,17 +193,13 @@ def eigsh(
     check_choice(call, "which", which, WHICH)
     tol = check_positive_float(call, "tol", tol)
     check_generator(call, generator)
-    b = (
-        (1 if k == 1 else min(k, 4))
-        if block_size is None
-        else check_int(call, "block_size", block_size, 1)
-    )
+    b = 1 if block_size is None else check_int(call, "block_size", block_size, 1)
     if k + b > n:
         if block_size is not None:
             fail(call, f"expected k + block_size <= n = {n}, got k={k}, block_size={b}.")
         b = n - k
     m = (
-        min(n, max(2 * k + 2 * b, 20))
+        min(n, max(2 * k + 2 * b, 30))
         if basis_size is None
         else check_int(call, "basis_size", basis_size, 1)
     )
