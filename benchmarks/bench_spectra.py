@@ -489,7 +489,6 @@ def density_rows(w: Workload, probes: int, steps: int) -> list[dict[str, Any]]:
     )
     exact = smoothed(evals, torch.full_like(evals, 1 / evals.numel()), grid, sigma)
     workload = f"{w.name}/density"
-    budget = probes * steps
     rows = []
 
     def l1(density: torch.Tensor) -> float:
