@@ -316,31 +316,48 @@ def _output_tensor(ni: NodeInfo, env) -> torch.Tensor:
     return out
 
 
+class Elementwise:
+    """First and second derivatives of an elementwise op, element by element.
+
+    The active inputs are broadcast to the output shape, so every derivative is a
+    tensor shaped like the output (forward mode with all-ones tangents: exact
+    because the Jacobian of an elementwise op is diagonal in the broadcast space).
+    """
+
+    def __init__(self, ni: NodeInfo, env) -> None:
+        out = _output_tensor(ni, env)
+        self.ni, self.env, self.shape = ni, env, out.shape
+        self.prims = [env[ni.leaves[i]] for i in ni.active]
+        self.ts = [t.expand(self.shape).clone() for t in self.prims]
+        self.ones = torch.ones_like(out)
+
+    def _phi(self, *xs):
+        return self.ni.call(self.env, dict(zip(self.ni.active, xs)))
+
+    def _d1(self, i, *xs):
+        def along(t):
+            return self._phi(*xs[:i], t, *xs[i + 1 :])
+
+        return jvp(along, (xs[i],), (self.ones,))[1]
+
+    def first(self, i: int) -> torch.Tensor:
+        return self._d1(i, *self.ts)
+
+    def second(self, i: int, j: int) -> torch.Tensor:
+        ts = self.ts
+
+        def along(t):
+            return self._d1(i, *ts[:j], t, *ts[j + 1 :])
+
+        return jvp(along, (ts[j],), (self.ones,))[1]
+
+
 def _pointwise(ni: NodeInfo, env, g) -> tuple[list, torch.Tensor]:
     """Residual of an elementwise op: an ``m x m`` Hessian per output element."""
-    out = _output_tensor(ni, env)
-    shape = out.shape
-    n = out.numel()
-    prims = [env[ni.leaves[i]] for i in ni.active]
-    ts = [t.expand(shape).clone() for t in prims]
-    ones = torch.ones_like(out)
-    m = len(ts)
-
-    def phi(*xs):
-        return ni.call(env, dict(zip(ni.active, xs)))
-
-    def d1(i, *xs):
-        def along(t):
-            return phi(*xs[:i], t, *xs[i + 1 :])
-
-        return jvp(along, (xs[i],), (ones,))[1]
-
-    def d2(i, j):
-        def along(t):
-            return d1(i, *ts[:j], t, *ts[j + 1 :])
-
-        return jvp(along, (ts[j],), (ones,))[1]
-
+    ew = Elementwise(ni, env)
+    shape, prims, d2 = ew.shape, ew.prims, ew.second
+    n = math.prod(shape)
+    m = len(prims)
     if m == 1:
         r = (g * d2(0, 0)).reshape(n)
         block = torch.diag_embed(r.abs().sqrt()).reshape(n, *shape)
@@ -409,7 +426,10 @@ def _general(ni: NodeInfo, env, g) -> tuple[list, torch.Tensor]:
         xs = [c.reshape(t.shape) for c, t in zip(torch.split(v, sizes), prims)]
         out = ni.call(env, dict(zip(ni.active, xs)))
         fl, _, _ = _floats(out)
-        return sum((gi * o).sum() for gi, o in zip(gs, fl))
+        total = (gs[0] * fl[0]).sum()
+        for gi, o in zip(gs[1:], fl[1:]):
+            total = total + (gi * o).sum()
+        return total
 
     h = hessian(psi)(flat)
     h = 0.5 * (h + h.T)
