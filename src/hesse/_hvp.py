@@ -203,6 +203,14 @@ class FlatHVP:
             self.mode = "reverse-over-reverse"
         return 2 * probe
 
+    def product(self, v: torch.Tensor) -> torch.Tensor:
+        """One product ``H @ v`` for a flat ``(n,)`` vector, with the current strategy.
+
+        No batching machinery: a single reverse-over-reverse product is one plain
+        double-backward through the cached graph (about one gradient's cost).
+        """
+        return self._paths()[1](v)
+
     @property
     def gradient(self) -> torch.Tensor:
         """The flat gradient at ``x`` (computed by the first product if not yet)."""

@@ -53,6 +53,8 @@ class FunctionHessianOperator(LinearOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         k = X.shape[1]
+        if k == 1:  # a single product skips the batched (vmap) machinery
+            return self.engine.product(X[:, 0]).unsqueeze(1)
         return self.engine.apply(k, tensor_rows(X.T), chunk_size=min(k, self.chunk_size)).T
 
 
