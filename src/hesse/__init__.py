@@ -14,6 +14,7 @@ from hesse._sparse import (
     sparse_jacobian,
 )
 from hesse._transforms import hessian, hvp
+from hesse.curvprop import CurvpropFallbackWarning, per_sample_diagonal
 from hesse.estimators import diagonal
 from hesse.operators import (
     FisherOperator,
@@ -28,6 +29,7 @@ from hesse.spectra import EigshResult, SpectralDensity, eigsh, spectral_density,
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurvpropFallbackWarning",
     "EigshResult",
     "Estimate",
     "FisherOperator",
@@ -44,6 +46,7 @@ __all__ = [
     "hessian_diagonal",
     "hessian_sparsity",
     "jacobian_sparsity",
+    "per_sample_diagonal",
     "sparse_hessian",
     "sparse_jacobian",
     "hessian_operator",

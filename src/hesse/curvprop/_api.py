@@ -14,6 +14,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +102,8 @@ def _trace_key(model, loss_fn, params, inputs, targets) -> tuple:
 def _others(model: nn.Module, params: dict) -> dict[str, torch.Tensor]:
     """Buffers and the parameters not differentiated: inputs of the graph, not constants."""
     out = {k: v.detach() for k, v in model.named_parameters() if k not in params}
-    out.update({k: v for k, v in model.named_buffers() if k not in params})
+    # Copies: a traced in-place update (BatchNorm in train mode) never touches the model.
+    out.update({k: v.detach().clone() for k, v in model.named_buffers() if k not in params})
     return out
 
 
@@ -503,3 +505,64 @@ def check_model_inputs(call, model, inputs, targets, params) -> dict[str, torch.
 
     check_differentiable_leaves(call, params, "parameters")
     return params
+
+
+def operator_diagonal(method: str, fallback: Callable | None = None) -> Callable:
+    """The ``hesse.diagonal(op, method=method)`` implementation for ``HessianOperator``.
+
+    Each batch's loss goes through curvature propagation; the batch diagonals are
+    aggregated exactly like the operator's products (NOTE [aggregation] in
+    ``hesse.operators._model``). If a batch cannot be propagated (the model does
+    not trace, has several inputs, or holds an op without a rule), ``fallback``
+    (the brute-force basis products) is used for the whole operator, with a
+    :class:`CurvpropFallbackWarning` naming the cause; without a fallback
+    (``"becker-lecun"``) that is an error.
+    """
+
+    def run(op, *, chunk_size: int | None, call: str, **_: Any) -> torch.Tensor:
+        params = op.layout.unflatten(op._x)
+
+        def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
+            if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+                raise UnsupportedGraph(
+                    "curvature propagation takes one input tensor and one target tensor per "
+                    f"batch, got {describe(inputs)} and {describe(targets)}"
+                )
+            tr = prepare(call, op.model, op.loss_fn, params, inputs, targets)
+            plist = [params[k] for k in tr.names]
+            others = _others(op.model, params)
+            flat = diagonals(
+                call,
+                tr,
+                method,
+                plist,
+                inputs,
+                targets,
+                olist=[others[k] for k in tr.others],
+                per_sample=False,
+                chunk_size=chunk_size,
+            )
+            # NOTE [aggregation]: batch contributions are in sum form.
+            return flat * op._count(inputs, targets) if op.reduction == "mean" else flat
+
+        try:
+            return op._accumulate(per_batch)
+        except UnsupportedGraph as err:
+            if fallback is None:
+                fail(
+                    call,
+                    f"method={method!r} needs a model that curvature propagation can trace, "
+                    f"but {err}. Use method='exact' (which falls back to Hessian-vector "
+                    "products) or 'hutchinson'.",
+                    NotImplementedError,
+                )
+            warnings.warn(
+                f"{call}: curvature propagation is not available ({err}); falling back to "
+                f"{op.shape[0]} Hessian-vector products with basis vectors.",
+                CurvpropFallbackWarning,
+                stacklevel=3,
+            )
+            return fallback(op, chunk_size=chunk_size, call=call)
+
+    run.__name__ = f"curvprop_{method.replace('-', '_')}"
+    return run

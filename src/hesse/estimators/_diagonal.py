@@ -377,3 +377,11 @@ def _gnb(
     m = num_matvecs or 1
     cols = op._batch_gradient_squares(_sampler(op, call, generator, m))
     return _from_draws(cols * m, num_matvecs=m)
+
+
+# -- curvature backpropagation (hesse.curvprop) for model Hessians -------------------------
+from hesse.curvprop._api import operator_diagonal  # noqa: E402
+from hesse.operators._model import HessianOperator  # noqa: E402
+
+register_diagonal("exact", HessianOperator)(operator_diagonal("exact", fallback=_exact_basis))
+register_diagonal("becker-lecun", HessianOperator)(operator_diagonal("becker-lecun"))
