@@ -54,26 +54,42 @@ def reference_order(evals: torch.Tensor, which: str) -> torch.Tensor:
     return evals[evals.abs().argsort(descending=True)]
 
 
+def mlp_hessian() -> torch.Tensor:
+    """Dense float64 Hessian of a small tanh MLP's cross-entropy w.r.t. all its parameters."""
+    return mlp_problem()[2]
+
+
 @functools.cache
-def mlp_hessian(seed: int = 0) -> torch.Tensor:
-    """(Cached, do not modify.) Dense float64 Hessian of a small tanh MLP's cross-entropy w.r.t. all parameters."""
-    g = torch.Generator().manual_seed(seed)
+def mlp_problem() -> tuple[
+    torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor
+]:
+    """(Cached: do not modify.) A tanh MLP, its data in two unequal batches, and the dense Hessian of the mean
+    cross-entropy over all of it: w.r.t. every parameter and w.r.t. ``"2.weight"`` alone."""
+    g = torch.Generator().manual_seed(5)
     model = torch.nn.Sequential(
-        torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
     ).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
-    x = torch.randn(20, 5, generator=g, dtype=F64)
-    y = torch.randint(0, 3, (20,), generator=g)
-    names = [k for k, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
+    x = torch.randn(14, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (14,), generator=g)
+    data = [(x[:9], y[:9]), (x[9:], y[9:])]
+    params = dict(model.named_parameters())
+    names = list(params)
 
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        params = {k: t.reshape(s) for k, t, s in zip(names, flat.split(sizes), shapes)}
-        return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+    def dense(selected: list[str]) -> torch.Tensor:
+        fixed = {k: v.detach() for k, v in params.items() if k not in selected}
+        shapes = [params[k].shape for k in selected]
+        sizes = [params[k].numel() for k in selected]
 
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    H = hessian(loss)(flat)
-    return (H + H.T) / 2
+        def loss(flat: torch.Tensor) -> torch.Tensor:
+            chosen = {k: t.reshape(s) for k, t, s in zip(selected, flat.split(sizes), shapes)}
+            out = functional_call(model, {**fixed, **chosen}, (x,))
+            return torch.nn.functional.cross_entropy(out, y)
+
+        flat = torch.cat([params[k].detach().reshape(-1) for k in selected])
+        H = hessian(loss)(flat)
+        return (H + H.T) / 2
+
+    return model, data, dense(names), dense(["2.weight"])

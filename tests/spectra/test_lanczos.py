@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 
 import hesse
 from hesse.operators._base import DenseOperator
-from tests.spectra.matrices import F64, SPECTRA, mlp_hessian, reference_order, rotated, spectrum
+from tests.spectra.matrices import (
+    F64,
+    SPECTRA,
+    mlp_hessian,
+    mlp_problem,
+    reference_order,
+    rotated,
+    spectrum,
+)
 
 TOL = 1e-8
 
@@ -185,3 +193,19 @@ def test_errors() -> None:
         hesse.eigsh(torch.eye(4, dtype=torch.int64), 2)
     with pytest.raises(TypeError, match=r"expected a hesse operator or a 2-D tensor"):
         hesse.eigsh([[1.0]], 1)
+
+
+def test_model_operators_and_parameter_subsets() -> None:
+    model, data, H, H_block = mlp_problem()
+    loss = torch.nn.CrossEntropyLoss()
+    op = hesse.HessianOperator(model, loss, data)
+    for which in ("LA", "SA"):
+        result = hesse.eigsh(op, 3, which=which, tol=TOL)
+        check_pairs(H, result, reference_order(torch.linalg.eigvalsh(H), which)[:3], TOL)
+    block = hesse.HessianOperator(model, loss, data, params=["2.weight"])
+    result = hesse.eigsh(block, 3, tol=TOL, block_size=2)
+    check_pairs(H_block, result, torch.linalg.eigvalsh(H_block).flip(0)[:3], TOL)
+    ggn = hesse.GGNOperator(model, loss, data)
+    G = ggn.to_dense()
+    result = hesse.eigsh(ggn, 4, tol=TOL)
+    check_pairs(G, result, torch.linalg.eigvalsh((G + G.T) / 2).flip(0)[:4], TOL)
