@@ -121,7 +121,7 @@ class Propagation:
 
     def _output(self, meta: Any, local: Local | None) -> Any:
         if not isinstance(meta, torch.Tensor):
-            return meta
+            return _placeholder(meta)
         state = _meta_state(meta)
         state.tainted = True
         if local is not None and local.linear:
@@ -151,7 +151,7 @@ class Propagation:
 
         def wrap(v: Any, m: Any) -> Any:
             if not isinstance(m, torch.Tensor):
-                return v if v is not None else m
+                return v if v is not None else _placeholder(m)
             s = _meta_state(m)
             s.value = v if isinstance(v, torch.Tensor) else None
             return s
@@ -206,6 +206,22 @@ class Propagation:
         H.sum_duplicates()
         H.sort_indices()
         return H
+
+
+def _placeholder(meta: Any) -> Any:
+    """A Python number standing in for a value read out of a tensor (``.item()``).
+
+    Autograd treats such a number as a constant, and patterns do not depend on the
+    values of constants (NOTE [constants]); a read value that steers control flow or
+    a shape fails during tracing instead (NOTE [tracing]).
+    """
+    if isinstance(meta, torch.SymBool):
+        return True
+    if isinstance(meta, torch.SymInt):
+        return 1
+    if isinstance(meta, torch.SymFloat):
+        return 1.0
+    return meta
 
 
 def _flatten(args: Any, kwargs: Any) -> list[Any]:

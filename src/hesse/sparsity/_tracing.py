@@ -21,6 +21,7 @@ from torch._decomp import core_aten_decompositions
 from torch.func import functionalize
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_leaves
 
 from hesse._validation import fail
 
@@ -65,12 +66,19 @@ def trace(g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, call: s
         return g(v)
 
     try:
-        return make_fx(
+        gm = make_fx(
             functionalize(flat, remove="mutations"),
             decomposition_table=_decompositions(),
             tracing_mode="fake",
             _allow_non_fake_inputs=True,
         )(x.detach())
+        for node in gm.graph.nodes:
+            for val in tree_leaves(node.meta.get("val")):
+                if isinstance(val, torch.Tensor) and not all(isinstance(s, int) for s in val.shape):
+                    raise RuntimeError(
+                        f"data-dependent output shape of {node.target} (a shape depends on values)"
+                    )
+        return gm
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported the same way
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         if _is_value_dependent(err):
