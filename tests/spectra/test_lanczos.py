@@ -179,8 +179,11 @@ def test_errors() -> None:
         hesse.eigsh(DenseOperator(A), 2)
     with pytest.raises(ValueError, match=r"expected max_matvecs >= 1, got 0"):
         hesse.eigsh(A, 2, max_matvecs=0)
-    with pytest.raises(ValueError, match=r"expected max_matvecs >= max\(k, block_size\) = 3"):
-        hesse.eigsh(A, 3, max_matvecs=2)
+    with pytest.raises(ValueError, match=r"expected max_matvecs >= k \+ block_size - 1 = 4"):
+        hesse.eigsh(A, 3, max_matvecs=3, block_size=2)
+    for k, b in ((3, 1), (3, 2), (2, 4)):  # the smallest budget still yields k pairs
+        with pytest.warns(UserWarning, match="eigenpairs reached tol"):
+            assert hesse.eigsh(A, k, block_size=b, max_matvecs=k + b - 1).eigenvalues.shape == (k,)
     with pytest.raises(TypeError, match=r"expected generator to be a torch.Generator or None"):
         hesse.eigsh(A, 2, generator=0)
     with pytest.raises(ValueError, match=r"expected tol to be a positive finite number, got 0"):

@@ -209,10 +209,10 @@ def eigsh(
             f"expected k + block_size <= basis_size <= n, got k={k}, block_size={b}, basis_size={m}, n={n}.",
         )
     budget = 100 * m if max_matvecs is None else check_int(call, "max_matvecs", max_matvecs, 1)
-    if budget < max(k, b):
+    if budget < k + b - 1:  # fewer products leave fewer than k Ritz pairs
         fail(
             call,
-            f"expected max_matvecs >= max(k, block_size) = {max(k, b)}, got {budget}. Raise "
+            f"expected max_matvecs >= k + block_size - 1 = {k + b - 1}, got {budget}. Raise "
             "the budget.",
         )
     # Ritz vectors kept at a restart: at least k, leaving room for one new block.
