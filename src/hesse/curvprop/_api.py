@@ -50,10 +50,10 @@ def _split_scale(model, loss_fn, params, inputs, targets) -> float | None:
     n = inputs.shape[0]
 
     def total(p):
-        return loss_fn(functional_call(model, p, (inputs,)), targets)
+        return loss_fn(functional_call(model, {**_others(model, p), **p}, (inputs,)), targets)
 
     def one(p, x, y):
-        return loss_fn(functional_call(model, p, (x[None],)), y[None])
+        return loss_fn(functional_call(model, {**_others(model, p), **p}, (x[None],)), y[None])
 
     try:
         with torch.no_grad():

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._decomp import core_aten_decompositions, get_decompositions
+from torch.func import functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -90,6 +91,8 @@ def _decompositions() -> dict:
             ]
         )
     )
+    # detach has zero derivative; its decomposition (alias) would pass curvature through.
+    table.pop(aten.detach.default, None)
     table[aten.var_mean.correction] = _var_mean
     table[aten.var.correction] = _var
     return table
@@ -101,7 +104,11 @@ DECOMPOSITIONS = _decompositions()
 def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
     """Trace ``fn(*args)`` to an ATen graph (fake tensors, composite ops decomposed)."""
     try:
-        gm = make_fx(fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake")(*args)
+        gm = make_fx(
+            functionalize(fn, remove="mutations"),
+            decomposition_table=DECOMPOSITIONS,
+            tracing_mode="fake",
+        )(*args)
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported with its cause
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UnsupportedGraph(f"tracing failed ({type(err).__name__}: {first})") from err
