@@ -406,7 +406,9 @@ def star_recovery(pattern: sp.spmatrix, coloring: Coloring) -> tuple[np.ndarray,
     assert not (own > 0).any(), "colouring is not distance-1: diagonal not recoverable"
     direct = diag | (count(rows, colors[cols]) == 1)
     swapped = count(cols, colors[rows]) == 1
-    assert (direct | swapped).all(), "colouring does not allow direct recovery (not a star colouring)"
+    assert (direct | swapped).all(), (
+        "colouring does not allow direct recovery (not a star colouring)"
+    )
     src_color = np.where(direct, colors[cols], colors[rows])
     src_row = np.where(direct, rows, cols)
     return rows, cols, src_color, src_row

@@ -40,8 +40,8 @@ from hesse._flat import Flat
 from hesse._hvp import FlatHVP
 from hesse._transforms import _call_form
 from hesse._validation import (
-    check_chunk_size,
     check_choice,
+    check_chunk_size,
     check_differentiable_leaves,
     describe,
     fail,
@@ -91,9 +91,7 @@ def _from_torch(call: str, pattern: Any, shape: tuple[int, int]) -> sp.csr_matri
         rows, cols = idx[0][keep], idx[1][keep]
     else:
         rows, cols = np.nonzero((t != 0).numpy())
-    P = sp.csr_matrix(
-        (np.ones(len(rows), dtype=bool), (rows, cols)), shape=shape, dtype=bool
-    )
+    P = sp.csr_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=shape, dtype=bool)
     P.sum_duplicates()
     return P
 
@@ -131,7 +129,11 @@ def _vector_problem(f: Callable, args: tuple, argnums: Any, call: str) -> _Vecto
         if not isinstance(out, torch.Tensor):
             fail(call, f"expected f to return a tensor, got {describe(out)}.", TypeError)
         if not out.is_floating_point():
-            fail(call, f"expected f to return a floating-point tensor, got {describe(out)}.", TypeError)
+            fail(
+                call,
+                f"expected f to return a floating-point tensor, got {describe(out)}.",
+                TypeError,
+            )
         return out.reshape(-1)
 
     with torch.no_grad():
@@ -589,5 +591,3 @@ def hessian_diagonal(
         return engine.flat.unflatten(flat.detach())
 
     return wrapped
-
-

@@ -6,7 +6,9 @@ import torch
 from torch.func import hessian, jacrev
 
 
-def dense_hessian_pattern(f, x: torch.Tensor, gen: torch.Generator, points: int = 3) -> torch.Tensor:
+def dense_hessian_pattern(
+    f, x: torch.Tensor, gen: torch.Generator, points: int = 3
+) -> torch.Tensor:
     """Union over random points of the nonzeros of ``torch.func.hessian`` (flat, bool)."""
     n = x.numel()
     out = torch.zeros(n, n, dtype=torch.bool)
@@ -17,7 +19,9 @@ def dense_hessian_pattern(f, x: torch.Tensor, gen: torch.Generator, points: int 
     return out
 
 
-def dense_jacobian_pattern(f, x: torch.Tensor, gen: torch.Generator, points: int = 3) -> torch.Tensor:
+def dense_jacobian_pattern(
+    f, x: torch.Tensor, gen: torch.Generator, points: int = 3
+) -> torch.Tensor:
     n = x.numel()
     out = None
     for _ in range(points):

@@ -75,7 +75,9 @@ step = st.tuples(st.integers(0, 1), st.integers(0, 20), st.integers(0, 20), st.i
 
 
 @settings(max_examples=30, deadline=None)
-@given(steps=st.lists(step, min_size=1, max_size=6), n=st.integers(3, 7), seed=st.integers(0, 2**16))
+@given(
+    steps=st.lists(step, min_size=1, max_size=6), n=st.integers(3, 7), seed=st.integers(0, 2**16)
+)
 def test_random_programs_never_miss_a_nonzero(steps, n, seed):
     gen = torch.Generator().manual_seed(seed)
     f = _program(steps, n)
@@ -114,7 +116,12 @@ KNOWN = [
     ("bratu_5_point", P.bratu_energy, (16,), lambda: _grid5(4)),
     ("arrowhead", P.arrowhead, (6,), lambda: _arrow(6)),
     ("banded_3", P.banded(3), (10,), lambda: _band(10, 3)),
-    ("per_sample_mlp", P.per_sample_mlp, (5, P.D_IN), lambda: torch.block_diag(*[torch.ones(P.D_IN, P.D_IN, dtype=torch.bool)] * 5)),
+    (
+        "per_sample_mlp",
+        P.per_sample_mlp,
+        (5, P.D_IN),
+        lambda: torch.block_diag(*[torch.ones(P.D_IN, P.D_IN, dtype=torch.bool)] * 5),
+    ),
 ]
 
 
@@ -162,7 +169,10 @@ VALUE_DEPENDENT = [
 @pytest.mark.parametrize("name,f", VALUE_DEPENDENT, ids=[v[0] for v in VALUE_DEPENDENT])
 def test_value_dependent_control_flow_is_an_error(name, f, gen):
     x = torch.randn(4, generator=gen, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match=r"hesse.hessian_sparsity\(f\)\(x\): f has value-dependent control flow.*pattern="):
+    with pytest.raises(
+        NotImplementedError,
+        match=r"hesse.hessian_sparsity\(f\)\(x\): f has value-dependent control flow.*pattern=",
+    ):
         hesse.hessian_sparsity(f)(x)
 
 
@@ -182,10 +192,14 @@ def test_untraceable_function_is_an_error(gen):
         return torch.tensor(x.tolist()).sum() + x.sum()
 
     x = torch.randn(3, generator=gen, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match=r"hesse.hessian_sparsity\(f\)\(x\): could not trace f.*pattern="):
+    with pytest.raises(
+        NotImplementedError, match=r"hesse.hessian_sparsity\(f\)\(x\): could not trace f.*pattern="
+    ):
         hesse.hessian_sparsity(f)(x)
 
 
 def test_non_tensor_argument_is_a_type_error():
-    with pytest.raises(TypeError, match=r"hesse.hessian_sparsity\(f\)\(x\): expected the differentiated argument"):
+    with pytest.raises(
+        TypeError, match=r"hesse.hessian_sparsity\(f\)\(x\): expected the differentiated argument"
+    ):
         hesse.hessian_sparsity(lambda x: x)([1.0, 2.0])

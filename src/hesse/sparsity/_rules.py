@@ -137,7 +137,9 @@ def _dense(name: str, args: tuple, kwargs: dict, out: Any, *, linear: bool = Fal
             for a in range(len(deps)):
                 for b in range(a, len(deps)):
                     pairs.append(
-                        Pair(a, everything(1, deps[a].numel), b, everything(1, deps[b].numel), owner)
+                        Pair(
+                            a, everything(1, deps[a].numel), b, everything(1, deps[b].numel), owner
+                        )
                     )
         return Local(deps, lin, pairs)
 
@@ -158,7 +160,11 @@ def _group_ids(shape: tuple[int, ...], dims: list[int]) -> tuple[np.ndarray, int
     """For each element of ``shape``, the id of its group when ``dims`` are reduced."""
     kd = tuple(1 if d in dims else s for d, s in enumerate(shape))
     ng = _numel(kd)
-    gid = torch.arange(ng).reshape(kd).expand(shape).reshape(-1).numpy() if shape else np.zeros(1, np.int64)
+    gid = (
+        torch.arange(ng).reshape(kd).expand(shape).reshape(-1).numpy()
+        if shape
+        else np.zeros(1, np.int64)
+    )
     return gid, ng
 
 
@@ -166,18 +172,70 @@ def _group_ids(shape: tuple[int, ...], dims: list[int]) -> tuple[np.ndarray, int
 
 # Linear in every tensor argument (or piecewise linear: NOTE [piecewise-linear operators]).
 LINEAR_POINTWISE = {
-    "add", "sub", "rsub", "neg", "clone", "_to_copy",
-    "positive", "where", "relu", "abs", "clamp", "clamp_min", "clamp_max", "hardtanh",
-    "leaky_relu", "maximum", "minimum", "fmax", "fmin", "masked_fill", "nan_to_num", "frac",
-    "fill", "conj", "real", "_conj", "resolve_conj", "resolve_neg", "relu6", "threshold",
-    "view_as_real", "copysign_",
+    "add",
+    "sub",
+    "rsub",
+    "neg",
+    "clone",
+    "_to_copy",
+    "positive",
+    "where",
+    "relu",
+    "abs",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "hardtanh",
+    "leaky_relu",
+    "maximum",
+    "minimum",
+    "fmax",
+    "fmin",
+    "masked_fill",
+    "nan_to_num",
+    "frac",
+    "fill",
+    "conj",
+    "real",
+    "_conj",
+    "resolve_conj",
+    "resolve_neg",
+    "relu6",
+    "threshold",
+    "view_as_real",
+    "copysign_",
 }
 # Derivative zero wherever it exists (and zero in autograd).
 ZERO_POINTWISE = {
-    "eq", "ne", "lt", "le", "gt", "ge", "sign", "sgn", "floor", "ceil", "round", "trunc",
-    "isnan", "isinf", "isfinite", "isneginf", "isposinf", "logical_and", "logical_or",
-    "logical_not", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor",
-    "signbit", "heaviside", "detach", "isclose",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "sign",
+    "sgn",
+    "floor",
+    "ceil",
+    "round",
+    "trunc",
+    "isnan",
+    "isinf",
+    "isfinite",
+    "isneginf",
+    "isposinf",
+    "logical_and",
+    "logical_or",
+    "logical_not",
+    "logical_xor",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_not",
+    "bitwise_xor",
+    "signbit",
+    "heaviside",
+    "detach",
+    "isclose",
 }
 
 
@@ -218,17 +276,73 @@ def pointwise(name: str, args: tuple, kwargs: dict, out: Any) -> Local | None:
 # -- data movement: run the operator on an index tensor -----------------------------------
 
 SELECTION = {
-    "view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "slice", "select",
-    "squeeze", "unsqueeze", "flip", "roll", "repeat", "diagonal", "narrow",
-    "unfold", "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "slice_scatter",
-    "select_scatter", "diagonal_scatter", "index_select", "gather",
-    "index", "_unsafe_index", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
-    "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d",
-    "movedim", "view_copy", "permute_copy", "expand_copy", "slice_copy", "select_copy",
-    "squeeze_copy", "unsqueeze_copy", "transpose_copy", "t_copy", "diagonal_copy",
-    "alias_copy", "unfold_copy", "split_copy", "split_with_sizes_copy", "unbind_copy",
-    "embedding", "index_fill", "take", "_reshape_alias", "expand_as", "clone_", "contiguous",
-    "tril", "triu", "masked_scatter", "im2col", "alias", "copy", "lift_fresh_copy",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "expand",
+    "permute",
+    "transpose",
+    "t",
+    "slice",
+    "select",
+    "squeeze",
+    "unsqueeze",
+    "flip",
+    "roll",
+    "repeat",
+    "diagonal",
+    "narrow",
+    "unfold",
+    "cat",
+    "stack",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "slice_scatter",
+    "select_scatter",
+    "diagonal_scatter",
+    "index_select",
+    "gather",
+    "index",
+    "_unsafe_index",
+    "constant_pad_nd",
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "reflection_pad3d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "replication_pad3d",
+    "movedim",
+    "view_copy",
+    "permute_copy",
+    "expand_copy",
+    "slice_copy",
+    "select_copy",
+    "squeeze_copy",
+    "unsqueeze_copy",
+    "transpose_copy",
+    "t_copy",
+    "diagonal_copy",
+    "alias_copy",
+    "unfold_copy",
+    "split_copy",
+    "split_with_sizes_copy",
+    "unbind_copy",
+    "embedding",
+    "index_fill",
+    "take",
+    "_reshape_alias",
+    "expand_as",
+    "clone_",
+    "contiguous",
+    "tril",
+    "triu",
+    "masked_scatter",
+    "im2col",
+    "alias",
+    "copy",
+    "lift_fresh_copy",
 }
 
 
@@ -241,9 +355,7 @@ def _encode(args: Any, deps: list[State], offsets: dict[int, int]) -> tuple[Any,
         if isinstance(a, State):
             if a.dependent:
                 o = offsets[a.key]
-                return (
-                    torch.arange(o + 1, o + 1 + a.numel, dtype=torch.float64).reshape(a.shape)
-                )
+                return torch.arange(o + 1, o + 1 + a.numel, dtype=torch.float64).reshape(a.shape)
             if a.dtype.is_floating_point or a.dtype.is_complex:
                 return torch.zeros(a.shape, dtype=torch.float64)
             if a.value is None:
@@ -296,7 +408,9 @@ def selection(op: Any, name: str, args: tuple, kwargs: dict, out: Any) -> Any:
 # -- accumulating scatters (linear sums) ---------------------------------------------------
 
 
-def _positions_rule(self_: State, src: State | None, pos: np.ndarray, src_idx: np.ndarray, out) -> Local | None:
+def _positions_rule(
+    self_: State, src: State | None, pos: np.ndarray, src_idx: np.ndarray, out
+) -> Local | None:
     deps, lin = [], []
     n_out = _numel(_shape(out))
     if isinstance(self_, State) and self_.dependent:
@@ -335,13 +449,35 @@ def index_put(op: Any, name: str, args: tuple, kwargs: dict, out: Any) -> Any:
     pos_t = ar[tuple(slice(None) if i is None else i for i in real)]
     vshape = values.shape if isinstance(values, State) else ()
     vidx = torch.arange(_numel(vshape)).reshape(vshape).expand(pos_t.shape).reshape(-1).numpy()
-    return _positions_rule(self_, values if isinstance(values, State) else None, pos_t.reshape(-1).numpy(), vidx, out)
+    return _positions_rule(
+        self_, values if isinstance(values, State) else None, pos_t.reshape(-1).numpy(), vidx, out
+    )
 
 
 # -- reductions ------------------------------------------------------------------------------
 
-LINEAR_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "nansum", "nanmean", "median", "nanmedian"}
-NONLINEAR_REDUCTIONS = {"prod", "logsumexp", "var", "std", "norm", "linalg_vector_norm", "var_mean", "std_mean"}
+LINEAR_REDUCTIONS = {
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "nansum",
+    "nanmean",
+    "median",
+    "nanmedian",
+}
+NONLINEAR_REDUCTIONS = {
+    "prod",
+    "logsumexp",
+    "var",
+    "std",
+    "norm",
+    "linalg_vector_norm",
+    "var_mean",
+    "std_mean",
+}
 
 
 def reduction(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -417,10 +553,12 @@ def along_dim(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
 _TRIPLE_LIMIT = 20_000_000
 
 
-def _bmm(A: Any, B: Any, out_meta: Any, extra: list[tuple[State, Map]] | None = None) -> Local | None:
+def _bmm(
+    A: Any, B: Any, out_meta: Any, extra: list[tuple[State, Map]] | None = None
+) -> Local | None:
     """``(b, p, q) @ (b, q, r)``; ``A``/``B`` are States (maybe constant) of those shapes."""
     out_shape = _shape(out_meta)
-    bsz, p, q = (A.shape if len(A.shape) == 3 else (1, *A.shape))
+    bsz, p, q = A.shape if len(A.shape) == 3 else (1, *A.shape)
     r = B.shape[-1]
     deps: list[State] = []
     lin: list[tuple[int, Map]] = []
@@ -497,25 +635,32 @@ def convolution(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
         return _dense(f"{name} (transposed or 3-d)", args, kwargs, out)
     oshape = _shape(out)
     N, C = inp.shape[:2]
-    O = weight.shape[0]
+    n_out = weight.shape[0]
     ksz = tuple(weight.shape[2:])
     if nd == 1:
-        ksz, stride, padding, dilation = (1, *ksz), (1, stride[0]), (0, padding[0]), (1, dilation[0])
+        ksz, stride, padding, dilation = (
+            (1, *ksz),
+            (1, stride[0]),
+            (0, padding[0]),
+            (1, dilation[0]),
+        )
     spatial_in = tuple(inp.shape[2:]) if nd == 2 else (1, inp.shape[2])
     Lpos = _numel(oshape[2:])
     kk = _numel(ksz)
     Cg = C // grp
-    Og = O // grp
+    Og = n_out // grp
     deps: list[State] = []
     lin: list[tuple[int, Map]] = []
-    o_of = np.arange(N * O * Lpos) // Lpos % O
-    n_of = np.arange(N * O * Lpos) // (O * Lpos)
-    l_of = np.arange(N * O * Lpos) % Lpos
+    o_of = np.arange(N * n_out * Lpos) // Lpos % n_out
+    n_of = np.arange(N * n_out * Lpos) // (n_out * Lpos)
+    l_of = np.arange(N * n_out * Lpos) % Lpos
     in_map = w_map = None
     if inp.dependent:
         enc = torch.arange(1, N * C * _numel(spatial_in) + 1, dtype=torch.float64)
         enc = enc.reshape(N, C, *spatial_in)
-        cols = torch.nn.functional.unfold(enc, ksz, dilation=dilation, padding=padding, stride=stride)
+        cols = torch.nn.functional.unfold(
+            enc, ksz, dilation=dilation, padding=padding, stride=stride
+        )
         assert cols.shape[-1] == Lpos, "convolution: unexpected output size"
         cols = cols.reshape(N, grp, Cg * kk, Lpos).permute(0, 1, 3, 2)  # (N, G, L, Cg*kk)
         v = cols.reshape(-1).to(torch.int64).numpy() - 1
@@ -527,13 +672,13 @@ def convolution(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
         deps.append(inp)
         lin.append((len(deps) - 1, in_map))
     if isinstance(weight, State) and weight.dependent:
-        rows = groups(np.arange(weight.numel) // (Cg * kk), O)
-        w_map = Compose(Gather(o_of, O), rows)
+        rows = groups(np.arange(weight.numel) // (Cg * kk), n_out)
+        w_map = Compose(Gather(o_of, n_out), rows)
         deps.append(weight)
         lin.append((len(deps) - 1, w_map))
     if isinstance(bias, State) and bias.dependent:
         deps.append(bias)
-        lin.append((len(deps) - 1, Gather(o_of, O)))
+        lin.append((len(deps) - 1, Gather(o_of, n_out)))
     pairs = []
     if in_map is not None and w_map is not None:
         pairs.append(Pair(0, in_map, 1, w_map))
@@ -590,7 +735,9 @@ for _n in SELECTION:
 for _n in LINEAR_POINTWISE | {"mul", "div"}:
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: pointwise(_n, args, kwargs, out)
 _RULES["convolution"] = lambda op, args, kwargs, out: convolution("convolution", args, kwargs, out)
-_RULES["native_layer_norm"] = lambda op, args, kwargs, out: layer_norm("native_layer_norm", args, kwargs, out)
+_RULES["native_layer_norm"] = lambda op, args, kwargs, out: layer_norm(
+    "native_layer_norm", args, kwargs, out
+)
 for _n in ("scatter_add", "scatter_reduce"):
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: (
         scatter_add(_n, args, kwargs, out)
@@ -606,13 +753,48 @@ _RULES["scatter"] = lambda op, args, kwargs, out: (
 
 # Operators whose result does not depend on the values of their tensor arguments.
 VALUE_FREE = {
-    "full_like", "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like",
-    "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_empty_strided",
-    "scalar_tensor", "full", "zeros", "ones", "empty", "empty_strided", "arange", "linspace",
-    "eye", "rand", "randn", "randint", "randperm", "empty_permuted", "sym_size", "sym_numel",
-    "sym_stride", "_assert_async", "_assert_scalar", "detach",
+    "full_like",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "rand_like",
+    "randn_like",
+    "randint_like",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+    "new_empty_strided",
+    "scalar_tensor",
+    "full",
+    "zeros",
+    "ones",
+    "empty",
+    "empty_strided",
+    "arange",
+    "linspace",
+    "eye",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "empty_permuted",
+    "sym_size",
+    "sym_numel",
+    "sym_stride",
+    "_assert_async",
+    "_assert_scalar",
+    "detach",
 }
-ZERO_OPS = {"argmax", "argmin", "any", "all", "bucketize", "searchsorted", "_assert_tensor_metadata"}
+ZERO_OPS = {
+    "argmax",
+    "argmin",
+    "any",
+    "all",
+    "bucketize",
+    "searchsorted",
+    "_assert_tensor_metadata",
+}
 
 
 def apply_rule(op: Any, args: tuple, kwargs: dict, out: Any) -> Any:

@@ -80,6 +80,8 @@ def trace(g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, call: s
                     )
         return gm
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported the same way
+        if str(err).startswith(f"{call}:"):
+            raise  # hesse's own validation of f's output, raised while tracing
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         if _is_value_dependent(err):
             fail(
