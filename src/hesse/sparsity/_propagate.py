@@ -36,7 +36,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from hesse.sparsity._maps import Local, State, identity, select_rows, union
-from hesse.sparsity._rules import VALUE_FREE, apply_rule, op_name
+from hesse.sparsity._rules import VALUE_FREE, apply_rule, is_inplace, op_name
 
 
 def _meta_state(meta: Any) -> State:
@@ -104,6 +104,9 @@ class Propagation:
                 env[node] = seq[i]
             else:
                 env[node] = self._call(node, lookup(node.args), lookup(node.kwargs))
+                if is_inplace(node.target) and isinstance(node.args[0], Node):
+                    # later readers of the mutated tensor see the new value
+                    env[node.args[0]] = env[node]
 
     def _call(self, node: Node, args: tuple, kwargs: dict) -> Any:
         op = node.target

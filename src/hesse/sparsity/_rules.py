@@ -171,72 +171,23 @@ def _group_ids(shape: tuple[int, ...], dims: list[int]) -> tuple[np.ndarray, int
 # -- pointwise --------------------------------------------------------------------------
 
 # Linear in every tensor argument (or piecewise linear: NOTE [piecewise-linear operators]).
+# fmt: off
 LINEAR_POINTWISE = {
-    "add",
-    "sub",
-    "rsub",
-    "neg",
-    "clone",
-    "_to_copy",
-    "positive",
-    "where",
-    "relu",
-    "abs",
-    "clamp",
-    "clamp_min",
-    "clamp_max",
-    "hardtanh",
-    "leaky_relu",
-    "maximum",
-    "minimum",
-    "fmax",
-    "fmin",
-    "masked_fill",
-    "nan_to_num",
-    "frac",
-    "fill",
-    "conj",
-    "real",
-    "_conj",
-    "resolve_conj",
-    "resolve_neg",
-    "relu6",
-    "threshold",
-    "view_as_real",
-    "copysign_",
+    "add", "sub", "rsub", "neg", "clone", "_to_copy", "positive", "where", "relu", "abs",
+    "clamp", "clamp_min", "clamp_max", "hardtanh", "leaky_relu", "maximum", "minimum", "fmax",
+    "fmin", "masked_fill", "nan_to_num", "frac", "fill", "conj", "real", "_conj",
+    "resolve_conj", "resolve_neg", "relu6", "threshold", "view_as_real", "copysign_",
 }
+# fmt: on
 # Derivative zero wherever it exists (and zero in autograd).
+# fmt: off
 ZERO_POINTWISE = {
-    "eq",
-    "ne",
-    "lt",
-    "le",
-    "gt",
-    "ge",
-    "sign",
-    "sgn",
-    "floor",
-    "ceil",
-    "round",
-    "trunc",
-    "isnan",
-    "isinf",
-    "isfinite",
-    "isneginf",
-    "isposinf",
-    "logical_and",
-    "logical_or",
-    "logical_not",
-    "logical_xor",
-    "bitwise_and",
-    "bitwise_or",
-    "bitwise_not",
-    "bitwise_xor",
-    "signbit",
-    "heaviside",
-    "detach",
-    "isclose",
+    "eq", "ne", "lt", "le", "gt", "ge", "sign", "sgn", "floor", "ceil", "round", "trunc",
+    "isnan", "isinf", "isfinite", "isneginf", "isposinf", "logical_and", "logical_or",
+    "logical_not", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor",
+    "signbit", "heaviside", "detach", "isclose",
 }
+# fmt: on
 
 
 def pointwise(name: str, args: tuple, kwargs: dict, out: Any) -> Local | None:
@@ -275,75 +226,21 @@ def pointwise(name: str, args: tuple, kwargs: dict, out: Any) -> Local | None:
 
 # -- data movement: run the operator on an index tensor -----------------------------------
 
+# fmt: off
 SELECTION = {
-    "view",
-    "_unsafe_view",
-    "reshape",
-    "expand",
-    "permute",
-    "transpose",
-    "t",
-    "slice",
-    "select",
-    "squeeze",
-    "unsqueeze",
-    "flip",
-    "roll",
-    "repeat",
-    "diagonal",
-    "narrow",
-    "unfold",
-    "cat",
-    "stack",
-    "split",
-    "split_with_sizes",
-    "chunk",
-    "unbind",
-    "slice_scatter",
-    "select_scatter",
-    "diagonal_scatter",
-    "index_select",
-    "gather",
-    "index",
-    "_unsafe_index",
-    "constant_pad_nd",
-    "reflection_pad1d",
-    "reflection_pad2d",
-    "reflection_pad3d",
-    "replication_pad1d",
-    "replication_pad2d",
-    "replication_pad3d",
-    "movedim",
-    "view_copy",
-    "permute_copy",
-    "expand_copy",
-    "slice_copy",
-    "select_copy",
-    "squeeze_copy",
-    "unsqueeze_copy",
-    "transpose_copy",
-    "t_copy",
-    "diagonal_copy",
-    "alias_copy",
-    "unfold_copy",
-    "split_copy",
-    "split_with_sizes_copy",
-    "unbind_copy",
-    "embedding",
-    "index_fill",
-    "take",
-    "_reshape_alias",
-    "expand_as",
-    "clone_",
-    "contiguous",
-    "tril",
-    "triu",
-    "masked_scatter",
-    "im2col",
-    "alias",
-    "copy",
-    "lift_fresh_copy",
+    "view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "slice", "select",
+    "squeeze", "unsqueeze", "flip", "roll", "repeat", "diagonal", "narrow", "unfold", "cat",
+    "stack", "split", "split_with_sizes", "chunk", "unbind", "slice_scatter", "select_scatter",
+    "diagonal_scatter", "index_select", "gather", "index", "_unsafe_index", "constant_pad_nd",
+    "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
+    "replication_pad2d", "replication_pad3d", "movedim", "view_copy", "permute_copy",
+    "expand_copy", "slice_copy", "select_copy", "squeeze_copy", "unsqueeze_copy",
+    "transpose_copy", "t_copy", "diagonal_copy", "alias_copy", "unfold_copy", "split_copy",
+    "split_with_sizes_copy", "unbind_copy", "embedding", "index_fill", "take", "_reshape_alias",
+    "expand_as", "clone_", "contiguous", "tril", "triu", "masked_scatter", "im2col", "alias",
+    "copy", "lift_fresh_copy",
 }
+# fmt: on
 
 
 def _encode(args: Any, deps: list[State], offsets: dict[int, int]) -> tuple[Any, bool]:
@@ -456,28 +353,16 @@ def index_put(op: Any, name: str, args: tuple, kwargs: dict, out: Any) -> Any:
 
 # -- reductions ------------------------------------------------------------------------------
 
+# fmt: off
 LINEAR_REDUCTIONS = {
-    "sum",
-    "mean",
-    "amax",
-    "amin",
-    "max",
-    "min",
-    "nansum",
-    "nanmean",
-    "median",
-    "nanmedian",
+    "sum", "mean", "amax", "amin", "max", "min", "nansum", "nanmean", "median", "nanmedian",
 }
+# fmt: on
+# fmt: off
 NONLINEAR_REDUCTIONS = {
-    "prod",
-    "logsumexp",
-    "var",
-    "std",
-    "norm",
-    "linalg_vector_norm",
-    "var_mean",
-    "std_mean",
+    "prod", "logsumexp", "var", "std", "norm", "linalg_vector_norm", "var_mean", "std_mean",
 }
+# fmt: on
 
 
 def reduction(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -752,59 +637,47 @@ _RULES["scatter"] = lambda op, args, kwargs, out: (
 )
 
 # Operators whose result does not depend on the values of their tensor arguments.
+# fmt: off
 VALUE_FREE = {
-    "full_like",
-    "zeros_like",
-    "ones_like",
-    "empty_like",
-    "rand_like",
-    "randn_like",
-    "randint_like",
-    "new_zeros",
-    "new_ones",
-    "new_full",
-    "new_empty",
-    "new_empty_strided",
-    "scalar_tensor",
-    "full",
-    "zeros",
-    "ones",
-    "empty",
-    "empty_strided",
-    "arange",
-    "linspace",
-    "eye",
-    "rand",
-    "randn",
-    "randint",
-    "randperm",
-    "empty_permuted",
-    "sym_size",
-    "sym_numel",
-    "sym_stride",
-    "_assert_async",
-    "_assert_scalar",
-    "detach",
+    "full_like", "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like",
+    "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_empty_strided",
+    "scalar_tensor", "full", "zeros", "ones", "empty", "empty_strided", "arange", "linspace",
+    "eye", "rand", "randn", "randint", "randperm", "empty_permuted", "sym_size", "sym_numel",
+    "sym_stride", "_assert_async", "_assert_scalar", "detach",
 }
+# fmt: on
+# fmt: off
 ZERO_OPS = {
-    "argmax",
-    "argmin",
-    "any",
-    "all",
-    "bucketize",
-    "searchsorted",
-    "_assert_tensor_metadata",
+    "argmax", "argmin", "any", "all", "bucketize", "searchsorted", "_assert_tensor_metadata",
+    "_local_scalar_dense",
 }
+# fmt: on
+
+
+def is_inplace(op: Any) -> bool:
+    """Whether ``op`` writes into its first argument (``add_``, ``squeeze_``, ``copy_``)."""
+    try:
+        first = op._schema.arguments[0]
+    except (AttributeError, IndexError):
+        return False
+    return first.alias_info is not None and first.alias_info.is_write
 
 
 def apply_rule(op: Any, args: tuple, kwargs: dict, out: Any) -> Any:
     """The :class:`Local` (or list of them, for tuple outputs) of ``op``; ``None`` = no dependency."""
     name = op_name(op)
+    if is_inplace(op) and name.endswith("_"):
+        name = name[:-1]  # the in-place form follows its out-of-place rule
     if name in ZERO_OPS or name in ZERO_POINTWISE:
         return [None] * len(out) if isinstance(out, (tuple, list)) else None
     rule = _RULES.get(name)
     if rule is not None:
         return rule(op, args, kwargs, out)
+    if name != op_name(op):
+        base = getattr(getattr(torch.ops.aten, name, None), "default", None)
+        tags = getattr(base, "tags", ())
+        if torch.Tag.pointwise in tags and not isinstance(out, (tuple, list)):
+            return pointwise(name, args, kwargs, out)
     tags = getattr(op, "tags", ())
     if torch.Tag.pointwise in tags and not isinstance(out, (tuple, list)):
         return pointwise(name, args, kwargs, out)
