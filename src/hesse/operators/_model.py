@@ -449,7 +449,7 @@ class _OuterProductOperator(_ModelOperator):
         See NOTE [linear fast path] in ``_squares.py``. Returns ``(n,)``, or
         ``(K, n)`` if ``per_column``.
         """
-        self._linear_plan = None  # re-derived (and re-verified) on the first batch
+        # NOTE [linear fast path]: the plan is found and verified once, on the first batch.
 
         def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
             return batch_factor_squares(
@@ -460,7 +460,7 @@ class _OuterProductOperator(_ModelOperator):
                 targets,
                 chunk_size=chunk_size,
                 per_column=per_column,
-                verify=index == 0,
+                verify=self._linear_plan is None,
             )
 
         return self._accumulate(per_batch)
@@ -469,13 +469,18 @@ class _OuterProductOperator(_ModelOperator):
         self, factor: Callable[[int, torch.Tensor, Any], torch.Tensor]
     ) -> torch.Tensor:
         """``sum_b sum_k (J_b^T s_bk)^2``: squares of whole-batch VJPs (``(K, n)``)."""
-        x0 = self._x
 
         def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
-            out, vjp_fn = vjp(lambda x: self._forward(x, inputs), x0)
+            x = self._x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = self._forward(x, inputs)
             S = factor(index, out.detach(), targets)
             cot = S.permute(2, 0, 1).reshape(S.shape[2], *out.shape)
-            G = vmap(vjp_fn)(cot)[0] if cot.shape[0] > 1 else vjp_fn(cot[0])[0].unsqueeze(0)
+            if cot.shape[0] == 1:
+                (G,) = torch.autograd.grad(out, x, cot[0])
+                G = G.unsqueeze(0)
+            else:
+                (G,) = torch.autograd.grad(out, x, cot, is_grads_batched=True)
             return G.square()
 
         return self._accumulate(per_batch)
