@@ -369,3 +369,22 @@ def test_check_deterministic(gen):
     fixed = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=3)
     G = hesse.GGNOperator(model, ce, fixed, check_deterministic=True)
     torch.testing.assert_close(G.to_dense(), Dense(model, ce, X, Y).ggn())
+
+
+def test_agrees_with_curvlinops_on_short_last_batch(gen):
+    """A second, independent implementation (optional benchmark extra)."""
+    cl = pytest.importorskip("curvlinops")
+    model, X, Y, data = make("mlp", "ce", n_samples=8, batch=3)
+    ce = nn.CrossEntropyLoss()
+    plist = list(model.parameters())
+    V = torch.randn(sum(p.numel() for p in plist), 2, generator=gen, dtype=DT)
+    pairs = [
+        (hesse.HessianOperator(model, ce, data), cl.HessianLinearOperator(model, ce, plist, data)),
+        (hesse.GGNOperator(model, ce, data), cl.GGNLinearOperator(model, ce, plist, data)),
+        (
+            hesse.FisherOperator(model, ce, data, kind="empirical"),
+            cl.EFLinearOperator(model, ce, plist, data),
+        ),
+    ]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours @ V, theirs @ V)
