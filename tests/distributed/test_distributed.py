@@ -122,12 +122,18 @@ def _flat_blocks(tree: Any) -> list[torch.Tensor]:
 
 
 def _rank_info() -> dict[str, Any]:
-    H = hd.HessianOperator(_model(), torch.nn.CrossEntropyLoss(), _data())
+    model, data, ce = _model(), _data(), torch.nn.CrossEntropyLoss()
+    H = hd.HessianOperator(model, ce, data)
+    # Data sharded by the caller (sharded=True) gives the same operator.
+    S = hd.HessianOperator(model, ce, hd.shard(data), sharded=True)
+    V = torch.randn(H.shape[0], 2, generator=_gen(4), dtype=DT)
+    same = torch.equal(S @ V, H @ V)
     return {
         "rank": H.rank,
         "world_size": H.world_size,
         "shard": [int(b[0].shape[0]) for b in H.data],
         "comm_calls": H.comm_calls,
+        "sharded equals round-robin": same,
     }
 
 
@@ -151,6 +157,9 @@ def _equivalence_then_failures() -> dict[str, Any]:
             failures[name] = ("no error", time.perf_counter() - start)
         except Exception as err:  # noqa: BLE001 - recorded for the parent
             failures[name] = (f"{type(err).__name__}: {err}", time.perf_counter() - start)
+
+    # (0) fewer batches than ranks: every rank refuses at construction, none hangs.
+    attempt("too few batches", lambda: hd.GGNOperator(model, ce, data[:2]))
 
     # (a) rank 1 raises in the middle of a data pass; the group stays usable.
     def boom(module: Any, args: Any) -> None:
@@ -231,6 +240,9 @@ def test_two_ranks_equal_one_process() -> None:
     _independent_checks(ranks[1].value["results"])
     infos = [r.value["info"] for r in ranks]
     assert [(i["rank"], i["world_size"]) for i in infos] == [(0, 2), (1, 2)]
+    assert all(
+        i["sharded equals round-robin"] and i["comm_calls"] == 2 for i in infos
+    )  # one product: 2
     # Round-robin shards: batches 0, 2, 4 and 1, 3 (unequal, the short one on rank 0).
     assert [i["shard"] for i in infos] == [[6, 6, 3], [6, 6]]
 
@@ -246,7 +258,13 @@ def test_three_ranks_unequal_shards_and_failures() -> None:
     ranks[2] = ranks[0]  # the equivalence part of rank 2 is checked through its twin ranks
     _compare(ranks[:2])
 
+    assert all(r.value["info"]["sharded equals round-robin"] for r in ranks[:2])
     f0, f1 = ranks[0].value["failures"], ranks[1].value["failures"]
+    for f in (f0, f1):
+        assert f["too few batches"][0].startswith(
+            "ValueError: hesse.distributed.GGNOperator(model, loss_fn, data): data has 2 batch(es) "
+            "for 3 ranks"
+        ), f["too few batches"][0]
     # (a) the raising rank re-raises its own error; the others stop at once, naming it.
     assert f1["raise"][0] == "ValueError: boom: a bad batch on rank 1"
     assert f0["raise"][0].startswith("DistributedError: hesse.distributed.HessianOperator")
