@@ -147,26 +147,29 @@ def _detect(g: Callable, x: torch.Tensor, call: str) -> Propagation:
 
 # -- colourings of a pattern, cached ----------------------------------------------------
 
-_CACHE: dict[tuple, Coloring] = {}
-_CACHE_SIZE = 8
+_CACHE: dict[tuple, Any] = {}
+_CACHE_SIZE = 16
+
+
+def _cached(kind: str, P: sp.csr_matrix, make: Callable[[], Any]) -> Any:
+    """``make()``, cached on ``kind`` and the pattern's content (colourings, recovery maps)."""
+    key = (kind, P.shape, P.nnz, hash(P.indptr.tobytes()), hash(P.indices.tobytes()))
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = make()
+    return _CACHE[key]
 
 
 def _coloured(kind: str, P: sp.csr_matrix) -> Coloring:
-    """The colouring of ``P`` of the given kind, cached on the pattern's content."""
-    key = (kind, P.shape, P.nnz, hash(P.indptr.tobytes()), hash(P.indices.tobytes()))
-    hit = _CACHE.get(key)
-    if hit is None:
-        fn = {
-            "star": star_coloring,
-            "diagonal": diagonal_coloring,
-            "column": column_coloring,
-            "row": row_coloring,
-        }[kind]
-        hit = fn(P)
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = hit
-    return hit
+    """The colouring of ``P`` of the given kind (cached: a reused pattern is coloured once)."""
+    fn = {
+        "star": star_coloring,
+        "diagonal": diagonal_coloring,
+        "column": column_coloring,
+        "row": row_coloring,
+    }[kind]
+    return _cached(kind, P, lambda: fn(P))
 
 
 def _seed_rows(coloring: Coloring, like: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
@@ -348,7 +351,9 @@ def sparse_hessian(
         else:
             P = _symmetric(_from_torch(call, pattern, (n, n)))
         coloring = _coloured("star", P)
-        rows, cols, src_color, src_row = star_recovery(P, coloring)
+        rows, cols, src_color, src_row = _cached(
+            "star-recovery", P, lambda: star_recovery(P, coloring)
+        )
         values = engine.x.new_zeros(len(rows))
         if coloring.num_colors:
             B = engine.apply(
