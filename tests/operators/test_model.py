@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -388,3 +390,26 @@ def test_agrees_with_curvlinops_on_short_last_batch(gen):
     ]
     for ours, theirs in pairs:
         torch.testing.assert_close(ours @ V, theirs @ V)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["hessian", "ggn", "fisher"]))
+def test_symmetric_linear_and_chunk_independent(seed, kind):
+    g = torch.Generator().manual_seed(seed)
+    model, X, Y, data = make("residual", "ce", seed=seed % 7)
+    cls = {
+        "hessian": hesse.HessianOperator,
+        "ggn": hesse.GGNOperator,
+        "fisher": hesse.FisherOperator,
+    }
+    op = cls[kind](model, nn.CrossEntropyLoss(), data)
+    u, v = torch.randn(2, op.shape[0], generator=g, dtype=DT)
+    a, b = torch.randn(2, generator=g, dtype=DT).tolist()
+    Hu, Hv = op @ u, op @ v
+    torch.testing.assert_close(u @ Hv, v @ Hu)
+    torch.testing.assert_close(op @ (a * u + b * v), a * Hu + b * Hv)
+    W = torch.stack([u, v, u - v], 1)
+    full = op @ W
+    op.chunk_size = 1
+    torch.testing.assert_close(op @ W, full)
+    torch.testing.assert_close(full[:, 0], Hu)

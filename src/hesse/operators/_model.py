@@ -646,7 +646,7 @@ class FisherOperator(_OuterProductOperator):
         self.kind, self.mc_samples = kind, mc_samples
         curvature = output_curvature(call, loss_fn, output_hessian, required=kind == "mc")
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        self._seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        self._seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         super().__init__(
             model,
             loss_fn,
