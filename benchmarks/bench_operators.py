@@ -7,8 +7,8 @@ Workloads (issue 4):
   inputs), batch 128, float32; the ``x_grad`` column is the time over one
   gradient of the same loss in the same run. Peers: curvlinops' operators.
 - ``GGN diag exact``: ``hesse.diagonal(GGNOperator, method="exact")`` against
-  BackPACK ``DiagGGNExact`` on the 784-100-100-10 tanh MLP, batch 128, float64;
-  ``error`` = largest absolute difference to hesse's diagonal.
+  BackPACK ``DiagGGNExact`` on the 784-100-100-10 tanh MLP, batch 128, and on the
+  CNN, float64; ``error`` = largest absolute difference to hesse's diagonal.
 - ``GGN diag MC``: ``method="mc"`` against BackPACK ``DiagGGNMC`` (one sample);
   ``error`` = relative L2 error to the exact diagonal.
 - ``hutchinson`` / ``xdiag``: relative L2 error of the GGN diagonal estimate at
@@ -188,15 +188,15 @@ def _matvec_rows(name: str, build: Callable, quick: bool) -> list[dict[str, Any]
 
 
 # -- exact and MC GGN diagonals against BackPACK ---------------------------------------
-def _diag_rows(quick: bool) -> list[dict[str, Any]]:
-    model, X, y = mlp(torch.float64)
+def _diag_rows(name: str, build: Callable, quick: bool) -> list[dict[str, Any]]:
+    model, X, y = build(torch.float64)
     loss_fn = nn.CrossEntropyLoss()
     G = hesse.GGNOperator(model, loss_fn, [(X, y)])
     exact = hesse.diagonal(G)
     rows = []
     repeats = 5 if quick else 15
-    w_exact = "GGN diag exact, MLP 784-100-100-10 tanh, N=128, float64"
-    w_mc = "GGN diag MC (1 sample), MLP 784-100-100-10 tanh, N=128, float64"
+    w_exact = f"GGN diag exact, {name}, float64"
+    w_mc = f"GGN diag MC (1 sample), {name}, float64"
     gen = torch.Generator().manual_seed(0)
     calls_exact: dict[str, Callable[[], Any]] = {
         "hesse.diagonal(method='exact')": lambda: hesse.diagonal(G)
@@ -328,7 +328,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
     rows += _matvec_rows(
         f"CNN 2 conv + pool, 28x28, N={batch}", lambda dt: cnn(dt, batch=batch), quick
     )
-    rows += _diag_rows(quick)
+    rows += _diag_rows("MLP 784-100-100-10 tanh, N=128", mlp, quick)
+    rows += _diag_rows(
+        f"CNN 2 conv + pool, 28x28, N={batch}", lambda dt: cnn(dt, batch=batch), quick
+    )
     rows += _estimator_rows(quick)
     return _with_ratios(rows)
 
