@@ -42,6 +42,7 @@ from hesse.curvprop._exact import (
     _floats,
     _mm_grads,
     _pick,
+    _total,
     reduce_to,
 )
 from hesse.curvprop._graph import PRODUCTS, NodeInfo, Plan, UnsupportedGraph
@@ -147,13 +148,6 @@ def _elementwise(ni: NodeInfo, env, g, d):
         if val is not None:
             shape = ew.prims[ks[0]].shape
             out.append((ni.active[ks[0]], reduce_to(val[None], shape)[0]))
-    return out
-
-
-def _total(terms: list[torch.Tensor]) -> torch.Tensor:
-    out = terms[0]
-    for t in terms[1:]:
-        out = out + t
     return out
 
 

@@ -176,19 +176,16 @@ class Propagation:
             bucket[s] = c if s not in bucket else bucket[s] + c
 
     def _transport(self, p, ni: NodeInfo, env, vjp_fn, fpos, is_tuple, here, cols) -> None:
-        """Apply the transposed Jacobian of ``ni`` to all columns that reached it."""
-        sources = list(here)
+        """Apply the transposed Jacobian of ``ni`` to all columns that reached it.
+
+        One vectorised VJP per source: concatenating the sources would copy every
+        column at every node.
+        """
         value = env[ni.node]
-        blocks = [_pick_batched(here[s], fpos, is_tuple, value) for s in sources]
-        sizes = [b[0].shape[0] for b in blocks]
-        if len(blocks) == 1:
-            cat = blocks[0]
-        else:
-            cat = tuple(torch.cat([b[j] for b in blocks]) for j in range(len(fpos)))
-        res = vmap(lambda *cs: vjp_fn(cs))(*cat)
         inputs = [ni.leaves[i] for i in ni.active]
-        for leaf, r in zip(inputs, res):
-            for s, part in zip(sources, torch.split(r, sizes)):
+        pull = vmap(lambda *cs: vjp_fn(cs))
+        for s, c in here.items():
+            for leaf, part in zip(inputs, pull(*_pick_batched(c, fpos, is_tuple, value))):
                 self._add_cols(p, cols, leaf, s, part)
 
     def _transport_mm(self, p, ni: NodeInfo, env, here, cols, terms) -> None:
@@ -198,29 +195,27 @@ class Propagation:
         i1, i2 = (1, 2) if ni.name == "addmm" else (0, 1)
         m1, m2 = env[args[i1]], env[args[i2]]
         sources = list(here)
-        u = here[sources[0]] if len(sources) == 1 else torch.cat([here[s] for s in sources])
-        sizes = [here[s].shape[0] for s in sources]
-
-        def spread(leaf, part):
-            for s, piece in zip(sources, torch.split(part, sizes)):
-                self._add_cols(p, cols, leaf, s, piece)
-
         if ni.name == "addmm" and 0 in ni.active:
-            spread(args[0], reduce_to(u * beta if beta != 1 else u, env[args[0]].shape))
-        if i1 in ni.active or i2 in ni.active:
-            signs = torch.cat([self.signs[s] for s in sources])
+            shape = env[args[0]].shape
+            for s in sources:
+                u = here[s]
+                self._add_cols(p, cols, args[0], s, reduce_to(u * beta if beta != 1 else u, shape))
+        blocks = [here[s] for s in sources]
+        signs = [self.signs[s] for s in sources]
         if i1 in ni.active:
             if args[i1] in p.sinks:  # grad = alpha u_c m2^T = alpha (m2 u_c^T)^T
-                kind, parts = square_sum(m2.T, u.transpose(1, 2), signs)
+                kind, parts = square_sum(m2.T, [u.transpose(1, 2) for u in blocks], signs)
                 terms.append(SinkTerm(args[i1], True, alpha**2, kind, parts))
             else:
-                spread(args[i1], alpha * (u @ m2.T))
+                for s, u in zip(sources, blocks):
+                    self._add_cols(p, cols, args[i1], s, alpha * (u @ m2.T))
         if i2 in ni.active:
             if args[i2] in p.sinks:  # grad = alpha m1^T u_c
-                kind, parts = square_sum(m1, u, signs)
+                kind, parts = square_sum(m1, blocks, signs)
                 terms.append(SinkTerm(args[i2], False, alpha**2, kind, parts))
             else:
-                spread(args[i2], alpha * (m1.T @ u))
+                for s, u in zip(sources, blocks):
+                    self._add_cols(p, cols, args[i2], s, alpha * (m1.T @ u))
 
     def _residual(self, p: Plan, ni: NodeInfo, env, g, cols, prune: bool) -> None:
         if ni.family in ("linear", "piecewise", "constant"):
@@ -450,7 +445,7 @@ class SinkTerm:
     the vmapped sweep as they are and :func:`assemble_term` contracts them over the
     batch (BackPACK's ``einsum`` of squares for linear layers). ``kind``:
     ``"rows"``: ``S = sum_r a_r b_r^T`` from ``(a (m, i), b (m, o))``;
-    ``"gram"``: ``S = sum_{r,s} x_r x_s T_rs`` from ``(x (m, i), T (m, m, o))``;
+    ``"gram"``: ``S = sum_{r,s} x_r x_s T_rs`` from ``(x (m, i), T (o, m, m))``;
     ``"dense"``: ``S`` itself. ``left``: ``S`` is transposed (the sink was ``mat1``).
     """
 
@@ -461,20 +456,39 @@ class SinkTerm:
     parts: tuple[torch.Tensor, ...]
 
 
-def square_sum(x: torch.Tensor, u: torch.Tensor, signs: torch.Tensor) -> tuple[str, tuple]:
-    """Factors of ``sum_c s_c (x^T u_c)^2`` for ``x`` ``(m, i)``, ``u`` ``(K, m, o)``.
+def square_sum(
+    x: torch.Tensor, us: list[torch.Tensor], signs: list[torch.Tensor]
+) -> tuple[str, tuple]:
+    """Factors of ``sum_c s_c (x^T u_c)^2`` for ``x`` ``(m, i)`` and blocks ``u`` ``(K, m, o)``.
 
-    One row: ``(x^2)^T (sum_c s_c u_c^2)``. Several rows: through the ``(m, m, o)``
+    One row: ``(x^2)^T (sum_c s_c u_c^2)``. Several rows: through the ``(o, m, m)``
     Gram tensor of the columns when that is cheaper than the products themselves.
+    Blocks are reduced one by one (never concatenated).
     """
-    k, m, o = u.shape
+    k = sum(u.shape[0] for u in us)
+    _, m, o = us[0].shape
     i = x.shape[1]
     if m == 1:
-        return "rows", (x * x, torch.einsum("k,kro->ro", signs, u * u))
+        w = _total([torch.einsum("k,kro->ro", sg, u * u) for u, sg in zip(us, signs)])
+        return "rows", (x * x, w)
     if m * (k * o + i * o) <= k * i * o:
-        return "gram", (x, torch.einsum("k,kro,kso->rso", signs, u, u))
-    prods = torch.einsum("ri,kro->kio", x, u)
-    return "dense", (torch.einsum("k,kio->io", signs, prods * prods),)
+        grams = [
+            (u * sg[:, None, None]).permute(2, 1, 0) @ u.permute(2, 0, 1)
+            for u, sg in zip(us, signs)
+        ]
+        return "gram", (x, _total(grams))
+    dense = []
+    for u, sg in zip(us, signs):
+        prods = torch.einsum("ri,kro->kio", x, u)
+        dense.append(torch.einsum("k,kio->io", sg, prods * prods))
+    return "dense", (_total(dense),)
+
+
+def _total(terms: list[torch.Tensor]) -> torch.Tensor:
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
 
 
 def assemble_term(kind: str, parts: tuple[torch.Tensor, ...], per_sample: bool) -> torch.Tensor:
@@ -482,9 +496,10 @@ def assemble_term(kind: str, parts: tuple[torch.Tensor, ...], per_sample: bool) 
     b = "b" if per_sample else ""
     if kind == "rows":
         return torch.einsum(f"bri,bro->{b}io", *parts)
-    if kind == "gram":
+    if kind == "gram":  # S[i, o] = sum_{r,s} x[r, i] x[s, i] G[o, r, s]
         x, gram = parts
-        return torch.einsum(f"bri,bsi,brso->{b}io", x, x, gram)
+        y = gram @ x[:, None]  # (B, o, r, i)
+        return torch.einsum(f"bri,bori->{b}io", x, y)
     return parts[0] if per_sample else parts[0].sum(0)
 
 

@@ -1,0 +1,278 @@
+"""Curvature backpropagation: exact and Becker-LeCun Hessian diagonals of networks.
+
+Workloads (issue 8), float64, one thread:
+
+- ``mlp DiagHessian``: the exact parameter-Hessian diagonal of a 784-100-100-10
+  tanh MLP, cross-entropy, batch 128: ``hesse.diagonal(HessianOperator, "exact")``
+  (curvature backpropagation on the traced graph) against BackPACK ``DiagHessian``;
+  ``error`` = largest absolute difference to hesse's diagonal. The Becker-LeCun
+  row's ``error`` is its relative L2 error to the exact diagonal.
+- ``mlp BatchDiagHessian``: per-sample diagonals (``hesse.per_sample_diagonal``)
+  against BackPACK ``BatchDiagHessian``.
+- ``cnn DiagHessian`` / ``cnn BatchDiagHessian``: the same on a small CNN
+  (conv 1->4 3x3, tanh, max-pool 2, conv 4->8 3x3, tanh, linear 72->10; 12x12
+  inputs).
+- ``residual+LayerNorm`` and ``attention``: models BackPACK cannot handle; hesse's
+  exact diagonal against the brute-force exact diagonal (``n`` Hessian-vector
+  products with basis vectors, chunked and vectorised: the path
+  ``hesse.diagonal`` takes when a model does not trace).
+
+hesse's traces are cached per model (NOTE [trace cache] in ``hesse.curvprop._api``):
+the first, untimed call (the peak-memory run) traces; ``note`` gives its time.
+Peers are optional (the ``bench`` extra); a missing one gives a "not installed" row.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+import hesse
+
+try:  # as a package (benchmarks.run) or as a script folder on sys.path
+    from benchmarks._measure import measure, prepare_process
+except ImportError:  # pragma: no cover
+    from _measure import measure, prepare_process  # type: ignore[no-redef]
+
+D = torch.float64
+
+
+# -- models ------------------------------------------------------------------------------
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(784, 100), nn.Tanh(), nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 10)
+    ).to(D)
+
+
+def cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(72, 10),
+    ).to(D)
+
+
+class ResidualLayerNorm(nn.Module):
+    def __init__(self, d_in: int = 16, d: int = 32, c: int = 10) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.block = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(self.norm(h + torch.tanh(self.block(h))))
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over ``T`` tokens, mean-pooled, linear read-out."""
+
+    def __init__(self, d: int = 16, c: int = 10) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 1, batch_first=True)
+        self.out = nn.Linear(d, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # need_weights=True: the explicit softmax(q k^T) v path. The fused CPU kernel
+        # (need_weights=False) has no double backward, so brute force could not run.
+        return self.out(self.attn(x, x, x, need_weights=True)[0].mean(1))
+
+
+def _data(shape: tuple[int, ...], classes: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=D)
+    y = torch.randint(0, classes, (shape[0],), generator=gen)
+    return x, y
+
+
+# -- rows --------------------------------------------------------------------------------
+def _row(workload: str, method: str, m: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    row = {
+        "workload": workload,
+        "method": method,
+        "time_s": None if m is None else m["time_s"],
+        "ratio": None,
+        "peak_mem_bytes": None if m is None else m["peak_mem_bytes"],
+        "error": None,
+        "note": "",
+    }
+    row.update(extra)
+    return row
+
+
+def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ratio = time / the hesse reference row's time on the same workload."""
+    refs = {r["workload"]: r["time_s"] for r in rows if r.get("reference")}
+    for r in rows:
+        ref = refs.get(r["workload"])
+        if r.get("time_s") is not None and ref:
+            r["ratio"] = r["time_s"] / ref
+    return rows
+
+
+def _backpack(model: nn.Module, x, y, per_sample: bool):
+    """A BackPACK (Batch)DiagHessian call on a copy of ``model``, or None if not installed."""
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchDiagHessian, DiagHessian
+    except ImportError:
+        return None
+    import copy
+
+    bp_model = extend(copy.deepcopy(model))
+    bp_loss = extend(nn.CrossEntropyLoss())
+
+    def call() -> torch.Tensor:
+        bp_model.zero_grad()
+        with backpack(BatchDiagHessian() if per_sample else DiagHessian()):
+            bp_loss(bp_model(x), y).backward()
+        if per_sample:
+            return torch.cat(
+                [p.diag_h_batch.reshape(x.shape[0], -1) for p in bp_model.parameters()], 1
+            )
+        return torch.cat([p.diag_h.reshape(-1) for p in bp_model.parameters()])
+
+    return call
+
+
+def _timed_first(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _flat_rows(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(v.shape[0], -1) for v in d.values()], dim=1)
+
+
+def _versus_backpack(
+    name: str, model: nn.Module, x, y, *, repeats: int, max_seconds: float
+) -> list[dict[str, Any]]:
+    import warnings
+
+    rows: list[dict[str, Any]] = []
+    loss = nn.CrossEntropyLoss()
+    op = hesse.HessianOperator(model, loss, [(x, y)])
+    exact, first = _timed_first(lambda: hesse.diagonal(op, method="exact"))
+    calls = {
+        "hesse exact": lambda: hesse.diagonal(op, method="exact"),
+        "hesse becker-lecun": lambda: hesse.diagonal(op, method="becker-lecun"),
+    }
+    bp = _backpack(model, x, y, per_sample=False)
+    if bp is not None:
+        calls["BackPACK DiagHessian"] = bp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = measure(calls, repeats=repeats, max_seconds=max_seconds)
+        bl = hesse.diagonal(op, method="becker-lecun")
+        bp_val = bp() if bp is not None else None
+    workload = f"{name} DiagHessian"
+    rows.append(
+        _row(workload, "hesse exact", res["hesse exact"], reference=True,
+             note=f"first call incl. tracing {first:.3f} s")  # fmt: skip
+    )
+    rel = ((bl - exact).norm() / exact.norm()).item()
+    rows.append(
+        _row(workload, "hesse becker-lecun", res["hesse becker-lecun"], error=rel,
+             note="error: relative L2 error to the exact diagonal")  # fmt: skip
+    )
+    if bp_val is not None:
+        err = (bp_val - exact).abs().max().item()
+        rows.append(_row(workload, "BackPACK DiagHessian", res["BackPACK DiagHessian"], error=err,
+                         note="error: max |BackPACK - hesse|"))  # fmt: skip
+    else:
+        rows.append(_row(workload, "BackPACK DiagHessian", None, note="not installed"))
+
+    # per-sample diagonals
+    workload = f"{name} BatchDiagHessian"
+    per = lambda: _flat_rows(hesse.per_sample_diagonal(model, loss, x, y))  # noqa: E731
+    calls = {"hesse per_sample_diagonal": per}
+    bpb = _backpack(model, x, y, per_sample=True)
+    if bpb is not None:
+        calls["BackPACK BatchDiagHessian"] = bpb
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = measure(calls, repeats=repeats, max_seconds=max_seconds)
+        mine = per()
+        theirs = bpb() if bpb is not None else None
+    rows.append(_row(workload, "hesse per_sample_diagonal", res["hesse per_sample_diagonal"],
+                     reference=True, error=(mine.sum(0) - exact).abs().max().item(),
+                     note="error: max |sum of per-sample - exact diagonal|"))  # fmt: skip
+    if theirs is not None:
+        rows.append(_row(workload, "BackPACK BatchDiagHessian", res["BackPACK BatchDiagHessian"],
+                         error=(theirs - mine).abs().max().item(),
+                         note="error: max |BackPACK - hesse|"))  # fmt: skip
+    else:
+        rows.append(_row(workload, "BackPACK BatchDiagHessian", None, note="not installed"))
+    return rows
+
+
+def _versus_brute_force(name: str, model: nn.Module, x, y, *, repeats: int) -> list[dict]:
+    import warnings
+
+    from hesse.estimators._diagonal import _exact_basis
+
+    loss = nn.CrossEntropyLoss()
+    op = hesse.HessianOperator(model, loss, [(x, y)])
+    n = op.shape[0]
+    exact, first = _timed_first(lambda: hesse.diagonal(op, method="exact"))
+    call = f"bench {name}"
+    calls = {
+        "hesse exact": lambda: hesse.diagonal(op, method="exact"),
+        "hesse becker-lecun": lambda: hesse.diagonal(op, method="becker-lecun"),
+        f"brute force ({n} HVPs)": lambda: _exact_basis(op, chunk_size=None, call=call),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = measure(calls, repeats=repeats, max_seconds=30.0)
+        brute = _exact_basis(op, chunk_size=None, call=call)
+        bl = hesse.diagonal(op, method="becker-lecun")
+    workload = f"{name} (n={n})"
+    return [
+        _row(workload, "hesse exact", res["hesse exact"], reference=True,
+             error=(exact - brute).abs().max().item(),
+             note=f"error: max |hesse - brute force|; first call incl. tracing {first:.3f} s"),
+        _row(workload, "hesse becker-lecun", res["hesse becker-lecun"],
+             error=((bl - brute).norm() / brute.norm()).item(),
+             note="error: relative L2 error to the exact diagonal"),
+        _row(workload, f"brute force ({n} HVPs)", res[f"brute force ({n} HVPs)"],
+             note="hesse.diagonal's path for models that do not trace"),
+    ]  # fmt: skip
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """All rows; see the module docstring. ``quick``: smaller batches, fewer repeats."""
+    prepare_process(threads=None)
+    repeats = 3 if quick else 7
+    rows: list[dict[str, Any]] = []
+    b = 32 if quick else 128
+    x, y = _data((b, 784), 10)
+    rows += _versus_backpack("mlp 784-100-100-10", mlp(), x, y, repeats=repeats, max_seconds=20)
+    x, y = _data((8 if quick else 32, 1, 12, 12), 10)
+    rows += _versus_backpack("cnn", cnn(), x, y, repeats=repeats, max_seconds=20)
+    x, y = _data((16 if quick else 64, 16), 10)
+    rows += _versus_brute_force("residual+LayerNorm", ResidualLayerNorm().to(D), x, y,
+                                repeats=repeats)  # fmt: skip
+    torch.manual_seed(0)
+    x, y = _data((8 if quick else 32, 8, 16), 10)
+    rows += _versus_brute_force("attention T=8 d=16", AttentionBlock().to(D), x, y,
+                                repeats=repeats)  # fmt: skip
+    return _with_ratios(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    torch.set_num_threads(1)
+    for r in run("--quick" in sys.argv):
+        print(r)
