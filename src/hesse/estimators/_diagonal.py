@@ -85,8 +85,9 @@ def diagonal(
         squared activations and squared backpropagated factors per layer; see
         NOTE [linear fast path]); all others cost ``N * K`` per-sample VJPs,
         vectorised. One data pass either way;
-      * function Hessians (:func:`hesse.hessian_operator`): the sparse path
-        :func:`hesse.hessian_diagonal` when it is available, otherwise ``n``
+      * function Hessians (:func:`hesse.hessian_operator`): for ``n`` above
+        ``chunk_size``, the sparse path of :func:`hesse.hessian_diagonal` (one
+        cached product per colour of the traced pattern), otherwise ``n``
         cached products in chunks;
       * any other operator (the model Hessian): ``n`` products with basis
         vectors in chunks of ``chunk_size`` (``ceil(n / chunk_size)`` data passes);
@@ -233,6 +234,9 @@ def _exact_dense(op: DenseOperator, **_: Any) -> torch.Tensor:
 def _exact_function(
     op: FunctionHessianOperator, *, chunk_size: int | None, call: str, **_: Any
 ) -> torch.Tensor:
+    if op.shape[0] <= (chunk_size or op.chunk_size):
+        # One batched pass of basis products: cheaper than tracing a sparsity pattern.
+        return _exact_basis(op, chunk_size=chunk_size, call=call)
     try:  # the sparse path colours the Hessian: one product per colour, not per entry
         from hesse._sparse import DIAGONAL_METHODS, DiagonalProblem
     except ImportError:
