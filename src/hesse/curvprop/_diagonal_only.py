@@ -62,7 +62,7 @@ ZERO_ONE = frozenset(
         "movedim", "unflatten", "flatten", "_reshape_alias", "squeeze_dims", "amax", "amin",
         "max", "min", "max_pool1d_with_indices", "max_pool2d_with_indices",
         "max_pool3d_with_indices", "sort", "topk", "adaptive_max_pool2d", "as_strided",
-        "masked_fill",
+        "masked_fill", "embedding",
     }
 )  # fmt: skip
 
@@ -180,8 +180,8 @@ def _product(p: Plan, ni: NodeInfo, env, d, terms):
         def f(t, pos=pos, others=others, zeroed=zeroed):
             return ni.call(env, {pos: t, **others, **zeroed})
 
-        _, pull = vjp(f, env[leaf])
-        out.append((pos, pull(d)[0] * alpha2))
+        _, pull = vjp(f, env[leaf])  # the call already applies alpha once
+        out.append((pos, pull(d)[0] * (alpha2**0.5)))
     return out
 
 

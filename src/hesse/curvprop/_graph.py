@@ -133,7 +133,7 @@ LINEAR = _names(
     "masked_fill", "where", "unfold", "col2im", "im2col", "pixel_shuffle",
     "pixel_unshuffle", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
     "replication_pad2d", "upsample_nearest2d", "scatter_add", "index_add", "trace",
-    "movedim", "unflatten", "flatten", "_reshape_alias", "squeeze_dims",
+    "movedim", "unflatten", "flatten", "_reshape_alias", "squeeze_dims", "embedding",
 )  # fmt: skip
 # NOTE [parameter sinks]
 # A parameter used exactly once, reached only through ops that merely rearrange its
