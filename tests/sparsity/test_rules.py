@@ -130,6 +130,41 @@ HESSIAN_CASES = [
         False,
     ),
     ("layer_norm", lambda x: F.layer_norm(x.reshape(2, 3), (3,)).square().sum(), (6,), True),
+    (
+        "layer_norm_affine",
+        lambda x: F.layer_norm(x[:6].reshape(2, 3), (3,), x[6:9], x[9:]).sum(),
+        (12,),
+        False,
+    ),
+    (
+        "batch_norm_train",
+        lambda x: F.batch_norm(x.reshape(4, 2), None, None, training=True).square().sum(),
+        (8,),
+        True,
+    ),
+    (
+        "batch_norm_eval",
+        lambda x: (
+            F.batch_norm(
+                x.reshape(4, 2),
+                torch.zeros(2, dtype=x.dtype),
+                torch.ones(2, dtype=x.dtype),
+                training=False,
+            )
+            .square()
+            .sum()
+        ),
+        (8,),
+        True,
+    ),
+    ("group_norm", lambda x: F.group_norm(x.reshape(2, 4, 2), 2).pow(3).sum(), (16,), True),
+    ("max_pool", lambda x: F.max_pool2d(x.reshape(1, 1, 4, 4), 2).square().sum(), (16,), False),
+    (
+        "avg_pool",
+        lambda x: F.avg_pool2d(x.reshape(1, 1, 4, 4), 2, padding=1).square().sum(),
+        (16,),
+        True,
+    ),
     ("constant_and_detach", lambda x: (x * W34[0, :2]).sum() + (x.detach() * x).sum(), (2,), True),
     ("inplace", _inplace, (5,), True),
     (
@@ -182,10 +217,10 @@ def test_jacobian_rule(name, f, shape, exact, gen):
 
 def test_unknown_operator_is_dense_with_a_warning(gen):
     def f(x):
-        return F.max_pool2d(x.reshape(1, 1, 4, 4), 2).square().sum()
+        return torch.linalg.inv(x.reshape(2, 2) + 3 * torch.eye(2, dtype=x.dtype)).sum()
 
-    x = torch.randn(16, generator=gen, dtype=torch.float64)
-    with pytest.warns(DenseRuleWarning, match="max_pool2d_with_indices"):
+    x = torch.randn(4, generator=gen, dtype=torch.float64)
+    with pytest.warns(DenseRuleWarning, match="no rule for aten.linalg_inv_ex"):
         detected = hesse.hessian_sparsity(f)(x).to_dense()
     assert detected.all()
     assert not (dense_hessian_pattern(f, x, gen) & ~detected).any()

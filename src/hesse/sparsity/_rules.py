@@ -367,6 +367,8 @@ NONLINEAR_REDUCTIONS = {
 
 def reduction(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
     x = args[0]
+    if len(args) > 1 and isinstance(args[1], State):  # max.other / min.other: elementwise
+        return pointwise("maximum", args, kwargs, out)
     if not isinstance(x, State) or not x.dependent:
         return None
     dims: Any = None
@@ -433,196 +435,16 @@ def along_dim(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
     return one(out)
 
 
-# -- matrix products ---------------------------------------------------------------------------
-
-_TRIPLE_LIMIT = 20_000_000
-
-
-def _bmm(
-    A: Any, B: Any, out_meta: Any, extra: list[tuple[State, Map]] | None = None
-) -> Local | None:
-    """``(b, p, q) @ (b, q, r)``; ``A``/``B`` are States (maybe constant) of those shapes."""
-    out_shape = _shape(out_meta)
-    bsz, p, q = A.shape if len(A.shape) == 3 else (1, *A.shape)
-    r = B.shape[-1]
-    deps: list[State] = []
-    lin: list[tuple[int, Map]] = []
-    pairs: list[Pair] = []
-    bi, ii, jj = np.meshgrid(np.arange(bsz), np.arange(p), np.arange(r), indexing="ij")
-    maps = {}
-    if A.dependent:
-        # row (b, i) of A, read by every output (b, i, j)
-        gid = np.arange(bsz * p * q) // q
-        rowmap = groups(gid, bsz * p)
-        maps["A"] = Compose(Gather((bi * p + ii).reshape(-1), bsz * p), rowmap)
-        deps.append(A)
-        lin.append((len(deps) - 1, maps["A"]))
-    if B.dependent:
-        e = np.arange(bsz * q * r)
-        gid = (e // (q * r)) * r + e % r
-        colmap = groups(gid, bsz * r)
-        maps["B"] = Compose(Gather((bi * r + jj).reshape(-1), bsz * r), colmap)
-        deps.append(B)
-        lin.append((len(deps) - 1, maps["B"]))
-    if A.dependent and B.dependent:
-        if bsz * p * q * r <= _TRIPLE_LIMIT:
-            b4, i4, j4, k4 = np.meshgrid(
-                np.arange(bsz), np.arange(p), np.arange(r), np.arange(q), indexing="ij"
-            )
-            ga = Gather(((b4 * p + i4) * q + k4).reshape(-1), bsz * p * q)
-            gb = Gather(((b4 * q + k4) * r + j4).reshape(-1), bsz * q * r)
-            owner = Gather(((b4 * p + i4) * r + j4).reshape(-1), bsz * p * r)
-            pairs.append(Pair(0, ga, 1, gb, owner))
-        else:  # coarser but still a superset: all of row i times all of column j
-            pairs.append(Pair(0, maps["A"], 1, maps["B"]))
-    for s, m in extra or []:
-        deps.append(s)
-        lin.append((len(deps) - 1, m))
-    assert _numel(out_shape) == bsz * p * r, "matrix product: unexpected output size"
-    return Local(deps, lin, pairs) if deps else None
-
-
-def _as3(s: State, shape: tuple[int, ...]) -> State:
-    return State(shape=shape, dtype=s.dtype, J=s.J, value=s.value, tainted=s.tainted, key=s.key)
-
-
-def matmul_rule(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
-    if name == "mm":
-        return _bmm(args[0], args[1], out)
-    if name == "bmm":
-        return _bmm(args[0], args[1], out)
-    if name in ("addmm", "baddbmm"):
-        bias, a, b = args[:3]
-        extra = []
-        if isinstance(bias, State) and bias.dependent:
-            extra.append((bias, broadcast_map(bias.shape, _shape(out))))
-        return _bmm(a, b, out, extra)
-    if name == "mv":
-        a, v = args[:2]
-        return _bmm(a, _as3(v, (v.shape[0], 1)), out)
-    if name == "dot":
-        a, b = args[:2]
-        return _bmm(_as3(a, (1, a.shape[0])), _as3(b, (b.shape[0], 1)), out)
-    raise AssertionError(name)
-
-
-def _constant_state(x: Any, shape: tuple[int, ...]) -> State:
-    return x if isinstance(x, State) else State(shape=shape, dtype=torch.float64)
-
-
-# -- convolution -----------------------------------------------------------------------------
-
-
-def convolution(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
-    inp, weight, bias, stride, padding, dilation, transposed, _out_pad, grp = args[:9]
-    nd = len(inp.shape) - 2
-    if transposed or nd not in (1, 2) or isinstance(padding, str):
-        return _dense(f"{name} (transposed or 3-d)", args, kwargs, out)
-    oshape = _shape(out)
-    N, C = inp.shape[:2]
-    n_out = weight.shape[0]
-    ksz = tuple(weight.shape[2:])
-    if nd == 1:
-        ksz, stride, padding, dilation = (
-            (1, *ksz),
-            (1, stride[0]),
-            (0, padding[0]),
-            (1, dilation[0]),
-        )
-    spatial_in = tuple(inp.shape[2:]) if nd == 2 else (1, inp.shape[2])
-    Lpos = _numel(oshape[2:])
-    kk = _numel(ksz)
-    Cg = C // grp
-    Og = n_out // grp
-    deps: list[State] = []
-    lin: list[tuple[int, Map]] = []
-    o_of = np.arange(N * n_out * Lpos) // Lpos % n_out
-    n_of = np.arange(N * n_out * Lpos) // (n_out * Lpos)
-    l_of = np.arange(N * n_out * Lpos) % Lpos
-    in_map = w_map = None
-    if inp.dependent:
-        enc = torch.arange(1, N * C * _numel(spatial_in) + 1, dtype=torch.float64)
-        enc = enc.reshape(N, C, *spatial_in)
-        cols = torch.nn.functional.unfold(
-            enc, ksz, dilation=dilation, padding=padding, stride=stride
-        )
-        assert cols.shape[-1] == Lpos, "convolution: unexpected output size"
-        cols = cols.reshape(N, grp, Cg * kk, Lpos).permute(0, 1, 3, 2)  # (N, G, L, Cg*kk)
-        v = cols.reshape(-1).to(torch.int64).numpy() - 1
-        term = np.repeat(np.arange(N * grp * Lpos), Cg * kk)
-        keep = v >= 0
-        L = Matrix(from_pairs(term[keep], v[keep], (N * grp * Lpos, inp.numel)))
-        g_of = o_of // Og
-        in_map = Compose(Gather((n_of * grp + g_of) * Lpos + l_of, N * grp * Lpos), L)
-        deps.append(inp)
-        lin.append((len(deps) - 1, in_map))
-    if isinstance(weight, State) and weight.dependent:
-        rows = groups(np.arange(weight.numel) // (Cg * kk), n_out)
-        w_map = Compose(Gather(o_of, n_out), rows)
-        deps.append(weight)
-        lin.append((len(deps) - 1, w_map))
-    if isinstance(bias, State) and bias.dependent:
-        deps.append(bias)
-        lin.append((len(deps) - 1, Gather(o_of, n_out)))
-    pairs = []
-    if in_map is not None and w_map is not None:
-        pairs.append(Pair(0, in_map, 1, w_map))
-    return Local(deps, lin, pairs) if deps else None
-
-
-# -- normalisation layers ---------------------------------------------------------------------
-
-
-def layer_norm(name: str, args: tuple, kwargs: dict, out: Any) -> Any:
-    x, normalized_shape, weight, bias = args[:4]
-    if not isinstance(x, State) or not x.dependent:
-        if not any(isinstance(s, State) and s.dependent for s in (weight, bias)):
-            return None
-        return _dense(name, args, kwargs, out)
-    k = len(normalized_shape)
-    dl = list(range(len(x.shape) - k, len(x.shape)))
-    gid, ng = _group_ids(x.shape, dl)
-    L = groups(gid, ng)
-    res = []
-    for i, meta in enumerate(out):
-        if not _is_float(meta):
-            res.append(None)
-            continue
-        if i == 0:
-            deps, lin = [x], [(0, Compose(Gather(gid, ng), L))]
-            pairs = [Pair(0, L, 0, L, owner=groups(gid, ng))]
-            per = _numel(normalized_shape)
-            for p in (weight, bias):
-                if isinstance(p, State) and p.dependent:
-                    deps.append(p)
-                    pm = Gather(np.arange(x.numel) % per, per)
-                    lin.append((len(deps) - 1, pm))
-                    if p is weight:
-                        pairs.append(Pair(0, lin[0][1], len(deps) - 1, pm))
-            res.append(Local(deps, lin, pairs))
-        else:  # mean (linear) and rstd (nonlinear) per group
-            mshape = _shape(meta)
-            assert _numel(mshape) == ng, "layer_norm statistics: unexpected size"
-            res.append(Local([x], [(0, L)], [Pair(0, L, 0, L)] if i == 2 else []))
-    return res
-
-
 # -- dispatch ----------------------------------------------------------------------------------
 
 for _n in LINEAR_REDUCTIONS | NONLINEAR_REDUCTIONS:
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: reduction(_n, args, kwargs, out)
 for _n in ("_softmax", "_log_softmax", "cumsum", "cumprod", "logcumsumexp", "sort", "topk"):
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: along_dim(_n, args, kwargs, out)
-for _n in ("mm", "bmm", "addmm", "baddbmm", "mv", "dot"):
-    _RULES[_n] = lambda op, args, kwargs, out, _n=_n: matmul_rule(_n, args, kwargs, out)
 for _n in SELECTION:
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: selection(op, _n, args, kwargs, out)
 for _n in LINEAR_POINTWISE | {"mul", "div"}:
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: pointwise(_n, args, kwargs, out)
-_RULES["convolution"] = lambda op, args, kwargs, out: convolution("convolution", args, kwargs, out)
-_RULES["native_layer_norm"] = lambda op, args, kwargs, out: layer_norm(
-    "native_layer_norm", args, kwargs, out
-)
 for _n in ("scatter_add", "scatter_reduce"):
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: (
         scatter_add(_n, args, kwargs, out)
@@ -686,3 +508,8 @@ def apply_rule(op: Any, args: tuple, kwargs: dict, out: Any) -> Any:
 
 def has_rule(name: str) -> bool:
     return name in _RULES
+
+
+# The layer rules (matrix products, convolution, normalisation, pooling) register
+# themselves in _RULES; imported last because they use the helpers above.
+from hesse.sparsity import _layers  # noqa: E402, F401
