@@ -1,8 +1,9 @@
 """Run a function on N local processes joined by a process group (tests, benchmarks, trials).
 
 This is a small stand-in for ``torchrun`` on one machine: it spawns the ranks,
-sets the usual environment (``MASTER_ADDR``, ``MASTER_PORT`` on a free port,
-``RANK``, ``WORLD_SIZE``), initialises ``torch.distributed`` with a timeout,
+sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``, initialises ``torch.distributed``
+with a timeout (rendezvous through a file store in a fresh temporary directory, so
+that concurrent launches, e.g. under pytest-xdist, never race for a TCP port),
 runs ``fn(*args)`` on every rank and hands back what each rank returned or
 raised. Production jobs use ``torchrun`` (see docs/distributed.md).
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -45,17 +45,10 @@ class RankResult:
     seconds: float | None
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _entry(
     rank: int,
     world_size: int,
-    port: int,
+    store: str,
     backend: str,
     timeout: float,
     num_threads: int | None,
@@ -66,8 +59,6 @@ def _entry(
     import torch.distributed as dist
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
@@ -78,7 +69,11 @@ def _entry(
     start = time.perf_counter()
     try:
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+            backend,
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
         )
         start = time.perf_counter()
         out["value"] = fn(*args)
@@ -136,13 +131,22 @@ def launch(
             "hesse",
         ]
     )
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="hesse-launch-") as tmp:
         paths = [os.path.join(tmp, f"rank{r}.pkl") for r in range(nprocs)]
         procs = [
             ctx.Process(
                 target=_entry,
-                args=(r, nprocs, port, backend, timeout, num_threads, fn, tuple(args), paths[r]),
+                args=(
+                    r,
+                    nprocs,
+                    os.path.join(tmp, "store"),
+                    backend,
+                    timeout,
+                    num_threads,
+                    fn,
+                    tuple(args),
+                    paths[r],
+                ),
                 daemon=True,
             )
             for r in range(nprocs)
