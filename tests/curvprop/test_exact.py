@@ -311,3 +311,13 @@ def test_errors(gen):
         per_sample_diagonal(model, loss, x, y, params={})
     with pytest.raises(TypeError, match="expected a floating-point tensor"):
         per_sample_diagonal(model, loss, x, y, params={"0.bias": torch.zeros(5, dtype=torch.long)})
+
+
+def test_trace_cache_never_mixes_up_losses(gen):
+    """Two lambdas in a row may share an id once the first is freed; the cache must not."""
+    model = nn.Sequential(nn.Linear(3, 2)).to(D)
+    x, y = torch.randn(4, 3, generator=gen, dtype=D), torch.randn(4, 2, generator=gen, dtype=D)
+    for power in (2, 4, 2):
+        loss = lambda o, t, k=power: ((o - t) ** k).sum()  # noqa: E731
+        got = flat({k: v.sum(0) for k, v in per_sample_diagonal(model, loss, x, y).items()})
+        torch.testing.assert_close(got, dense_diagonal(model, loss, x, y), rtol=0, atol=1e-10)

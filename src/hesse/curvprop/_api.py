@@ -111,11 +111,11 @@ def prepare(call: str, model, loss_fn, params, inputs, targets) -> Traced:
     """Trace ``loss_fn(model(x), y)`` for curvature propagation (raises UnsupportedGraph)."""
     try:
         key = _trace_key(model, loss_fn, params, inputs, targets)
-        cached = _TRACES.get(model, {}).get(key)
+        entry = _TRACES.get(model, {}).get(key)
     except TypeError:  # unhashable state: no caching
-        key, cached = None, None
-    if cached is not None:
-        return cached
+        key, entry = None, None
+    if entry is not None and entry[0] is loss_fn:
+        return entry[1]
     names = list(params)
     others = _others(model, params)
     scale = _split_scale(model, loss_fn, params, inputs, targets) if inputs.shape[0] > 1 else 1.0
@@ -140,7 +140,8 @@ def prepare(call: str, model, loss_fn, params, inputs, targets) -> Traced:
     lplan = plan(gm_l, [0])
     tr = Traced(names, onames, mplan, lplan, 1.0 if scale is None else scale, per_sample)
     if key is not None:
-        _TRACES.setdefault(model, {})[key] = tr
+        # The entry holds loss_fn itself, so its id cannot be reused while cached.
+        _TRACES.setdefault(model, {})[key] = (loss_fn, tr)
     return tr
 
 
