@@ -15,9 +15,9 @@ sum of each group's basis vectors (a *seed*) yields all entries of that group.
 * Jacobian, direct recovery: a distance-1 colouring of the column-intersection
   graph (columns in one group share no row), Curtis, Powell & Reid (1974).
 
-All colourings are greedy in *largest-first* order (ties broken by index
-modulo a small period, then by index), so a hub vertex (arrowhead) is coloured
-first. The greedy rules are the sequential ones; they are executed in rounds,
+All colourings are greedy in *largest-first* order, so a hub vertex
+(arrowhead) is coloured first; ties are broken by index (natural order). The
+greedy rules are the sequential ones; they are executed in rounds,
 Jones & Plassmann (1993) style: a vertex is coloured once every vertex before it
 in the order and within the rules' reach (distance 1 for distance-1 colourings,
 distance 3 for star colourings) is coloured. Vertices of one round cannot see
@@ -28,6 +28,16 @@ result equals the sequential greedy colouring in that order. The star rules
 ``w``'s colour) forbid exactly the colours that would close a two-coloured path
 on four vertices whose last-coloured vertex is ``v``.
 
+Natural order makes a chain (a path graph would need ``n`` rounds), so for
+``n > SEGMENT`` the index range is cut into segments coloured side by side, and a
+few other tie-break keys (index modulo 2, 3, 4) are tried as well; the colouring
+with the fewest colours is kept, stopping early at a cheap lower bound (3 for a star
+colouring of a graph with a path on four vertices, the size of a clique around a
+top-degree vertex). Afterwards the highest colour class is recoloured (star) or
+Culberson's iterated greedy runs (distance-1) while that removes a colour. Cost:
+``O(nnz(G^3))`` work for a star colouring (``G^3``: pairs within distance 3),
+``O(nnz(G))`` for distance-1, in about ``SEGMENT`` vectorised rounds per order.
+
 References:
     Curtis, A. R., Powell, M. J. D. & Reid, J. K. (1974). On the estimation of sparse
     Jacobian matrices. IMA J. Appl. Math. 13.
@@ -37,6 +47,8 @@ References:
     Comput. 14(3).
     Gebremedhin, A. H., Manne, F. & Pothen, A. (2005). What color is your Jacobian? Graph
     coloring for computing derivatives. SIAM Review 47(4).
+    Culberson, J. C. (1992). Iterated greedy graph coloring and the difficulty landscape.
+    Tech. Rep. TR 92-07, University of Alberta.
 """
 
 from __future__ import annotations

@@ -233,3 +233,16 @@ def test_value_dependent_index_is_conservative(gen):
     x = torch.randn(4, generator=gen, dtype=torch.float64)
     detected = hesse.hessian_sparsity(f)(x).to_dense()
     assert not (dense_hessian_pattern(f, x, gen, points=5) & ~detected).any()
+
+
+def test_detached_values_are_unknown_not_zero(gen):
+    # an index computed from x.detach() depends on x's values: the rule must not
+    # evaluate it (with placeholder zeros) as if it were a constant
+    def f(x):
+        i = (x.detach().abs() * 100).long() % 4
+        return (x[i] ** 2).sum()
+
+    x = torch.randn(4, generator=gen, dtype=torch.float64)
+    detected = hesse.hessian_sparsity(f)(x).to_dense()
+    assert not (dense_hessian_pattern(f, x, gen, points=6) & ~detected).any()
+    assert detected.diagonal().all()

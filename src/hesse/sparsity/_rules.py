@@ -465,7 +465,7 @@ VALUE_FREE = {
     "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_empty_strided",
     "scalar_tensor", "full", "zeros", "ones", "empty", "empty_strided", "arange", "linspace",
     "eye", "rand", "randn", "randint", "randperm", "empty_permuted", "sym_size", "sym_numel",
-    "sym_stride", "_assert_async", "_assert_scalar", "detach",
+    "sym_stride", "_assert_async", "_assert_scalar",
 }
 # fmt: on
 # fmt: off
