@@ -268,3 +268,19 @@ def test_argument_errors(gen):
         ValueError, match=r"hesse.jacobian_sparsity\(f\)\(x\): argnums=2 is out of range"
     ):
         hesse.jacobian_sparsity(SP.rosenbrock, argnums=2)(x)
+
+
+def test_too_dense_patterns_are_a_memory_error(gen, monkeypatch):
+    import hesse.sparsity._maps as maps
+
+    monkeypatch.setattr(maps, "MAX_ENTRIES", 50)
+    x = torch.randn(10, generator=gen, dtype=torch.float64)
+    f = lambda x: x.sum() ** 4  # noqa: E731 - a dense Hessian: 100 entries
+    with pytest.raises(
+        MemoryError,
+        match=r"hesse.sparse_hessian\(f\)\(x\): the Hessian pattern would hold.*dense path",
+    ):
+        hesse.sparse_hessian(f)(x)
+    with pytest.warns(SparsityFallbackWarning, match="dense HVPs"):
+        d = hesse.hessian_diagonal(f)(x)
+    _close(d, hessian(f)(x).diagonal())

@@ -47,6 +47,7 @@ from hesse._validation import (
     fail,
     normalize_argnums,
 )
+from hesse.sparsity._maps import PatternTooLarge
 from hesse.sparsity._propagate import Propagation
 from hesse.sparsity._tracing import trace
 
@@ -141,8 +142,33 @@ def _vector_problem(f: Callable, args: tuple, argnums: Any, call: str) -> _Vecto
     return _Vector(fn, x, flat, m)
 
 
-def _detect(g: Callable, x: torch.Tensor, call: str) -> Propagation:
-    return Propagation(trace(g, x, call=call), x.numel())
+class _Detected:
+    """Patterns of a traced function; a pattern too dense to store becomes a MemoryError."""
+
+    def __init__(self, g: Callable, x: torch.Tensor, call: str) -> None:
+        self.call = call
+        self.prop = self._guard(lambda: Propagation(trace(g, x, call=call), x.numel()))
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except PatternTooLarge as err:
+            fail(
+                self.call,
+                f"{err}. Use the dense path (hesse.hessian, or hessian_diagonal with "
+                "method='dense'), or pass pattern= if you know a sparser one.",
+                MemoryError,
+            )
+
+    def hessian(self) -> sp.csr_matrix:
+        return self._guard(self.prop.hessian)
+
+    def jacobian(self) -> sp.csr_matrix:
+        return self._guard(self.prop.jacobian)
+
+
+def _detect(g: Callable, x: torch.Tensor, call: str) -> _Detected:
+    return _Detected(g, x, call)
 
 
 # -- colourings of a pattern, cached ----------------------------------------------------
@@ -515,7 +541,7 @@ def _diag_auto(prob: DiagonalProblem) -> torch.Tensor:
     if prob.pattern is None:
         try:
             P = _detect(engine.g, engine.x, prob.call).hessian()
-        except NotImplementedError as err:
+        except (NotImplementedError, MemoryError) as err:
             warnings.warn(
                 f"{prob.call}: no sparsity pattern ({str(err).split(': ', 1)[-1][:160]}...); "
                 f"using {n} dense HVPs instead. Pass pattern= to use the sparse path.",

@@ -32,6 +32,22 @@ import scipy.sparse as sp
 
 _keys = count()
 
+#: Largest number of stored entries (or pair products) a pattern may reach; beyond it
+#: the pattern is effectively dense and :class:`PatternTooLarge` is raised instead.
+MAX_ENTRIES = 2**28
+
+
+class PatternTooLarge(MemoryError):
+    """A propagated pattern would exceed :data:`MAX_ENTRIES` entries."""
+
+
+def check_size(entries: int, what: str) -> None:
+    if entries > MAX_ENTRIES:
+        raise PatternTooLarge(
+            f"the {what} would hold about {entries:.3g} entries (limit {MAX_ENTRIES:.3g}): "
+            "the function is effectively dense"
+        )
+
 
 def empty(rows: int, n: int) -> sp.csr_matrix:
     return sp.csr_matrix((rows, n), dtype=bool)
@@ -62,6 +78,7 @@ def gather_rows(J: sp.csr_matrix, idx: np.ndarray) -> sp.csr_matrix:
     new_indptr = np.zeros(len(idx) + 1, dtype=np.int64)
     np.cumsum(lens, out=new_indptr[1:])
     total = int(new_indptr[-1])
+    check_size(total, "Jacobian pattern of an intermediate tensor")
     if total:
         offs = np.arange(total, dtype=np.int64) + np.repeat(starts - new_indptr[:-1], lens)
         new_indices = J.indices[offs]

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 from torch.fx import GraphModule, Node
 
-from hesse.sparsity._maps import Local, State, identity, select_rows, union
+from hesse.sparsity._maps import Local, State, check_size, identity, select_rows, union
 from hesse.sparsity._rules import VALUE_FREE, apply_rule, is_inplace, op_name
 
 
@@ -184,6 +184,7 @@ class Propagation:
         if out.J is not None:
             live[out.key] = np.ones(out.numel, dtype=bool)
         blocks: list[sp.spmatrix] = []
+        products = 0  # an upper bound on the entries found so far
         for state, local in reversed(self.records):
             m = live.get(state.key)
             if m is None or not m.any():
@@ -201,6 +202,8 @@ class Propagation:
                 B = select_rows(pair.map_b.apply(local.inputs[pair.b].J), lt)
                 if A.nnz == 0 or B.nnz == 0:
                     continue
+                products += int(np.dot(np.diff(A.indptr), np.diff(B.indptr)))
+                check_size(products, "Hessian pattern")
                 blocks.append((A.T.tocsr() @ B).tocsr())
         if not blocks:
             return sp.csr_matrix((n, n), dtype=bool)
