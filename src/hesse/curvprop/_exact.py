@@ -78,11 +78,14 @@ def reduce_to(block: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class Propagation:
-    """State of one curvature backpropagation: node values, gradients, columns.
+    """One curvature backpropagation over one or more graphs (the loss, then the model).
 
-    ``values[node]``: forward value; ``grads[node]``: ``dL/dnode`` (list of slots for
-    tuple-valued nodes); ``cols[node][source]``: the ``(K, *shape)`` columns of one
-    source at that node (list of slots for tuple-valued nodes); ``signs[source]``.
+    :meth:`forward` evaluates a graph and keeps every node's value and VJP;
+    :meth:`backward` sweeps it from the output with the gradient ``dL/dnode`` and
+    the columns ``cols[node][source]`` (``(K, *shape)``; lists of slots for
+    tuple-valued nodes). Sources, their signs ``signs[source]`` (``(K,)``) and the
+    parameters they can reach (``relevant[source]``) live here, so columns can pass
+    from one graph to the next.
     """
 
     def __init__(self) -> None:
