@@ -161,6 +161,12 @@ def _equivalence_then_failures() -> dict[str, Any]:
     # (0) fewer batches than ranks: every rank refuses at construction, none hangs.
     attempt("too few batches", lambda: hd.GGNOperator(model, ce, data[:2]))
 
+    # (0') rank 1 alone is refused at construction (a parameter it does not have).
+    attempt(
+        "one rank refused",
+        lambda: hd.FisherOperator(model, ce, data, params=["nope"] if rank == 1 else None),
+    )
+
     # (a) rank 1 raises in the middle of a data pass; the group stays usable.
     def boom(module: Any, args: Any) -> None:
         raise ValueError("boom: a bad batch on rank 1")
@@ -265,6 +271,8 @@ def test_three_ranks_unequal_shards_and_failures() -> None:
             "ValueError: hesse.distributed.GGNOperator(model, loss_fn, data): data has 2 batch(es) "
             "for 3 ranks"
         ), f["too few batches"][0]
+    assert f1["one rank refused"][0].startswith("ValueError: hesse.FisherOperator"), f1
+    assert "rank(s) 1 of 3 raised an error" in f0["one rank refused"][0], f0
     # (a) the raising rank re-raises its own error; the others stop at once, naming it.
     assert f1["raise"][0] == "ValueError: boom: a bad batch on rank 1"
     assert f0["raise"][0].startswith("DistributedError: hesse.distributed.HessianOperator")

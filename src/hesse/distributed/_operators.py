@@ -95,7 +95,8 @@ class _DataParallel:
                     "Move the model with model.to(f'cuda:{local_rank}') or use the gloo backend.",
                 )
         except Exception:
-            exchange(ctx, call, [0.0], failed=True)
+            # The same width as the healthy ranks' exchange below: collectives must match.
+            exchange(ctx, call, [0.0] * len(self._AGREEMENT), failed=True)
             raise
         self._call = call
         mine = self._agreement()
@@ -103,12 +104,19 @@ class _DataParallel:
         for j, (what, _) in enumerate(mine):
             check_same(ctx, call, what, table[:, j])
 
+    #: what every rank's operator must agree on, checked at construction.
+    _AGREEMENT = (
+        "the number of parameters",
+        "the parameter values (a checksum)",
+        "the Monte-Carlo seed (seed the generators alike)",
+    )
+
     def _agreement(self) -> list[tuple[str, float]]:
-        """What every rank's operator must agree on, checked at construction."""
-        return [
-            ("the number of parameters", float(self.shape[0])),
-            ("the parameter values (a checksum)", checksum(self._x)),  # type: ignore[attr-defined]
-        ]
+        values = [float(self.shape[0]), checksum(self._x), self._mc_seed()]  # type: ignore[attr-defined]
+        return list(zip(self._AGREEMENT, values))
+
+    def _mc_seed(self) -> float:
+        return 0.0
 
     @property
     def rank(self) -> int:
@@ -341,6 +349,5 @@ class FisherOperator(_DataParallel, _model.FisherOperator):
 
         self._setup(init, data, process_group=process_group, sharded=sharded, timeout=timeout)
 
-    def _agreement(self) -> list[tuple[str, float]]:
-        seed = float(self._seed % 2**52)
-        return [*super()._agreement(), ("the Monte-Carlo seed (seed the generators alike)", seed)]
+    def _mc_seed(self) -> float:
+        return float(self._seed % 2**52)
