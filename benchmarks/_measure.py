@@ -68,18 +68,23 @@ def _reset_peak() -> int | None:
     return None if rss is None else rss * 1024
 
 
-def peak_memory(fn: Callable[[], Any]) -> tuple[Any, float, int | None]:
-    """Run ``fn()`` once; return its result, its wall time and its peak RSS growth (bytes)."""
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, float, float, int | None]:
+    """Run ``fn()`` once; return its result, wall and CPU time, and peak RSS growth (bytes)."""
     gc.collect()
     if _libc is not None:
         _libc.malloc_trim(0)
     base = _reset_peak()
-    start = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - start
+    result, wall, cpu = timed(fn)
     hwm = _status_kib("VmHWM")
     peak = None if base is None or hwm is None else max(0, hwm * 1024 - base)
-    return result, elapsed, peak
+    return result, wall, cpu, peak
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()``, its wall time and the CPU time this process spent in it."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(
@@ -98,33 +103,36 @@ def measure(
     repeated and its first run is its time (slow baselines are timed once).
 
     Returns:
-        ``{name: {"time_s", "peak_mem_bytes", "repeats", **summarize(first result)}}``.
+        ``{name: {"time_s", "peak_mem_bytes", "cpu_s", "repeats", **summarize(first result)}}``:
+        medians of wall time and of this process's CPU time (the CPU time is the
+        steadier of the two on a machine shared with other work).
     """
-    first: dict[str, float] = {}
+    first: dict[str, tuple[float, float]] = {}
     peaks: dict[str, int | None] = {}
     extra: dict[str, dict[str, Any]] = {}
     for name, fn in calls.items():
-        result, first[name], peaks[name] = peak_memory(fn)
+        result, wall, cpu, peaks[name] = peak_memory(fn)
+        first[name] = (wall, cpu)
         extra[name] = summarize(result) if summarize is not None else {}
         del result
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    slow = {name for name, t in first.items() if t * repeats > max_seconds}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    slow = {name for name, (wall, _) in first.items() if wall * repeats > max_seconds}
     for _ in range(repeats):
         for name, fn in calls.items():
             if name in slow:
                 continue
             gc.collect()
-            start = time.perf_counter()
-            result = fn()
-            times[name].append(time.perf_counter() - start)
+            result, wall, cpu = timed(fn)
+            samples[name].append((wall, cpu))
             del result
     out = {}
     for name in calls:
-        samples = times[name] or [first[name]]
+        taken = samples[name] or [first[name]]
         out[name] = {
-            "time_s": statistics.median(samples),
+            "time_s": statistics.median(w for w, _ in taken),
             "peak_mem_bytes": peaks[name],
-            "repeats": len(samples),
+            "cpu_s": statistics.median(c for _, c in taken),
+            "repeats": len(taken),
             **extra[name],
         }
     return out

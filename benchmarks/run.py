@@ -37,9 +37,10 @@ SUITES = ("core", "sparse", "operators", "spectra", "distributed", "curvprop")
 BASE_COLUMNS = ("workload", "method", "time_s", "ratio", "peak_mem_bytes")
 HIDDEN = {"reference", "suite", "repeats"}
 HEADER = (
-    "time: median wall time over interleaved repeats (s) | ratio: time / hesse's time on the "
-    "same workload, this run | peak mem: growth of the process RSS high-water mark during the "
-    "method's first call (Linux VmHWM, reset per call; n/a elsewhere)"
+    "time: median wall time over interleaved repeats | ratio: time / hesse's time on the same "
+    "workload, this run | peak mem: growth of the process RSS high-water mark during the "
+    "method's first call (Linux VmHWM, reset per call; n/a elsewhere) | cpu_s: median CPU "
+    "time of this process (steadier than wall time on a shared machine), cpu_ratio its ratio"
 )
 
 
@@ -80,13 +81,17 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         named = [r for r in group if str(r["method"]).startswith("hesse")]
         ref = (marked or named or [None])[0]
         ref_time = None if ref is None else ref.get("time_s")
+        ref_cpu = None if ref is None else ref.get("cpu_s")
         for row in group:
-            if row.get("ratio") is not None:
-                continue
-            t = row.get("time_s")
-            ok = t is not None and ref_time is not None and ref_time > 0
-            row["ratio"] = t / ref_time if ok else None
+            if row.get("ratio") is None:
+                row["ratio"] = _ratio(row.get("time_s"), ref_time)
+            if row.get("cpu_s") is not None:
+                row["cpu_ratio"] = _ratio(row["cpu_s"], ref_cpu)
     return rows
+
+
+def _ratio(t: float | None, ref: float | None) -> float | None:
+    return t / ref if t is not None and ref is not None and ref > 0 else None
 
 
 # -- printing ------------------------------------------------------------------------
@@ -122,7 +127,7 @@ def _fmt(value: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One text table: the base columns, then every extra key in order of appearance."""
-    extras: list[str] = []
+    extras: list[str] = [c for c in ("cpu_s", "cpu_ratio") if any(c in row for row in rows)]
     for row in rows:
         for key in row:
             if (
@@ -139,9 +144,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         line = []
         for c in columns:
             v = row.get(c)
-            if c == "time_s":
+            if c in ("time_s", "cpu_s"):
                 line.append(_fmt_time(v))
-            elif c == "ratio":
+            elif c in ("ratio", "cpu_ratio"):
                 line.append("-" if v is None else f"{v:.2f}x")
             elif c == "peak_mem_bytes":
                 line.append(
@@ -151,7 +156,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 line.append(_fmt(v))
         cells.append(line)
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    right = {"time_s", "ratio", "peak_mem_bytes"}
+    right = {"time_s", "ratio", "peak_mem_bytes", "cpu_s", "cpu_ratio"}
 
     def render(r: list[str]) -> str:
         parts = [

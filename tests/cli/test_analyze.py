@@ -141,6 +141,11 @@ def two():
     return model, loss
 
 
+def once():
+    model, loss, data = factory()
+    return model, loss, iter(data)
+
+
 def frozen():
     model, loss, data = factory()
     model.requires_grad_(False)
@@ -198,6 +203,8 @@ def test_user_factory_run(user_file, tmp_path):
         ),
         (lambda f: ["--model", f"{f}:frozen"], "the model has no trainable parameters"),
         (lambda f: ["--model", f"{f}:nothing"], "has no callable 'nothing'"),
+        (lambda f: ["--model", f"{f}:once"], "data is a one-shot iterator"),
+        (lambda f: ["--device", "no-such-device"], "--device 'no-such-device' is not usable here"),
         (lambda f: ["--model", str(f)], "expects path/to/file.py:factory"),
         (lambda f: ["--trace-matvecs", "0"], "--trace-matvecs must be a positive integer, got 0"),
         (lambda f: ["--eig-matvecs", "-3"], "--eig-matvecs must be a positive integer, got -3"),

@@ -53,8 +53,8 @@ BUDGETS = {
     "lanczos_steps": (60, 20),
     "layer_matvecs": (60, 20),
 }
-#: fractions of the final matvec count at which eigsh is re-run for the convergence plot.
-HISTORY_FRACTIONS = (0.125, 0.25, 0.5)
+#: eigsh is re-run at up to this many smaller budgets for the convergence plot.
+HISTORY_POINTS = 6
 #: diagonals longer than this are summarised in report.json, not listed.
 MAX_LISTED = 100_000
 
@@ -82,6 +82,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", default="hesse-report", help="output folder (default ./hesse-report)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random probe (default 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for the embedded model, whose products are too "
+        "small to gain from threads; torch's default with --model)",
+    )
     p.add_argument("--quick", action="store_true", help="small budgets and a smaller default model")
     for name, (full, quick) in BUDGETS.items():
         p.add_argument(
@@ -147,9 +154,15 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             flag = "--" + name.replace("_", "-")
             raise AnalyzeError(f"{flag} must be a positive integer, got {value}.")
         out[name] = value
+    threads = args.threads if args.threads is not None else (1 if args.model is None else None)
+    if threads is not None:
+        if threads < 1:
+            raise AnalyzeError(f"--threads must be a positive integer, got {threads}.")
+        torch.set_num_threads(threads)
+    out["threads"] = torch.get_num_threads()
     try:
         torch.empty(0, device=args.device)
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError, AssertionError) as err:  # no CUDA build: AssertionError
         raise AnalyzeError(f"--device {args.device!r} is not usable here: {_line(err)}") from err
     return out
 
@@ -234,6 +247,16 @@ def _place(
             t = t.to(cast)
         return t.to(device)
 
+    try:
+        one_shot = iter(data) is data
+    except TypeError:
+        raise AnalyzeError(
+            f"data must be an iterable of (inputs, targets) batches, got a {type(data).__name__}."
+        ) from None
+    if one_shot:
+        raise AnalyzeError(
+            "data is a one-shot iterator, but every product re-reads the data: return a list of batches or a DataLoader."
+        )
     if isinstance(data, (list, tuple)):
         data = [tree_map(move, batch) for batch in data]
         if not data:
@@ -449,28 +472,38 @@ def _top_eigenvalues(
         "num_matvecs": int(res.num_matvecs),
         "warnings": [str(w.message).splitlines()[0] for w in caught],
     }
-    if history:  # eigsh is deterministic given the seed: a smaller budget is a prefix of the run
-        points = []
-        op.quiet = True
-        for frac in HISTORY_FRACTIONS:
-            spent = int(res.num_matvecs * frac)
-            if spent < k + 4:
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                partial = hesse.eigsh(op, k, which="LA", max_matvecs=spent, generator=gen())
-            points.append(
-                {
-                    "num_matvecs": int(partial.num_matvecs),
-                    "eigenvalues": partial.eigenvalues.tolist(),
-                }
-            )
-        op.quiet = False
-        points.append(
-            {"num_matvecs": int(res.num_matvecs), "eigenvalues": res.eigenvalues.tolist()}
-        )
-        out["history"] = points
+    if history:
+        out["history"] = _history(hesse, op, k, res, gen)
     return out
+
+
+def _history(hesse: Any, op: Any, k: int, res: Any, gen: Callable) -> list[dict[str, Any]]:
+    """Eigenvalue estimates after fewer products: eigsh re-run with smaller budgets.
+
+    eigsh is deterministic given the seed, so a run stopped at a smaller budget is
+    the same iteration cut short: its Ritz values are the estimates the full run had
+    at that point. Budgets are multiples of the block size, at most
+    ``HISTORY_POINTS`` of them, evenly spread (cost: about ``HISTORY_POINTS / 2``
+    times the final run's products).
+    """
+    n = op.shape[0]
+    block = min(1 if k == 1 else min(k, 4), n - k)
+    total = int(res.num_matvecs)
+    steps = total // block
+    stride = max(1, -(-steps // HISTORY_POINTS))
+    budgets = [i * block for i in range(stride, steps, stride) if i * block >= k]
+    points = []
+    op.quiet = True  # re-runs do not move the progress bar
+    for budget in budgets:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            partial = hesse.eigsh(op, k, which="LA", max_matvecs=budget, generator=gen())
+        points.append(
+            {"num_matvecs": int(partial.num_matvecs), "eigenvalues": partial.eigenvalues.tolist()}
+        )
+    op.quiet = False
+    points.append({"num_matvecs": total, "eigenvalues": res.eigenvalues.tolist()})
+    return points
 
 
 def _estimate(est: Any, method: str) -> dict[str, Any]:

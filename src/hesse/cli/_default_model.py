@@ -27,7 +27,9 @@ STEPS = 400
 QUICK_STEPS = 60
 #: samples used by ``--quick`` (the full run uses all 1,797).
 QUICK_SAMPLES = 256
-BATCH_SIZE = 512
+#: samples per batch (8 batches in a full run, 2 with ``--quick``: enough for 2+ ranks).
+BATCH_SIZE = 256
+QUICK_BATCH_SIZE = 128
 
 
 def digits_mlp(
@@ -42,7 +44,7 @@ def digits_mlp(
 
     Returns:
         The trained model (in eval mode), ``nn.CrossEntropyLoss()`` and the data as
-        a list of ``(inputs, targets)`` batches of at most 512 samples.
+        a list of ``(inputs, targets)`` batches of 256 samples (128 with ``quick``).
 
     Cost: ``STEPS`` full-batch forward and backward passes (about a second on a CPU).
 
@@ -70,8 +72,9 @@ def digits_mlp(
     loss_fn = nn.CrossEntropyLoss()
     _adam(model, lambda: loss_fn(model(X), y), QUICK_STEPS if quick else STEPS)
     model.eval()
+    size = QUICK_BATCH_SIZE if quick else BATCH_SIZE
     data: list[tuple[Any, Any]] = [
-        (X[i : i + BATCH_SIZE], y[i : i + BATCH_SIZE]) for i in range(0, X.shape[0], BATCH_SIZE)
+        (X[i : i + size], y[i : i + size]) for i in range(0, X.shape[0], size)
     ]
     return model, loss_fn, data
 

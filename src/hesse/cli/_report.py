@@ -56,8 +56,11 @@ def _plot_density(ax: Any, report: dict[str, Any]) -> None:
     grid, density = sd["grid"], sd["density"]
     ax.plot(grid, density, color="C0")
     ax.fill_between(grid, density, alpha=0.25, color="C0")
+    # Below the smoothing width the density has no detail: linear there, log beyond.
     spread = max(abs(g) for g in grid) or 1.0
-    ax.set_xscale("symlog", linthresh=max(spread * 1e-4, 1e-12))
+    lin = max(sd["sigma"], spread * 1e-6, 1e-12)
+    ax.set_xscale("symlog", linthresh=lin)
+    _symlog_ticks(ax, lin, min(grid), max(grid))
     ax.set_yscale("log")
     positive = [d for d in density if d > 0]
     if positive:
@@ -78,15 +81,27 @@ def _plot_diagonals(ax: Any, report: dict[str, Any]) -> None:
         return
     everything = [v for _, vals in series for v in vals]
     top = max(abs(v) for v in everything) or 1.0
-    lin = max(top * 1e-6, 1e-12)
+    lin = max(top * 1e-4, 1e-12)
     edges = _symlog_edges(min(everything), max(everything), lin)
     for label, vals in series:
         ax.hist(vals, bins=edges, alpha=0.55, label=label)
-    ax.set_xscale("symlog", linthresh=lin)
+    ax.set_xscale("symlog", linthresh=lin, linscale=2)
+    _symlog_ticks(ax, lin, min(everything), max(everything))
     ax.set_yscale("log")
     ax.set_xlabel("diagonal entry (symmetric log scale)")
     ax.set_ylabel("count")
     ax.legend()
+
+
+def _symlog_ticks(ax: Any, lin: float, low: float, high: float, most: int = 9) -> None:
+    """Ticks at 0 and at powers of ten beyond the linear region (no crowding around 0)."""
+    first = math.floor(math.log10(lin)) + 1
+    pos = [10.0**e for e in range(first, math.floor(math.log10(max(high, lin))) + 1)]
+    neg = [-(10.0**e) for e in range(first, math.floor(math.log10(max(-low, lin))) + 1)]
+    ticks = sorted([*neg, 0.0, *pos])
+    while len(ticks) > most:
+        ticks = [t for i, t in enumerate(ticks) if i % 2 == 0 or t == 0.0]
+    ax.set_xticks(ticks)
 
 
 def _symlog_edges(low: float, high: float, lin: float, bins: int = 60) -> list[float]:
