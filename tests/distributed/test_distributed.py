@@ -144,6 +144,8 @@ def _equivalence() -> dict[str, Any]:
 
 def _equivalence_then_failures() -> dict[str, Any]:
     out = _equivalence()
+    # More ranks than columns: rank 2 computes none and still takes part in the gather.
+    out["tiny hessian"] = hd.hessian(lambda x: (x**3).sum())(torch.tensor([1.0, 2.0], dtype=DT))
     rank = dist.get_rank()
     model, data, ce = _model(), _data(), torch.nn.CrossEntropyLoss()
     H = hd.HessianOperator(model, ce, data, timeout=2.0)
@@ -265,6 +267,9 @@ def test_three_ranks_unequal_shards_and_failures() -> None:
     _compare(ranks[:2])
 
     assert all(r.value["info"]["sharded equals round-robin"] for r in ranks[:2])
+    for res in ranks[:2]:
+        expected = torch.diag(torch.tensor([6.0, 12.0], dtype=DT))
+        torch.testing.assert_close(res.value["tiny hessian"], expected, rtol=0, atol=0)
     f0, f1 = ranks[0].value["failures"], ranks[1].value["failures"]
     for f in (f0, f1):
         assert f["too few batches"][0].startswith(
