@@ -297,22 +297,27 @@ def diagonals(
 
 def _brute_force(call, model, loss_fn, params, inputs, targets, per_sample: bool):
     """The exact diagonal from one HVP per parameter (per sample, or for the batch loss)."""
-    from hesse._hvp import FlatHVP, basis_rows
+    from hesse._hvp import FlatHVP, basis_rows, tensor_rows
 
     def loss(p, x, y):
-        return loss_fn(functional_call(model, p, (x,)), y)
+        return loss_fn(functional_call(model, {**_others(model, p), **p}, (x,)), y)
+
+    def diagonal(x, y) -> torch.Tensor:
+        op = FlatHVP(loss, (dict(params), x, y), 0, call=call)
+        n = op.n
+
+        def products(r: torch.Tensor) -> torch.Tensor:  # (H e_i)_i for a chunk of e_i
+            return (op.apply(r.shape[0], tensor_rows(r)) * r).sum(1)
+
+        chunk = max(1, min(n, 2**22 // max(1, n)))  # about 32 MiB of float64 basis rows
+        return map_chunks(products, None, n, basis_rows(n, op.x), chunk_size=chunk, call=call)
 
     if not per_sample:
-        op = FlatHVP(loss, (dict(params), inputs, targets), 0, call=call)
-        return torch.diagonal(op.apply(op.n, basis_rows(op.n, op.x)))
+        return diagonal(inputs, targets)
     scale = _split_scale(model, loss_fn, params, inputs, targets)
     if scale is None:
         _not_split(call)
-    rows = []
-    for i in range(inputs.shape[0]):
-        x, y = inputs[i : i + 1], targets[i : i + 1]
-        op = FlatHVP(loss, (dict(params), x, y), 0, call=call)
-        rows.append(torch.diagonal(op.apply(op.n, basis_rows(op.n, op.x))) * scale)
+    rows = [diagonal(inputs[i : i + 1], targets[i : i + 1]) * scale for i in range(len(inputs))]
     return torch.stack(rows)
 
 
