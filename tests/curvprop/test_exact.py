@@ -287,9 +287,11 @@ def test_untraceable_model_falls_back(gen):
     x, y = torch.randn(4, 3, generator=gen, dtype=D), torch.randint(0, 2, (4,), generator=gen)
     with pytest.warns(CurvpropFallbackWarning, match="tracing failed"):
         got = engine_diagonal(model, nn.CrossEntropyLoss(), x, y)
-    torch.testing.assert_close(
-        got, dense_diagonal(model, nn.CrossEntropyLoss(), x, y), rtol=0, atol=1e-12
-    )
+    ref = dense_diagonal(model, nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    with pytest.warns(CurvpropFallbackWarning, match="brute-force exact diagonal"):
+        per = per_sample_diagonal(model, nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(flat({k: v.sum(0) for k, v in per.items()}), ref, rtol=0, atol=1e-12)
 
 
 # -- errors --------------------------------------------------------------------------------
