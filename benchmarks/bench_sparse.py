@@ -224,12 +224,17 @@ def _colors(method: str, hesse_colors: int, asdex_colors: int | None, n: int) ->
     return n
 
 
-def run(quick: bool) -> list[dict[str, Any]]:
-    """All (workload, method) rows; see the module docstring."""
+def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
+    """All (workload, method) rows; see the module docstring.
+
+    ``only``: run just the workloads whose name contains this text.
+    """
     prepare_process(threads=None)
     rows: list[dict[str, Any]] = []
     repeats = 3 if quick else 5
     for wname, spec in workloads(quick).items():
+        if only is not None and only not in wname:
+            continue
         n = spec["n"]
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(n, generator=gen, dtype=torch.float64) * 0.5
@@ -286,8 +291,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - one suite alone, rows as JSON lines
+    import json
     import sys
 
-    for r in run("--quick" in sys.argv):
-        print(r)
+    torch.set_num_threads(1)
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
+    for r in run("--quick" in sys.argv, only=only):
+        print(json.dumps(r, default=str), flush=True)
