@@ -7,19 +7,23 @@ wrong, and neither may leave a rank waiting forever:
 
 * **A rank raises** while computing its part (a bad batch, out of memory, a bug).
   Every step is guarded: the failing rank still joins the step's collective,
-  contributing a failure flag in a slot of its own (the flags travel in the same
-  buffer as the data, so a healthy step costs no extra message), and then
-  re-raises its own exception. The other ranks see the flag and raise
-  :class:`DistributedError` naming the failed rank(s), at once.
+  contributing a failure flag in a slot of its own, and then re-raises its own
+  exception. The other ranks see the flag and raise :class:`DistributedError`
+  naming the failed rank(s), at once. Where the part's shape is known to every
+  rank up front (the dense Hessian's column blocks) the flags travel in the same
+  buffer as the data (:func:`gather_rows`); where it is not (a data pass, whose
+  result shape only the per-batch function knows) a small status table goes
+  first (:func:`exchange`) and the data follows (:func:`all_reduce_`).
 * **A rank disappears or stalls** (killed, crashed outside hesse, stopped calling
   the same functions). Every collective waits at most ``timeout`` (the process
   group's own timeout unless one is given), then the waiting ranks raise
   :class:`DistributedError`; a crashed peer usually closes its connections and the
   error comes sooner.
 
-Guarded steps also check that every rank passed the same input vectors (a
-checksum rides along in the buffer): a rank that drew its random probes from an
-unseeded source would otherwise silently corrupt the answer.
+Status tables also carry a checksum of the step's input vectors, so that every
+rank can check that all passed the same ones (:func:`check_same`): a rank that
+drew its random probes from an unseeded source would otherwise silently
+corrupt the answer.
 """
 
 from __future__ import annotations
