@@ -55,13 +55,16 @@ def _split_scale(model, loss_fn, params, inputs, targets) -> float | None:
     def one(p, x, y):
         return loss_fn(functional_call(model, {**_others(model, p), **p}, (x[None],)), y[None])
 
+    def summed(p):
+        try:  # vectorised over the samples ...
+            return vmap(one, in_dims=(None, 0, 0))(p, inputs, targets).sum()
+        except Exception:  # noqa: BLE001 - ... or one by one where vmap cannot run the model
+            return torch.stack([one(p, x, y) for x, y in zip(inputs, targets)]).sum()
+
     try:
-        with torch.no_grad():
-            whole = total(params)
-            each = vmap(one, in_dims=(None, 0, 0))(params, inputs, targets)
-        g_whole = grad(total)(params)
-        g_sum = grad(lambda p: vmap(one, in_dims=(None, 0, 0))(p, inputs, targets).sum())(params)
-    except Exception:  # noqa: BLE001 - a model vmap cannot split is treated as one unit
+        whole, g_whole = total(params).detach(), grad(total)(params)
+        each, g_sum = summed(params).detach(), grad(summed)(params)
+    except Exception:  # noqa: BLE001 - a model that cannot run per sample is one unit
         return None
     tol = 1e3 * torch.finfo(whole.dtype).eps  # rounding of a batch sum, not a real mismatch
 
@@ -69,7 +72,7 @@ def _split_scale(model, loss_fn, params, inputs, targets) -> float | None:
         return bool((a - b).norm() <= tol * (a.norm() + b.norm()) + torch.finfo(a.dtype).tiny)
 
     for c in (1.0, 1.0 / n):
-        if close(whole, c * each.sum()) and all(close(g_whole[k], c * g_sum[k]) for k in g_whole):
+        if close(whole, c * each) and all(close(g_whole[k], c * g_sum[k]) for k in g_whole):
             return c
     return None
 
