@@ -29,7 +29,7 @@ result equals the sequential greedy colouring in that order. The star rules
 on four vertices whose last-coloured vertex is ``v``.
 
 Natural order makes a chain (a path graph would need ``n`` rounds), so for
-``n > SEGMENT`` the index range is cut into segments coloured side by side, and a
+``n > SMALL`` the index range is cut into segments coloured side by side, and a
 few other tie-break keys (index modulo 2, 3, 4) are tried as well; the colouring
 with the fewest colours is kept, stopping early at a cheap lower bound (3 for a star
 colouring of a graph with a path on four vertices, the size of a clique around a
@@ -54,6 +54,8 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import numpy as np
 import scipy.sparse as sp
@@ -100,18 +102,26 @@ def _expand(A: sp.csr_matrix, verts: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return pos, A.indices[np.repeat(starts, lens) + offs].astype(np.int64)
 
 
-# Rounds of the colouring loop: the order is natural within segments of this many
-# vertices, and the segments are coloured side by side (NOTE [colouring]).
+# Rounds of the colouring loop: up to SMALL vertices are coloured in exact natural
+# order; larger graphs are cut into segments of at most SEGMENT vertices, run in
+# natural order side by side (NOTE [colouring]); up to NATURAL vertices the exact
+# natural order is one more candidate.
+SMALL = 64
+NATURAL = 1024
 SEGMENT = 256
+
+
+def _segment(n: int) -> int:
+    return n if n <= SMALL else min(SEGMENT, max(SMALL, 2 * math.isqrt(n)))
 
 
 def _order(A: sp.csr_matrix, period: int = 0) -> np.ndarray:
     """Rank of every vertex: largest degree first, ties broken by a vertex key.
 
-    ``period == 0``: natural order within segments of ``SEGMENT`` vertices, the
-    segments coloured side by side (exactly largest-first with ties by index when
-    ``n <= SEGMENT``); ``period > 0``: ties by ``(index mod period, index)``. Both keep
-    the number of rounds near ``SEGMENT`` or below.
+    ``period == 0``: natural order within segments (:func:`_segment`), the segments
+    coloured side by side (exactly largest-first with ties by index when
+    ``n <= SMALL``); ``period > 0``: ties by ``(index mod period, index)``. Both keep
+    the number of rounds near the segment length.
     """
     n = A.shape[0]
     deg = np.diff(A.indptr)
@@ -119,7 +129,7 @@ def _order(A: sp.csr_matrix, period: int = 0) -> np.ndarray:
     if period:
         order = np.lexsort((idx, idx % period, -deg))
     else:
-        seg = max(SEGMENT, -(-n // 4096))
+        seg = _segment(n)
         order = np.lexsort((idx // seg, idx % seg, -deg))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
@@ -301,7 +311,7 @@ class _Greedy:
 def _best(A: sp.csr_matrix, star: bool, kind: str) -> Coloring:
     """The greedy colouring with the fewest colours among a few tie-break orders.
 
-    Graphs with at most ``SEGMENT`` vertices get the exact largest-first greedy; larger
+    Graphs with at most ``SMALL`` vertices get the exact largest-first greedy; larger
     ones try the segmented natural order and a few periodic orders (each a full
     greedy colouring, NOTE [colouring]) and keep the best, stopping early at a lower
     bound or when the graph is large.
@@ -310,7 +320,9 @@ def _best(A: sp.csr_matrix, star: bool, kind: str) -> Coloring:
     best: Coloring | None = None
     reach = None
     candidates = _STAR_CANDIDATES if star else _DISTANCE1_CANDIDATES
-    for period in candidates if A.shape[0] > SEGMENT else (0,):
+    if A.shape[0] <= NATURAL:
+        candidates = (*candidates, 1)  # period 1: the exact natural order, n rounds
+    for period in candidates if A.shape[0] > SMALL else (0,):
         g = _Greedy(A, star=star, period=period, reach=reach)
         g.colour()
         if star:
