@@ -224,8 +224,10 @@ class Shared(nn.Module):
         self.tied = nn.Linear(3, 3)
         self.seq = nn.Linear(3, 3)
         self.head = nn.Linear(3, 2)
+        self.unused = nn.Linear(3, 3)
 
     def forward(self, x):
+        self.unused(x)  # called, but its output never reaches the loss
         h = torch.tanh(self.twice(torch.tanh(self.twice(x))))
         h = self.tied(h) + torch.sin(h @ self.tied.weight)  # weight used outside its module
         h = self.seq(torch.stack([h, h.cos()], 1)).sum(1)  # (N, 2, 3) inputs
@@ -246,7 +248,8 @@ def test_exact_ggn_diagonal_on_shared_and_functional_weights(loss, gen):
     ref = G.to_dense().diagonal()
     torch.testing.assert_close(hesse.diagonal(G), ref, rtol=0, atol=1e-10)
     # only the head takes the fast path; the check rejected the functionally used weight
-    assert set(G._linear_plan) == {"head."}
+    assert set(G._linear_plan) == {"head.", "unused."}
+    assert hesse.diagonal(G)[-12:].abs().max() == 0  # unused.weight and unused.bias
     F = hesse.FisherOperator(
         model, loss_fn, data, kind="empirical", params=["tied.weight", "head.bias"]
     )

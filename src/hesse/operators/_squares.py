@@ -115,8 +115,14 @@ def batch_factor_squares(
         and rec[0][1].requires_grad
     }
     if fast and verify:
-        (g0,) = torch.autograd.grad(out, x, cot[0], retain_graph=True)
-        deltas0 = torch.autograd.grad(out, [o for _, o in fast.values()], cot[0], retain_graph=True)
+        # A random combination of all K columns, so that no use of a weight outside
+        # its module can hide in a column that happens not to reach it.
+        gen = torch.Generator(device=cot.device).manual_seed(0)
+        r = torch.randn(K, generator=gen, device=cot.device, dtype=cot.dtype)
+        c = torch.tensordot(r, cot, dims=1)
+        (g0,) = torch.autograd.grad(out, x, c, retain_graph=True)
+        outs0 = [o for _, o in fast.values()]
+        deltas0 = _grads(out, outs0, c, batched=False)
         for (p, (a, _)), d in zip(list(fast.items()), deltas0):
             for suffix, value in (("weight", d.T @ a), ("bias", d.sum(0))):
                 name = p + suffix
@@ -133,9 +139,9 @@ def batch_factor_squares(
     if fast:
         outs = [o for _, o in fast.values()]
         if K == 1:
-            deltas = [d.unsqueeze(0) for d in torch.autograd.grad(out, outs, cot[0])]
+            deltas = [d.unsqueeze(0) for d in _grads(out, outs, cot[0], batched=False)]
         else:
-            deltas = torch.autograd.grad(out, outs, cot, is_grads_batched=True)
+            deltas = _grads(out, outs, cot, batched=True)
         for (p, (a, _)), d in zip(fast.items(), deltas):
             d2 = d.detach().square()  # (K, N, out)
             a2 = a.detach().square()  # (N, in)
@@ -159,6 +165,17 @@ def batch_factor_squares(
         sq = _generic(op, inputs, S, idx, chunk_size=chunk_size, per_column=per_column, call=call)
         result[..., idx] = sq
     return result
+
+
+def _grads(
+    out: torch.Tensor, wrt: list[torch.Tensor], cot: torch.Tensor, *, batched: bool
+) -> list[torch.Tensor]:
+    """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``."""
+    grads = torch.autograd.grad(
+        out, wrt, cot, retain_graph=True, allow_unused=True, is_grads_batched=batched
+    )
+    lead = (cot.shape[0],) if batched else ()
+    return [g if g is not None else w.new_zeros(*lead, *w.shape) for g, w in zip(grads, wrt)]
 
 
 def _generic(
