@@ -264,3 +264,23 @@ def test_exact_ggn_diagonal_needs_independent_samples(gen):
     G = hesse.GGNOperator(model, nn.MSELoss(), data)
     with pytest.raises(NotImplementedError, match="BatchNorm layer in train mode"):
         hesse.diagonal(G)
+
+
+def test_exact_ggn_diagonal_conv_layers(gen):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).to(DT)
+    X = torch.randn(5, 2, 8, 8, generator=gen, dtype=DT)
+    Y = torch.randint(0, 3, (5,), generator=gen)
+    G = hesse.GGNOperator(model, nn.CrossEntropyLoss(), [(X[:3], Y[:3]), (X[3:], Y[3:])])
+    torch.testing.assert_close(hesse.diagonal(G), G.to_dense().diagonal(), rtol=0, atol=1e-10)
+    assert set(G._linear_plan) == {"0.", "2.", "4."}
+    cols = G._factor_squares(G._factor, per_column=True)  # the path "mc" uses
+    torch.testing.assert_close(cols.sum(0), G.to_dense().diagonal(), rtol=0, atol=1e-10)
+    est = hesse.diagonal(G, method="mc", num_matvecs=3, generator=gen)
+    assert est.value.shape == (G.shape[0],) and torch.isfinite(est.stderr).all()

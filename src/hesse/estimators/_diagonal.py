@@ -80,9 +80,10 @@ def diagonal(
         \\sum_{n,k} (J_n^\\top s_{nk})^2` with per-sample VJPs vectorised over the
         ``K`` columns of the output-Hessian factor ``S`` (``K = C`` classes for
         cross-entropy, ``D`` outputs for MSE/BCE, 1 for the empirical Fisher),
-        no layer list. Parameters of ``nn.Linear`` modules take a fast path (one
+        no layer list. Parameters of ``nn.Linear`` and ``nn.Conv2d`` modules take a
+        fast path (one
         backward pass batched over the ``K`` columns, then one matrix product of
-        squared activations and squared backpropagated factors per layer; see
+        activations (or patches) and backpropagated factors per layer; see
         NOTE [linear fast path]); all others cost ``N * K`` per-sample VJPs,
         vectorised. One data pass either way;
       * function Hessians (:func:`hesse.hessian_operator`): for ``n`` above

@@ -8,14 +8,16 @@ A parameter of an ``nn.Linear`` that is called once per forward pass on ``(N, in
 inputs has per-sample VJPs ``delta_nk a_n^T`` (weight) and ``delta_nk`` (bias),
 with ``a_n`` the module's input and ``delta_nk`` the VJP at its output. Their
 squares sum to ``(sum_k delta_nk^2)^T a_n^2``: one matrix product, never a
-per-sample gradient in memory. The ``delta``s of all such modules come from one
-backward pass batched over the ``K`` columns (``is_grads_batched``). Modules are
+per-sample gradient in memory. An ``nn.Conv2d`` (``groups=1``) is the same with
+``a_n`` replaced by its unfolded patches, ``delta_nk U_n^T`` per sample (formed
+one column ``k`` at a time). The ``delta``s of all such layers come from one
+backward pass batched over the ``K`` columns (``is_grads_batched``). Layers are
 found with forward hooks, so the model's structure is free (residual branches,
 functional code around the modules). Because a weight could also be used outside
-its module (tied or functional use), the first batch of every pass checks that
-``delta_n0 a_n^T`` summed over samples equals the true gradient for column 0;
-modules that fail the check, are called more than once, or see inputs with extra
-dimensions, go to the generic path.
+its module (tied or functional use), the first batch checks, for a random
+combination of the columns, that the layer rule's gradient equals the true
+gradient; layers that fail the check, are called more than once, or see inputs of
+another rank, go to the generic path.
 
 Every other parameter takes the generic path: per-sample VJPs
 (``torch.func.vjp`` of the model on one sample, vmapped over the ``K`` columns
@@ -40,8 +42,21 @@ from hesse._validation import fail
 Factor = Callable[[int, torch.Tensor, Any], torch.Tensor]
 
 
-def _linear_candidates(op: Any) -> dict[str, nn.Linear]:
-    """Linear modules owning selected parameters that are not shared with other modules."""
+def _rule(mod: nn.Module) -> _Rule | None:
+    if type(mod) is nn.Linear:
+        return _LINEAR
+    if (
+        type(mod) is nn.Conv2d
+        and mod.groups == 1
+        and mod.padding_mode == "zeros"
+        and not isinstance(mod.padding, str)
+    ):
+        return _CONV2D
+    return None
+
+
+def _linear_candidates(op: Any) -> dict[str, nn.Module]:
+    """Layers with a rule owning selected parameters that are not shared with other modules."""
     selected = set(op.param_names)
     uses: dict[int, int] = {}
     for mod in op.model.modules():
@@ -49,7 +64,7 @@ def _linear_candidates(op: Any) -> dict[str, nn.Linear]:
             uses[id(p)] = uses.get(id(p), 0) + 1
     out = {}
     for name, mod in op.model.named_modules():
-        if type(mod) is not nn.Linear:
+        if _rule(mod) is None:
             continue
         owned = [p for p in (mod.weight, mod.bias) if p is not None]
         if any(uses[id(p)] > 1 for p in owned):
@@ -106,13 +121,11 @@ def batch_factor_squares(
     S = factor(index, out.detach(), targets).detach()
     N, _, K = S.shape
     cot = S.permute(2, 0, 1).reshape(K, *out.shape)
+    rules = {p: _rule(mod) for p, mod in candidates.items()}
     fast = {
         p: rec[0]
         for p, rec in records.items()
-        if len(rec) == 1
-        and rec[0][0].dim() == 2
-        and rec[0][1].dim() == 2
-        and rec[0][1].requires_grad
+        if len(rec) == 1 and rec[0][1].requires_grad and rules[p].accepts(candidates[p], *rec[0])
     }
     if fast and verify:
         # A random combination of all K columns, so that no use of a weight outside
@@ -124,7 +137,8 @@ def batch_factor_squares(
         outs0 = [o for _, o in fast.values()]
         deltas0 = _grads(out, outs0, c, batched=False)
         for (p, (a, _)), d in zip(list(fast.items()), deltas0):
-            for suffix, value in (("weight", d.T @ a), ("bias", d.sum(0))):
+            grads = rules[p].gradient(candidates[p], a.detach(), d)
+            for suffix, value in grads.items():
                 name = p + suffix
                 if name not in offsets:
                     continue
@@ -143,12 +157,7 @@ def batch_factor_squares(
         else:
             deltas = _grads(out, outs, cot, batched=True)
         for (p, (a, _)), d in zip(fast.items(), deltas):
-            d2 = d.detach().square()  # (K, N, out)
-            a2 = a.detach().square()  # (N, in)
-            parts = {
-                "weight": torch.einsum("kno,ni->koi", d2, a2) if per_column else d2.sum(0).T @ a2,
-                "bias": d2.sum(1) if per_column else d2.sum((0, 1)),
-            }
+            parts = rules[p].squares(candidates[p], a.detach(), d.detach(), per_column)
             for suffix, value in parts.items():
                 name = p + suffix
                 if name in offsets:
@@ -165,6 +174,70 @@ def batch_factor_squares(
         sq = _generic(op, inputs, S, idx, chunk_size=chunk_size, per_column=per_column, call=call)
         result[..., idx] = sq
     return result
+
+
+class _Rule:
+    """Per-sample gradients of one layer type, from its input ``a`` and output VJP ``d``."""
+
+    def accepts(self, mod: nn.Module, a: torch.Tensor, z: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def gradient(self, mod: nn.Module, a: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch gradient for one cotangent (``d`` shaped like the output)."""
+        raise NotImplementedError
+
+    def squares(
+        self, mod: nn.Module, a: torch.Tensor, d: torch.Tensor, per_column: bool
+    ) -> dict[str, torch.Tensor]:
+        """``sum_{n,k}`` of squared per-sample gradients (``d``: ``(K, *output)``)."""
+        raise NotImplementedError
+
+
+class _LinearRule(_Rule):
+    """Per-sample gradients ``d_n a_n^T`` and ``d_n``: squares sum to ``(d^2)^T a^2``."""
+
+    def accepts(self, mod, a, z):
+        return a.dim() == 2 and z.dim() == 2
+
+    def gradient(self, mod, a, d):
+        return {"weight": d.T @ a, "bias": d.sum(0)}
+
+    def squares(self, mod, a, d, per_column):
+        d2, a2 = d.square(), a.square()  # (K, N, out), (N, in)
+        if per_column:
+            return {"weight": torch.einsum("kno,ni->koi", d2, a2), "bias": d2.sum(1)}
+        return {"weight": d2.sum(0).T @ a2, "bias": d2.sum((0, 1))}
+
+
+class _Conv2dRule(_Rule):
+    """Per-sample gradients ``d_n U_n^T`` with ``U_n`` the unfolded input patches."""
+
+    def accepts(self, mod, a, z):
+        return a.dim() == 4 and z.dim() == 4
+
+    def _unfold(self, mod: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.unfold(
+            a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride
+        )  # (N, C * kh * kw, P)
+
+    def gradient(self, mod, a, d):
+        U = self._unfold(mod, a)
+        dp = d.reshape(d.shape[0], d.shape[1], -1)  # (N, O, P)
+        return {"weight": torch.einsum("nop,ncp->oc", dp, U), "bias": dp.sum((0, 2))}
+
+    def squares(self, mod, a, d, per_column):
+        U = self._unfold(mod, a).transpose(1, 2)  # (N, P, C * kh * kw)
+        dp = d.reshape(*d.shape[:3], -1)  # (K, N, O, P)
+        K = d.shape[0]
+        weight, bias = [], []
+        for k in range(K):  # one (N, O, C * kh * kw) block of per-sample gradients at a time
+            weight.append(torch.bmm(dp[k], U).square().sum(0))
+            bias.append(dp[k].sum(2).square().sum(0))
+        w, b = torch.stack(weight), torch.stack(bias)
+        return {"weight": w, "bias": b} if per_column else {"weight": w.sum(0), "bias": b.sum(0)}
+
+
+_LINEAR, _CONV2D = _LinearRule(), _Conv2dRule()
 
 
 def _grads(
