@@ -17,6 +17,7 @@ A pattern can be computed once (``hessian_sparsity``) and passed back with
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,7 +180,9 @@ _CACHE_SIZE = 16
 
 def _cached(kind: str, P: sp.csr_matrix, make: Callable[[], Any]) -> Any:
     """``make()``, cached on ``kind`` and the pattern's content (colourings, recovery maps)."""
-    key = (kind, P.shape, P.nnz, hash(P.indptr.tobytes()), hash(P.indices.tobytes()))
+    digest = hashlib.blake2b(P.indptr.tobytes(), digest_size=16)
+    digest.update(P.indices.tobytes())
+    key = (kind, P.shape, P.nnz, digest.hexdigest())
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
