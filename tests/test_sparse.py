@@ -284,3 +284,13 @@ def test_too_dense_patterns_are_a_memory_error(gen, monkeypatch):
     with pytest.warns(SparsityFallbackWarning, match="dense HVPs"):
         d = hesse.hessian_diagonal(f)(x)
     _close(d, hessian(f)(x).diagonal())
+
+
+def test_a_sparse_result_is_a_valid_pattern(gen):
+    # a stored entry that happens to be 0 at one point must stay in the pattern
+    f = lambda x: (x[0] * x[1]) ** 2 + x.sin().sum()  # noqa: E731 - H_01 = 4 x0 x1
+    x = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    Hs = hesse.sparse_hessian(f)(x)
+    assert Hs.to_dense()[0, 1] == 0
+    y = torch.randn(3, generator=gen, dtype=torch.float64)
+    _close(hesse.sparse_hessian(f, pattern=Hs)(y).to_dense(), hessian(f)(y))

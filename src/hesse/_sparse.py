@@ -68,7 +68,8 @@ def _to_torch(P: sp.spmatrix) -> torch.Tensor:
 
 
 def _from_torch(call: str, pattern: Any, shape: tuple[int, int]) -> sp.csr_matrix:
-    """Validate a user pattern (dense or sparse tensor, nonzero = structurally nonzero)."""
+    """Validate a user pattern: a dense tensor (its nonzeros) or a sparse one (its stored
+    entries, e.g. the result of a sparse transform, whose zeros at one point stay in)."""
     if not isinstance(pattern, torch.Tensor):
         fail(
             call,
@@ -87,9 +88,12 @@ def _from_torch(call: str, pattern: Any, shape: tuple[int, int]) -> sp.csr_matri
     if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
         t = t.to_sparse_coo()
     if t.layout == torch.sparse_coo:
+        # every stored entry is structural (a stored 0.0 may be a zero at one point only),
+        # except an explicit False of a boolean pattern
         t = t.coalesce()
         idx = t.indices().numpy()
-        keep = (t.values() != 0).numpy()
+        vals = t.values()
+        keep = vals.numpy() if vals.dtype == torch.bool else np.ones(len(vals), dtype=bool)
         rows, cols = idx[0][keep], idx[1][keep]
     else:
         rows, cols = np.nonzero((t != 0).numpy())
