@@ -92,7 +92,7 @@ def measure(
     *,
     repeats: int,
     max_seconds: float,
-    summarize: Callable[[Any], dict[str, Any]] | None = None,
+    summarize: Callable[[str, Any], dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Median wall time and peak memory of each call, timed side by side.
 
@@ -103,7 +103,7 @@ def measure(
     repeated and its first run is its time (slow baselines are timed once).
 
     Returns:
-        ``{name: {"time_s", "peak_mem_bytes", "cpu_s", "repeats", **summarize(first result)}}``:
+        ``{name: {"time_s", "peak_mem_bytes", "cpu_s", "repeats", **summarize(name, first result)}}``:
         medians of wall time and of this process's CPU time (the CPU time is the
         steadier of the two on a machine shared with other work).
     """
@@ -113,7 +113,7 @@ def measure(
     for name, fn in calls.items():
         result, wall, cpu, peaks[name] = peak_memory(fn)
         first[name] = (wall, cpu)
-        extra[name] = summarize(result) if summarize is not None else {}
+        extra[name] = summarize(name, result) if summarize is not None else {}
         del result
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     slow = {name for name, (wall, _) in first.items() if wall * repeats > max_seconds}
