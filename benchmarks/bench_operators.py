@@ -232,7 +232,9 @@ def _diag_rows(name: str, build: Callable, quick: bool) -> list[dict[str, Any]]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BackPACK's full-backward-hook notices
-        res = measure(calls_exact, repeats=repeats, max_seconds=20, summarize=lambda d: {"d": d})
+        res = measure(
+            calls_exact, repeats=repeats, max_seconds=20, summarize=lambda *named: {"d": named[-1]}
+        )
         for method, m in res.items():
             err = float((m.pop("d") - exact).abs().max())
             rows.append(
@@ -245,7 +247,9 @@ def _diag_rows(name: str, build: Callable, quick: bool) -> list[dict[str, Any]]:
                     note="error: max |d - hesse exact|",
                 )
             )
-        res = measure(calls_mc, repeats=repeats, max_seconds=20, summarize=lambda d: {"d": d})
+        res = measure(
+            calls_mc, repeats=repeats, max_seconds=20, summarize=lambda *named: {"d": named[-1]}
+        )
         for method, m in res.items():
             err = float((m.pop("d") - exact).norm() / exact.norm())
             rows.append(
