@@ -227,6 +227,7 @@ def execute(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    suite_seconds: dict[str, float] = {}
     if args.smoke:  # tiny core subset, for the tests
         from benchmarks import bench_core
 
@@ -234,7 +235,9 @@ def execute(args: argparse.Namespace) -> int:
     else:
         for name in suites:
             print(f"[hesse bench] running suite {name!r}...", file=sys.stderr, flush=True)
+            suite_start = time.perf_counter()
             suite_rows, reason = run_suite(name, args.quick)
+            suite_seconds[name] = round(time.perf_counter() - suite_start, 1)
             if reason is not None:
                 skipped[name] = reason
             rows.extend(suite_rows)
@@ -251,6 +254,7 @@ def execute(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "elapsed_s": round(elapsed, 2),
+        "suite_seconds": suite_seconds,
     }
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     print(
@@ -262,7 +266,10 @@ def execute(args: argparse.Namespace) -> int:
     print(format_table(rows) if rows else "(no rows)")
     for name, reason in skipped.items():
         print(f"suite {name}: skipped, {reason}")
-    print(f"total {elapsed:.1f} s")
+    ran = ", ".join(
+        f"{name} {sec:.0f} s" for name, sec in suite_seconds.items() if name not in skipped
+    )
+    print(f"total {elapsed:.1f} s" + (f" ({ran})" if ran else ""))
     if args.json_path:
         payload = {"settings": settings, "skipped": skipped, "rows": rows}
         Path(args.json_path).write_text(json.dumps(payload, indent=2, default=str))

@@ -96,3 +96,11 @@ def test_unknown_suite_is_refused(capsys):
 
     assert main(["bench", "--only", "nonsense"]) == 2
     assert "unknown suite(s) nonsense" in capsys.readouterr().err
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmarks_are(monkeypatch, capsys):
+    from hesse.cli import _bench, main
+
+    monkeypatch.setattr(_bench, "find_benchmarks", lambda: None)
+    assert main(["bench", "--quick"]) == 2
+    assert "the benchmarks/ folder was not found" in capsys.readouterr().err

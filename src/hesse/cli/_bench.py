@@ -46,8 +46,8 @@ def add_parser(sub: Any) -> None:
     runner = _runner()
     if runner is not None:
         runner.add_arguments(parser)  # the runner owns its options
-    else:
-        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    else:  # any options are accepted, then run() explains what is missing
+        parser.set_defaults(accepts_unknown=True)
     parser.set_defaults(run=run)
 
 
