@@ -111,6 +111,10 @@ class Propagation:
             if not ni.active or ni.name == "getitem":
                 env[ni.node] = ni.call(env)
                 continue
+            fast = _rearrangement_vjp(ni, env)
+            if fast is not None:
+                env[ni.node], vjps[ni.node] = ni.call(env), (fast, [0], False)
+                continue
             env[ni.node], vjps[ni.node] = _vjp(ni, env)
         return {"env": env, "vjps": vjps, "plan": p}
 
@@ -242,6 +246,34 @@ class Propagation:
 
 
 # -- helpers ---------------------------------------------------------------------------
+def _rearrangement_vjp(ni: NodeInfo, env):
+    """The VJP of a view-like op written out, or None.
+
+    Views, permutations and broadcasts are most of the nodes of a traced model;
+    writing their transposes by hand spares a ``torch.func.vjp`` per node.
+    """
+    if ni.active != [0] or not isinstance(ni.node.args[0], fx.Node):
+        return None
+    x = env[ni.node.args[0]]
+    shape, name, args = x.shape, ni.name, ni.node.args
+    if name in ("view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "squeeze_dims"):
+        return lambda cots: (cots[0].reshape(shape),)
+    if name in ("clone", "alias", "contiguous", "lift_fresh_copy"):
+        return lambda cots: (cots[0],)
+    if name == "expand":
+        return lambda cots: (cots[0].sum_to_size(shape),)
+    if name == "permute":
+        dims = [d % x.dim() for d in args[1]]
+        inverse = [dims.index(i) for i in range(len(dims))]
+        return lambda cots: (cots[0].permute(inverse),)
+    if name in ("transpose", "t"):
+        d0, d1 = (args[1], args[2]) if name == "transpose" else (0, 1)
+        if x.dim() < 2:
+            return lambda cots: (cots[0],)
+        return lambda cots: (cots[0].transpose(d0, d1),)
+    return None
+
+
 def _mm_grads(p: Plan, ni: NodeInfo, env, g, grads, *, skip_targets: bool) -> None:
     """Gradients through ``mm``/``addmm`` by hand, skipping parameters whose gradient is unused.
 
