@@ -1,15 +1,18 @@
 """Hessian-vector products of a function at a point, on one flat vector.
 
 # NOTE [strategies]
-``forward-over-reverse`` (``jvp`` of ``grad``, vmapped over tangents) is the
-default: one pass carries the primal and a batch of tangents. Operators without
-forward-mode AD, and functions that ``vmap`` cannot batch in the forward pass
-(in-place updates of captured tensors, BatchNorm in train mode), fall back to
-``reverse-over-reverse``: the gradient graph is built once with plain autograd and
-every chunk of products is one batched double-backward through it
-(``is_grads_batched``), so the forward pass is never batched at all. If even the
-batched backward fails, :func:`hesse._chunking.map_chunks` loops. Whatever path
-runs, the products are the same (tests check it).
+Two strategies compute the same products. ``reverse-over-reverse`` builds the
+gradient graph once with plain autograd (``create_graph``) and runs every chunk
+of products as one batched double-backward through it (``is_grads_batched``):
+the forward pass runs once and is never batched, so in-place updates of captured
+tensors and BatchNorm in train mode are no obstacle. ``forward-over-reverse``
+(``jvp`` of ``grad``, vmapped over tangents) carries a batch of tangents through
+one forward and backward pass per chunk. ``auto`` starts with the former, races
+the two on large jobs (NOTE [strategy race]) and hands over to the other whenever
+one fails (an operator without forward-mode AD, a function ``vmap`` cannot
+batch, a missing double-backward). If the batched products fail in every
+strategy, :func:`hesse._chunking.map_chunks` loops, with one warning. Whatever
+path runs, the products are the same (tests check it).
 
 :class:`FlatHVP` is the one HVP engine: ``hesse.hessian``, ``hesse.hvp``,
 sparse Hessians, diagonals and function operators all use it.
@@ -43,6 +46,9 @@ from hesse._validation import (
 MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 
 RowSource = Callable[[int, int], torch.Tensor]
+
+#: fewer products than this run without a strategy race (NOTE [strategy race]).
+RACE_MIN_ROWS = 2048
 
 
 class FlatHVP:
@@ -147,14 +153,25 @@ class FlatHVP:
 
         # NOTE [memory estimate]
         One gradient evaluation is run under an allocation counter (its result is
-        kept: reverse-over-reverse reuses its graph, ``hvp`` returns the gradient).
+        kept: reverse-over-reverse reuses its graph, ``hvp`` returns the gradient;
+        ``4 x`` also covers the graph that ``create_graph`` keeps).
         A product carries a tangent through the forward and the backward pass, so it
         allocates about as much as one gradient again per vector, plus the shared
         primal; ``4 x`` the gradient's total allocation bounds that from above.
         Total allocation already exceeds the peak, so the estimate is conservative.
         """
         if self._row_bytes is None:
-            _, used = allocated_bytes(lambda: self.gradient)
+            used = None
+            if self.mode != "forward-over-reverse" and self._graph is None:
+                try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
+                    _, used = allocated_bytes(self._revrev_graph)
+                except Exception:  # noqa: BLE001 - NOTE [strategies]
+                    if self.mode != "auto":
+                        raise
+                    self.mode = "forward-over-reverse"
+            if used is None:
+                gr, used = allocated_bytes(lambda: grad(self.g)(self.x))
+                self._gradient = gr.detach()  # type: ignore[union-attr]
             self._row_bytes = 4 * used + 4 * self.n * self.x.element_size()
         return self._row_bytes
 
@@ -168,40 +185,42 @@ class FlatHVP:
             call=self.call,
         )
 
-    def _settle(self, rows: RowSource, probe: int, race: bool, out: torch.Tensor) -> int:
+    def _settle(self, rows: RowSource, first: int, race: bool, out: torch.Tensor) -> int:
         """Settle ``auto`` on the first products, written into ``out``; return their count.
 
         # NOTE [strategy race]
-        Which strategy is faster depends on the function: reverse-over-reverse
-        reuses the forward pass and skips the tangents of the forward outputs
-        (``sum(sin(x))``: about 2x fewer flops), forward-over-reverse avoids
-        differentiating the backward graph. When there are enough products to
-        amortise it (``race``), the first ``probe`` rows run forward-over-reverse and
-        the next ``probe`` rows reverse-over-reverse, both timed, and the faster
-        does the rest. The race spends no extra products: both chunks are part of
-        the result.
+        Reverse-over-reverse goes first: its gradient graph is built once (and
+        already was, to size the chunks), it reuses the forward pass across all
+        chunks and skips the tangents of the forward outputs (``sum(sin(x))``:
+        about 2x fewer flops than forward-over-reverse). Forward-over-reverse can
+        win on wide layers, where differentiating the backward graph costs more
+        than carrying tangents forward. When there are enough products to amortise
+        a race (``race``), ``first`` rows run reverse-over-reverse and the next
+        ``first`` forward-over-reverse, both timed, and the faster does the rest.
+        The race spends no extra products: both chunks are part of the result.
+        Any failure of one strategy hands over to the other (NOTE [strategies]).
         """
-        try:
-            start = time.perf_counter()
-            out[:probe] = self._fwdrev_batched(rows(0, probe))
-            fwd_time = time.perf_counter() - start
-        except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
-            self.mode = "reverse-over-reverse"
-            out[:probe] = self._run(self._revrev_batched, self._revrev_single, rows(0, probe))
-            return probe
-        self.mode = "forward-over-reverse"
-        if not race:
-            return probe
         try:
             self._revrev_graph()
             start = time.perf_counter()
-            out[probe : 2 * probe] = self._revrev_batched(rows(probe, 2 * probe))
+            out[:first] = self._revrev_batched(rows(0, first))
             rev_time = time.perf_counter() - start
-        except Exception:  # noqa: BLE001 - reverse-over-reverse unavailable: keep forward
-            return probe
-        if rev_time < fwd_time:
-            self.mode = "reverse-over-reverse"
-        return 2 * probe
+        except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
+            self.mode = "forward-over-reverse"
+            out[:first] = self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
+            return first
+        self.mode = "reverse-over-reverse"
+        if not race:
+            return first
+        try:
+            start = time.perf_counter()
+            out[first : 2 * first] = self._fwdrev_batched(rows(first, 2 * first))
+            fwd_time = time.perf_counter() - start
+        except Exception:  # noqa: BLE001 - forward-over-reverse unavailable: keep reverse
+            return first
+        if fwd_time < rev_time:
+            self.mode = "forward-over-reverse"
+        return 2 * first
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         """One product ``H @ v`` for a flat ``(n,)`` vector, with the current strategy.
@@ -257,11 +276,12 @@ class FlatHVP:
             rows = basis_rows(self.n, self.x, capacity=chunk_size)
         done = 0
         if self.mode == "auto":
-            # NOTE [strategy race]: each racer takes an eighth of the first chunk.
-            probe = min(k, max(1, min(512, chunk_size // 8)))
+            # NOTE [strategy race]: race only where a racer's share is small.
+            probe = max(1, min(512, chunk_size // 8))
+            race = k >= RACE_MIN_ROWS and k >= 4 * probe
             if out is None:
                 out = self.x.new_empty((k, self.n))
-            done = self._settle(rows, probe, k >= 4 * probe, out)
+            done = self._settle(rows, probe if race else min(k, chunk_size), race, out)
             if done == k:
                 return out
         batched, single = self._paths()

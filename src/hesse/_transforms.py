@@ -43,9 +43,10 @@ def hessian(
             ``memory_budget`` using the measured allocation of one product.
         memory_budget: bytes the result plus one chunk may use. Default: half the
             free memory of the device.
-        mode: ``"auto"`` (forward-over-reverse, falling back to
-            reverse-over-reverse where forward-mode AD or vmap is unavailable),
-            ``"forward-over-reverse"`` or ``"reverse-over-reverse"``.
+        mode: ``"auto"`` (reverse-over-reverse through a gradient graph built once,
+            raced against forward-over-reverse on large jobs, each strategy falling
+            back to the other where it fails), ``"forward-over-reverse"`` or
+            ``"reverse-over-reverse"``. See NOTE [strategies] in ``hesse/_hvp.py``.
 
     Returns:
         A function of ``*args`` returning the Hessian in ``torch.func.hessian``'s
