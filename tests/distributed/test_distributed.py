@@ -92,8 +92,9 @@ def _results(ns: Any) -> dict[str, torch.Tensor]:
     out["diag G exact"] = hesse.diagonal(G, method="exact")
     out["diag F exact"] = hesse.diagonal(F, method="exact")
     out["diag H exact"] = hesse.diagonal(H, method="exact")
-    # Not "mc"/"gnb": their sampled labels come from one generator stream walked in batch
-    # order, which no shard can reproduce (they ignore the batch index of NOTE [aggregation]).
+    for method in ("mc", "gnb"):  # sampled labels keyed by the global batch index
+        est = hesse.diagonal(G, method=method, num_matvecs=2, generator=_gen(5))
+        out[f"diag G {method}"] = torch.stack([est.value, est.stderr])
     hutch = hesse.diagonal(H, method="hutchinson", num_matvecs=6, generator=_gen(6))
     out["diag H hutchinson"] = torch.stack([hutch.value, hutch.stderr])
     est = hesse.trace(H, method="hutch++", num_matvecs=12, generator=_gen(7))

@@ -365,7 +365,16 @@ def _sampler(op: _OuterProductOperator, call: str, generator: torch.Generator | 
     gen = generator if generator is not None else torch.Generator(op.device).manual_seed(0)
     if gen.device != op.device:
         fail(call, f"expected a generator on {op.device}, got one on {gen.device}.", ValueError)
-    return lambda index, output, targets: op.curvature.sample(output, targets, gen, m)
+    # One seed from the caller's generator, then one stream per batch keyed by the batch's
+    # (global) index: the draws do not depend on the order or the process that visits a
+    # batch, so a data-parallel operator reproduces the single-process estimate exactly.
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+
+    def sample(index: int, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator(op.device).manual_seed((seed + 1_000_003 * index) % 2**63)
+        return op.curvature.sample(output, targets, g, m)
+
+    return sample
 
 
 @register_diagonal("mc", _OuterProductOperator)
