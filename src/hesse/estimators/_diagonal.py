@@ -90,8 +90,13 @@ def diagonal(
         ``chunk_size``, the sparse path of :func:`hesse.hessian_diagonal` (one
         cached product per colour of the traced pattern), otherwise ``n``
         cached products in chunks;
-      * any other operator (the model Hessian): ``n`` products with basis
-        vectors in chunks of ``chunk_size`` (``ceil(n / chunk_size)`` data passes);
+      * the model Hessian (:class:`hesse.HessianOperator`): curvature
+        backpropagation on the traced graph (:mod:`hesse.curvprop`; about
+        ``output dim + sum of layer widths`` vectorised backward columns per
+        sample, one data pass); a model that does not trace falls back, with a
+        :class:`hesse.CurvpropFallbackWarning`, to the brute-force path below;
+      * any other operator: ``n`` products with basis vectors in chunks of
+        ``chunk_size`` (``ceil(n / chunk_size)`` data passes);
       * a dense matrix: its diagonal.
     - ``"directional"`` (function Hessians): :math:`H_{ii} = \\frac{d^2}{dh^2}
       f(x + h e_i)` by forward-over-forward AD, vectorised over ``i`` in chunks:
@@ -104,6 +109,10 @@ def diagonal(
       Hutchinson correction of its residual, averaged over leave-one-out
       downdates. ``m`` products (``m/2`` with the sketch, ``m/2`` with its basis),
       ``O(n m^2)`` extra work; exact for matrices of rank below ``m/2``.
+    - ``"becker-lecun"`` (model Hessian): the diagonal-only approximation of
+      Becker & LeCun (1989) in its HesScale form (Elsayed & Mahmood 2022): only
+      diagonals travel backwards, exact at the model output; about one backward
+      pass. An approximation (its error is reported in the tests and benchmarks).
     - ``"mc"`` (GGN / Fisher): the Monte-Carlo diagonal
       :math:`\\sum_n (J_n^\\top s_n)^2` with ``s_n`` the output gradient at a
       label sampled from the model (``E[s s^T] = H_n``); ``num_matvecs`` draws
