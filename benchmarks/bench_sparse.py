@@ -151,6 +151,7 @@ def _hesse_calls(f, x) -> dict[str, Callable[[], Any]]:
 
     pattern = hesse.hessian_sparsity(f)(x)
     reused = hesse.sparse_hessian(f, pattern=pattern)
+    reused(x)  # colours the pattern once (cached), as an optimisation loop would
     return {HESSE_ONE_SHOT: one_shot, HESSE_REUSED: lambda: reused(x)}
 
 

@@ -36,7 +36,7 @@ colouring of a graph with a path on four vertices, the size of a clique around a
 top-degree vertex). Afterwards the highest colour class is recoloured (star) or
 Culberson's iterated greedy runs (distance-1) while that removes a colour. Cost:
 ``O(nnz(G^3))`` work for a star colouring (``G^3``: pairs within distance 3),
-``O(nnz(G))`` for distance-1, in about ``SEGMENT`` vectorised rounds per order.
+``O(nnz(G))`` for distance-1, in a few hundred vectorised rounds per order.
 
 References:
     Curtis, A. R., Powell, M. J. D. & Reid, J. K. (1974). On the estimation of sparse
@@ -53,9 +53,8 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -103,16 +102,21 @@ def _expand(A: sp.csr_matrix, verts: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 # Rounds of the colouring loop: up to SMALL vertices are coloured in exact natural
-# order; larger graphs are cut into segments of at most SEGMENT vertices, run in
-# natural order side by side (NOTE [colouring]); up to NATURAL vertices the exact
-# natural order is one more candidate.
+# order; larger graphs are cut into segments, run in natural order side by side
+# (NOTE [colouring]); up to NATURAL vertices the exact natural order is one more
+# candidate. Segment lengths are multiples of lcm(1..7) = 420's divisors 60, 120, 420:
+# a banded graph's greedy colouring is periodic, and a segment length that is a
+# multiple of the period makes the segments meet without an extra colour.
 SMALL = 64
 NATURAL = 1024
-SEGMENT = 256
+SEGMENTS = (60, 120, 420)
 
 
 def _segment(n: int) -> int:
-    return n if n <= SMALL else min(SEGMENT, max(SMALL, 2 * math.isqrt(n)))
+    if n <= SMALL:
+        return n
+    want = 2 * math.isqrt(n)
+    return next((s for s in SEGMENTS if s >= want), SEGMENTS[-1])
 
 
 def _order(A: sp.csr_matrix, period: int = 0) -> np.ndarray:
@@ -126,11 +130,20 @@ def _order(A: sp.csr_matrix, period: int = 0) -> np.ndarray:
     n = A.shape[0]
     deg = np.diff(A.indptr)
     idx = np.arange(n)
+    # position of each vertex among the vertices of its degree (in index order), so
+    # that segments start together where a degree class starts (a band's interior)
+    by_degree = np.lexsort((idx, -deg))
+    sorted_deg = deg[by_degree]
+    first = np.ones(n, dtype=bool)
+    first[1:] = sorted_deg[1:] != sorted_deg[:-1]
+    starts = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    pos = np.empty(n, dtype=np.int64)
+    pos[by_degree] = np.arange(n) - starts
     if period:
-        order = np.lexsort((idx, idx % period, -deg))
+        order = np.lexsort((idx, pos % period, -deg))
     else:
         seg = _segment(n)
-        order = np.lexsort((idx // seg, idx % seg, -deg))
+        order = np.lexsort((pos // seg, pos % seg, -deg))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     return rank
@@ -237,8 +250,10 @@ class _Greedy:
     def _retop(self) -> None:
         self._top = int(self.colors.max()) if self.n else 0
 
-    def colour(self, verts: np.ndarray | None = None) -> None:
-        for S in _rounds(self.reach, self.rank, verts):
+    def colour(self, verts: np.ndarray | None = None, max_rounds: int | None = None) -> None:
+        for i, S in enumerate(_rounds(self.reach, self.rank, verts)):
+            if max_rounds is not None and i >= max_rounds:
+                raise _TooManyRounds
             self._step(S)
 
     def _step(self, S: np.ndarray) -> None:
@@ -286,26 +301,50 @@ class _Greedy:
             if self.top >= top:
                 return
 
-    def improve(self, tries: int = 4) -> None:
-        """Recolour the highest colour class while that removes a colour (kept only if it does)."""
+    def improve(self, tries: int = 4, radii: tuple[int, ...] = (0, 3, 12, 48)) -> None:
+        """Remove the highest colour where a local recolouring can.
+
+        The vertices of the top colour and those within ``radius`` of them are
+        uncoloured and coloured again in natural largest-first order (the defects of
+        segmented orders sit where segments meet, and natural order repairs them). A
+        change is kept only if it removes a colour.
+        """
+        deg = np.diff(self.A.indptr)
+        natural = np.empty(self.n, dtype=np.int64)
+        natural[np.lexsort((np.arange(self.n), -deg))] = np.arange(self.n)
         for _ in range(tries):
             top = self.top
             if top <= 1:
                 return
-            saved = (self.colors.copy(), self.cnt.a.copy() if self.star else None)
-            T = np.flatnonzero(self.colors == top)
-            self.uncolour(T)
-            self.colour(T)
-            if self.top < top:
-                continue
-            self.colors = saved[0]
-            self._retop()
-            if self.star:
-                self.cnt.a = saved[1]
-            return
+            for radius in radii:
+                saved = (self.colors.copy(), self.cnt.a.copy() if self.star else None)
+                W = self.colors == top
+                for _ in range(radius):
+                    W = W | ((self.A @ W.astype(np.int8)) > 0)
+                W = np.flatnonzero(W)
+                self.uncolour(W)
+                rank, self.rank = self.rank, natural
+                try:
+                    self.colour(W, max_rounds=4 * SEGMENTS[-1])
+                    done = self.top < top
+                except _TooManyRounds:
+                    done = False
+                self.rank = rank
+                if done:
+                    break
+                self.colors = saved[0]
+                self._retop()
+                if self.star:
+                    self.cnt.a = saved[1]
+            else:
+                return
 
     def result(self, kind: str) -> Coloring:
         return Coloring(self.colors - 1, self.top, kind)
+
+
+class _TooManyRounds(Exception):
+    """A candidate order needs too many rounds (internal)."""
 
 
 def _best(A: sp.csr_matrix, star: bool, kind: str) -> Coloring:
@@ -324,7 +363,13 @@ def _best(A: sp.csr_matrix, star: bool, kind: str) -> Coloring:
         candidates = (*candidates, 1)  # period 1: the exact natural order, n rounds
     for period in candidates if A.shape[0] > SMALL else (0,):
         g = _Greedy(A, star=star, period=period, reach=reach)
-        g.colour()
+        reach = g.reach if star else None
+        try:
+            # a periodic order makes long chains when the rules reach past the period:
+            # such a candidate is abandoned (the segmented order is always finished)
+            g.colour(max_rounds=None if period in (0, 1) else 4 * _segment(A.shape[0]) + 64)
+        except _TooManyRounds:
+            continue
         if star:
             if g.top > bound:
                 g.improve()
