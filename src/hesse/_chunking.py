@@ -21,6 +21,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GiB = 1024**3
+MiB = 1024**2
+
+#: Default cap on the estimated working set of one chunk. Larger chunks stop
+#: fitting in cache and get slower per row (measured: a 4,810-parameter MLP
+#: Hessian took 2.2x longer in one chunk than in chunks of 128), so without an
+#: explicit ``chunk_size`` a chunk never exceeds this, whatever the budget allows.
+EFFICIENT_CHUNK_BYTES = 32 * MiB
 
 
 class LoopFallbackWarning(UserWarning):
@@ -110,8 +117,11 @@ class _AllocationCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not func._schema.is_mutable:
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            # Views and in-place results (alias_info set) allocate nothing.
+            aliased = i < len(returns) and returns[i].alias_info is not None
+            if isinstance(t, torch.Tensor) and not aliased:
                 self.bytes += t.numel() * t.element_size()
         return out
 
@@ -135,8 +145,11 @@ def chunk_size_for(
     fixed_bytes: int,
     budget: int,
 ) -> int:
-    """The largest chunk whose estimate ``fixed + c * per_row`` fits ``budget`` (at least 1)."""
-    room = budget - fixed_bytes
+    """The largest chunk whose estimate ``fixed + c * per_row`` fits ``budget`` (at least 1).
+
+    The chunk's own share is also capped at :data:`EFFICIENT_CHUNK_BYTES`.
+    """
+    room = min(budget - fixed_bytes, EFFICIENT_CHUNK_BYTES)
     if per_row_bytes <= 0:
         return rows
     return int(max(1, min(rows, room // per_row_bytes)))

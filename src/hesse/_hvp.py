@@ -185,8 +185,8 @@ class FlatHVP:
             call=self.call,
         )
 
-    def _settle(self, rows: RowSource, first: int, race: bool, out: torch.Tensor) -> int:
-        """Settle ``auto`` on the first products, written into ``out``; return their count.
+    def _settle(self, rows: RowSource, first: int, race: bool) -> torch.Tensor:
+        """Settle ``auto`` on the first products and return them (``first`` or ``2 first`` rows).
 
         # NOTE [strategy race]
         Reverse-over-reverse goes first: its gradient graph is built once (and
@@ -195,32 +195,31 @@ class FlatHVP:
         about 2x fewer flops than forward-over-reverse). Forward-over-reverse can
         win on wide layers, where differentiating the backward graph costs more
         than carrying tangents forward. When there are enough products to amortise
-        a race (``race``), ``first`` rows run reverse-over-reverse and the next
-        ``first`` forward-over-reverse, both timed, and the faster does the rest.
+        a race (``race``), the first chunk runs reverse-over-reverse and the second
+        forward-over-reverse, both timed, and the faster does the rest.
         The race spends no extra products: both chunks are part of the result.
         Any failure of one strategy hands over to the other (NOTE [strategies]).
         """
         try:
             self._revrev_graph()
             start = time.perf_counter()
-            out[:first] = self._revrev_batched(rows(0, first))
+            head = self._revrev_batched(rows(0, first))
             rev_time = time.perf_counter() - start
         except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
             self.mode = "forward-over-reverse"
-            out[:first] = self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
-            return first
+            return self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
         self.mode = "reverse-over-reverse"
         if not race:
-            return first
+            return head
         try:
             start = time.perf_counter()
-            out[first : 2 * first] = self._fwdrev_batched(rows(first, 2 * first))
+            tail = self._fwdrev_batched(rows(first, 2 * first))
             fwd_time = time.perf_counter() - start
         except Exception:  # noqa: BLE001 - forward-over-reverse unavailable: keep reverse
-            return first
+            return head
         if fwd_time < rev_time:
             self.mode = "forward-over-reverse"
-        return 2 * first
+        return torch.cat([head, tail])
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         """One product ``H @ v`` for a flat ``(n,)`` vector, with the current strategy.
@@ -276,12 +275,16 @@ class FlatHVP:
             rows = basis_rows(self.n, self.x, capacity=chunk_size)
         done = 0
         if self.mode == "auto":
-            # NOTE [strategy race]: race only where a racer's share is small.
-            probe = max(1, min(512, chunk_size // 8))
-            race = k >= RACE_MIN_ROWS and k >= 4 * probe
+            # NOTE [strategy race]: each racer runs one whole chunk, the regime of
+            # the rest; only on jobs large enough that the loser's chunk is a small share.
+            race = k >= RACE_MIN_ROWS and k >= 4 * chunk_size
+            head = self._settle(rows, min(k, chunk_size), race)
+            done = head.shape[0]
+            if done == k and out is None:
+                return head  # one chunk did it all: no copy
             if out is None:
-                out = self.x.new_empty((k, self.n))
-            done = self._settle(rows, probe if race else min(k, chunk_size), race, out)
+                out = head.new_empty((k, *head.shape[1:]))
+            out[:done] = head
             if done == k:
                 return out
         batched, single = self._paths()
