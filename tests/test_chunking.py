@@ -86,3 +86,18 @@ def test_chunk_size_for_and_format() -> None:
     assert chunk_size_for(rows=100, per_row_bytes=10, fixed_bytes=5000, budget=1000) == 1
     assert chunk_size_for(rows=30, per_row_bytes=1, fixed_bytes=0, budget=1000) == 30
     assert format_bytes(3 * 2**30) == "3.0 GiB" and format_bytes(12) == "12 B"
+
+
+def test_saved_bytes_counts_intermediates_not_inputs() -> None:
+    from hesse._chunking import saved_bytes
+
+    x = torch.ones(100, dtype=torch.float64, requires_grad=True)
+    w = torch.ones(100, dtype=torch.float64)
+    _, used = saved_bytes(lambda: ((x * w).sin() * 2).sum())
+    assert used == 800  # sin saves its input x * w (an intermediate); mul saves the inputs x, w
+
+
+def test_chunk_size_capped_for_cache() -> None:
+    from hesse._chunking import EFFICIENT_CHUNK_BYTES
+
+    assert chunk_size_for(rows=10**9, per_row_bytes=1024, fixed_bytes=0, budget=10**15) == EFFICIENT_CHUNK_BYTES // 1024

@@ -32,6 +32,7 @@ from hesse._chunking import (
     chunk_size_for,
     default_memory_budget,
     map_chunks,
+    saved_bytes,
 )
 from hesse._flat import Flat
 from hesse._validation import (
@@ -152,19 +153,18 @@ class FlatHVP:
         """Estimated bytes one product adds to a chunk.
 
         # NOTE [memory estimate]
-        One gradient evaluation is run under an allocation counter (its result is
-        kept: reverse-over-reverse reuses its graph, ``hvp`` returns the gradient;
-        ``4 x`` also covers the graph that ``create_graph`` keeps).
-        A product carries a tangent through the forward and the backward pass, so it
-        allocates about as much as one gradient again per vector, plus the shared
-        primal; ``4 x`` the gradient's total allocation bounds that from above.
-        Total allocation already exceeds the peak, so the estimate is conservative.
+        The gradient graph is built once with the intermediate tensors autograd
+        saves counted (reverse-over-reverse reuses the graph; ``hvp`` returns the
+        gradient). A product carries, per vector, about one copy of each saved
+        intermediate through the double backward, plus vectors of length ``n``;
+        ``4 x`` both bounds that from above. Forward-over-reverse, when chosen
+        explicitly, counts every allocation of one ``torch.func.grad`` instead.
         """
         if self._row_bytes is None:
             used = None
             if self.mode != "forward-over-reverse" and self._graph is None:
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
-                    _, used = allocated_bytes(self._revrev_graph)
+                    _, used = saved_bytes(self._revrev_graph)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
                     if self.mode != "auto":
                         raise
