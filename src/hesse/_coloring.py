@@ -388,7 +388,7 @@ def _best(A: sp.csr_matrix, star: bool, kind: str) -> Coloring:
 # the order matters only for time, the search stops at a lower bound.
 _STAR_CANDIDATES = (0, 3, 2, 4)
 _DISTANCE1_CANDIDATES = (2, 0, 3, 4)
-_CANDIDATE_NNZ = 3_000_000
+_CANDIDATE_NNZ = 200_000
 
 
 def _lower_bound(A: sp.csr_matrix, star: bool) -> int:
