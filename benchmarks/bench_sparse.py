@@ -17,7 +17,8 @@ Methods, all float64 on the CPU:
   un-jitted call, and ``asdex (jit, coloring reused)``: ``jax.jit`` of
   ``hessian_from_coloring`` with a precomputed colouring, timed after compilation.
   asdex rows read "not installed" when ``jax``/``asdex`` cannot be imported
-  (``pip install -c constraints.txt jax asdex``).
+  (``pip install -c constraints.txt jax asdex``), and "skipped in --quick" in the
+  quick run (JAX's compilation alone would take most of a minute).
 
 Columns: ``colors`` = HVPs spent (star colours; for the per-sample dense baseline the
 number of HVPs it spends), ``max_abs_err`` against the dense Hessian where one exists
@@ -113,7 +114,7 @@ def per_sample_mlp(B: int, D: int):
 
 
 def workloads(quick: bool) -> dict[str, dict[str, Any]]:
-    ros = (1_000, 10_000) if quick else (1_000, 10_000, 100_000, 1_000_000)
+    ros = (1_000,) if quick else (1_000, 10_000, 100_000, 1_000_000)
     out: dict[str, dict[str, Any]] = {}
     for n in ros:
         out[f"rosenbrock (n={n:.0e})"] = {"f": rosenbrock, "n": n}
@@ -252,7 +253,10 @@ def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
         f = spec["f"]
         calls = _hesse_calls(f, x)
         calls.update(_dense_calls(spec, x))
-        asdex_calls, asdex_colors, asdex_note = _asdex_calls(spec, x.numpy())
+        if quick:  # JAX compiles every one-shot call: most of a minute over the workloads
+            asdex_calls, asdex_colors, asdex_note = {}, None, "skipped in --quick"
+        else:
+            asdex_calls, asdex_colors, asdex_note = _asdex_calls(spec, x.numpy())
         calls.update(asdex_calls)
         colors = star_coloring(
             _sparse._from_torch("bench", hesse.hessian_sparsity(f)(x), (n, n))
@@ -264,7 +268,7 @@ def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
             return {"_dense": _as_dense(result, n, blocks) if ok else None}
 
         stats = measure(
-            calls, repeats=repeats, max_seconds=6.0 if quick else 60.0, summarize=summarize
+            calls, repeats=repeats, max_seconds=1.5 if quick else 60.0, summarize=summarize
         )
         # the reference answer: the dense baseline's where it ran, else hesse's one-shot
         base = stats.get(DENSE) or stats.get(VMAP_DENSE) or stats.get(HESSE_ONE_SHOT) or {}
