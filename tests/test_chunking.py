@@ -93,11 +93,25 @@ def test_saved_bytes_counts_intermediates_not_inputs() -> None:
 
     x = torch.ones(100, dtype=torch.float64, requires_grad=True)
     w = torch.ones(100, dtype=torch.float64)
-    _, used = saved_bytes(lambda: ((x * w).sin() * 2).sum())
+    _, used = saved_bytes(lambda: ((x * w).sin() * 2).sum(), x)
     assert used == 800  # sin saves its input x * w (an intermediate); mul saves the inputs x, w
 
 
 def test_chunk_size_capped_for_cache() -> None:
     from hesse._chunking import EFFICIENT_CHUNK_BYTES
 
-    assert chunk_size_for(rows=10**9, per_row_bytes=1024, fixed_bytes=0, budget=10**15) == EFFICIENT_CHUNK_BYTES // 1024
+    assert (
+        chunk_size_for(rows=10**9, per_row_bytes=1024, fixed_bytes=0, budget=10**15)
+        == EFFICIENT_CHUNK_BYTES // 1024
+    )
+
+
+def test_saved_bytes_ignores_views_of_parameters() -> None:
+    from hesse._chunking import saved_bytes
+
+    w = torch.ones(50, 40, dtype=torch.float64, requires_grad=True)  # a parameter
+    x = torch.ones(3, 50, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(40, dtype=torch.float64, requires_grad=True)
+    _, used = saved_bytes(lambda: (torch.tanh(x @ w.T.T) * b.exp()).sum(), x)
+    # tanh's output and the product's x-side factor; not w.T.T or b.exp(), which do not depend on x
+    assert used == 2 * 3 * 40 * 8

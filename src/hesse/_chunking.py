@@ -138,19 +138,34 @@ def allocated_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     return result, counter.bytes
 
 
-def saved_bytes(fn: Callable[[], object]) -> tuple[object, int]:
-    """Run ``fn()`` and return its result with the bytes autograd saved for backward.
+def saved_bytes(fn: Callable[[], object], wrt: torch.Tensor) -> tuple[object, int]:
+    """Run ``fn()`` and return its result with the bytes autograd saved that depend on ``wrt``.
 
-    Only intermediate tensors (those with a ``grad_fn``) count: they are what a
-    batched product carries per vector (inputs and weights are shared). Far
-    cheaper than :func:`allocated_bytes`: one Python call per saved tensor, not
-    one per operator.
+    Only saved tensors downstream of the leaf ``wrt`` count: they are what a
+    batched product carries per vector; weights and their views are shared. Far
+    cheaper than :func:`allocated_bytes`: Python runs once per saved tensor and once
+    per graph node, not once per operator call.
     """
+    source = wrt.view_as(wrt).grad_fn.next_functions[0][0]  # wrt's AccumulateGrad
+    depends: dict[object, bool] = {source: True}
+
+    def reaches(node: object) -> bool:
+        stack, order = [node], []
+        while stack:  # iterative: graphs can be deeper than Python's recursion limit
+            n = stack.pop()
+            if n is None or n in depends:
+                continue
+            order.append(n)
+            stack.extend(m for m, _ in n.next_functions if m not in depends)  # type: ignore[attr-defined]
+        for n in reversed(order):
+            depends[n] = any(depends.get(m, False) for m, _ in n.next_functions)  # type: ignore[attr-defined]
+        return node is not None and depends.get(node, False)
+
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        if t.grad_fn is not None:
+        if t.grad_fn is not None and reaches(t.grad_fn):
             total += t.numel() * t.element_size()
         return t
 

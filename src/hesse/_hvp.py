@@ -83,6 +83,7 @@ class FlatHVP:
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
         self._row_bytes: int | None = None
+        self._leaf = self.x.detach().requires_grad_(True)  # reverse-over-reverse input
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class FlatHVP:
     # -- reverse-over-reverse -----------------------------------------------------
     def _revrev_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._graph is None:
-            x = self.x.detach().requires_grad_(True)
+            x = self._leaf
             with torch.enable_grad():
                 y = self.g(x)
                 gr = None
@@ -164,7 +165,7 @@ class FlatHVP:
             used = None
             if self.mode != "forward-over-reverse" and self._graph is None:
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
-                    _, used = saved_bytes(self._revrev_graph)
+                    _, used = saved_bytes(self._revrev_graph, self._leaf)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
                     if self.mode != "auto":
                         raise
