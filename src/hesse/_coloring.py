@@ -108,7 +108,7 @@ def _expand(A: sp.csr_matrix, verts: np.ndarray) -> tuple[np.ndarray, np.ndarray
 # a banded graph's greedy colouring is periodic, and a segment length that is a
 # multiple of the period makes the segments meet without an extra colour.
 SMALL = 64
-NATURAL = 1024
+NATURAL = 256
 SEGMENTS = (60, 120, 420)
 
 
@@ -367,7 +367,7 @@ def _best(A: sp.csr_matrix, star: bool, kind: str) -> Coloring:
         try:
             # a periodic order makes long chains when the rules reach past the period:
             # such a candidate is abandoned (the segmented order is always finished)
-            g.colour(max_rounds=None if period in (0, 1) else 4 * _segment(A.shape[0]) + 64)
+            g.colour(max_rounds=None if period in (0, 1) else _segment(A.shape[0]) + 64)
         except _TooManyRounds:
             continue
         if star:
