@@ -281,9 +281,31 @@ def test_too_dense_patterns_are_a_memory_error(gen, monkeypatch):
         match=r"hesse.sparse_hessian\(f\)\(x\): the Hessian pattern would hold.*dense path",
     ):
         hesse.sparse_hessian(f)(x)
-    with pytest.warns(SparsityFallbackWarning, match="dense HVPs"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dense function is auto's dense case, not a fallback
         d = hesse.hessian_diagonal(f)(x)
     _close(d, hessian(f)(x).diagonal())
+
+
+def test_auto_diagonal_stops_detection_early_on_dense_functions(gen, monkeypatch):
+    import hesse._sparse as sparse_mod
+
+    seen = []
+    original = sparse_mod._Detected.hessian
+
+    def spy(self, max_products=None):
+        seen.append(max_products)
+        return original(self, max_products)
+
+    monkeypatch.setattr(sparse_mod._Detected, "hessian", spy)
+    W = torch.randn(12, 6, generator=gen, dtype=torch.float64)
+    f = lambda x: torch.tanh(x @ W).sum()  # noqa: E731 - 6 hidden units, each couples all 12 inputs
+    x = torch.randn(12, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(sparse_mod, "AUTO_DENSITY", 1)  # 6 * 12^2 products > 1 * 12^2
+    _close(hesse.hessian_diagonal(f)(x), hessian(f)(x).diagonal())
+    assert seen == [12 * 12]
+    with pytest.raises(MemoryError, match="limit 144"):
+        sparse_mod._detect(lambda x: f(x), x, "t").hessian(144)
 
 
 def test_a_sparse_result_is_a_valid_pattern(gen):

@@ -165,8 +165,8 @@ class _Detected:
                 MemoryError,
             )
 
-    def hessian(self) -> sp.csr_matrix:
-        return self._guard(self.prop.hessian)
+    def hessian(self, max_products: int | None = None) -> sp.csr_matrix:
+        return self._guard(lambda: self.prop.hessian(max_products))
 
     def jacobian(self) -> sp.csr_matrix:
         return self._guard(self.prop.jacobian)
@@ -542,13 +542,23 @@ def _diag_dense(prob: DiagonalProblem) -> torch.Tensor:
     )
 
 
+#: ``method="auto"`` abandons detection past ``AUTO_DENSITY * n^2`` pair products
+#: (NOTE [auto detection budget]): the input Hessian of a 784-128 MLP needs 128 * 784^2,
+#: per-sample blocks with more samples than hidden units stay under it.
+AUTO_DENSITY = 16
+
+
 def _diag_auto(prob: DiagonalProblem) -> torch.Tensor:
     engine = prob.engine
     n = engine.n
     if prob.pattern is None:
         try:
-            P = _detect(engine.g, engine.x, prob.call).hessian()
-        except (NotImplementedError, MemoryError) as err:
+            # NOTE [auto detection budget]: propagating more pair products than
+            # AUTO_DENSITY * n^2 costs more than the n dense HVPs it could save.
+            P = _detect(engine.g, engine.x, prob.call).hessian(AUTO_DENSITY * n * n)
+        except MemoryError:  # effectively dense: the dense path is the right one, no warning
+            return _diag_dense(prob)
+        except NotImplementedError as err:
             warnings.warn(
                 f"{prob.call}: no sparsity pattern ({str(err).split(': ', 1)[-1][:160]}...); "
                 f"using {n} dense HVPs instead. Pass pattern= to use the sparse path.",

@@ -41,10 +41,11 @@ class PatternTooLarge(MemoryError):
     """A propagated pattern would exceed :data:`MAX_ENTRIES` entries."""
 
 
-def check_size(entries: int, what: str) -> None:
-    if entries > MAX_ENTRIES:
+def check_size(entries: int, what: str, limit: int | None = None) -> None:
+    limit = MAX_ENTRIES if limit is None else min(limit, MAX_ENTRIES)
+    if entries > limit:
         raise PatternTooLarge(
-            f"the {what} would hold about {entries:.3g} entries (limit {MAX_ENTRIES:.3g}): "
+            f"the {what} would hold about {entries:.3g} entries (limit {limit:.3g}): "
             "the function is effectively dense"
         )
 

@@ -176,8 +176,13 @@ class Propagation:
             return sp.csr_matrix((out.numel, self.n), dtype=bool)
         return out.J
 
-    def hessian(self) -> sp.csr_matrix:
-        """The symmetric global Hessian pattern ``(n, n)`` (NOTE [hessian propagation])."""
+    def hessian(self, max_products: int | None = None) -> sp.csr_matrix:
+        """The symmetric global Hessian pattern ``(n, n)`` (NOTE [hessian propagation]).
+
+        ``max_products`` caps the pair products (the work, an upper bound on the
+        entries) below the global limit: a caller that has a cheaper dense path stops
+        early with :class:`PatternTooLarge`.
+        """
         n = self.n
         out = self.output_state()
         live: dict[int, np.ndarray] = {}
@@ -203,7 +208,7 @@ class Propagation:
                 if A.nnz == 0 or B.nnz == 0:
                     continue
                 products += int(np.dot(np.diff(A.indptr), np.diff(B.indptr)))
-                check_size(products, "Hessian pattern")
+                check_size(products, "Hessian pattern", max_products)
                 blocks.append((A.T.tocsr() @ B).tocsr())
         if not blocks:
             return sp.csr_matrix((n, n), dtype=bool)
