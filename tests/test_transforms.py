@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.utils._pytree import tree_flatten
 
 import hesse
+from hesse._hvp import FlatHVP
 from hesse.testing import assert_hessian_close, autograd_hessian
 from tests.problems import PROBLEM_IDS, PROBLEMS, Problem, rosenbrock, rosenbrock_hessian
 
@@ -243,6 +244,20 @@ def test_function_independent_of_input_gives_zero() -> None:
             hesse.hessian(lambda x: 3 * x.sum(), mode=mode)(x),
             torch.zeros(3, 3, dtype=torch.float64),
         )
+
+
+def test_works_under_no_grad_and_inference_mode() -> None:
+    f = lambda x: (x.sin() * x).sum()  # noqa: E731
+    x = torch.randn(5, dtype=torch.float64)
+    ref = torch.func.hessian(f)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(hesse.hessian(f)(x), ref)
+        engine = FlatHVP(f, (x,), 0, call="t")
+        engine.apply(5, None)
+        assert engine.mode == "reverse-over-reverse"  # the graph was built, not abandoned
+    with torch.inference_mode():
+        xi = x.clone()
+    torch.testing.assert_close(hesse.hessian(f)(xi), ref)
 
 
 def test_nan_and_inf_propagate() -> None:

@@ -146,7 +146,8 @@ def saved_bytes(fn: Callable[[], object], wrt: torch.Tensor) -> tuple[object, in
     cheaper than :func:`allocated_bytes`: Python runs once per saved tensor and once
     per graph node, not once per operator call.
     """
-    source = wrt.view_as(wrt).grad_fn.next_functions[0][0]  # wrt's AccumulateGrad
+    with torch.enable_grad():  # also under a caller's no_grad
+        source = wrt.view_as(wrt).grad_fn.next_functions[0][0]  # wrt's AccumulateGrad
     depends: dict[object, bool] = {source: True}
 
     def reaches(node: object) -> bool:

@@ -76,7 +76,8 @@ class FlatHVP:
         check_differentiable_leaves(call, primals)
         self.primals = primals
         self.flat = Flat.of(primals)
-        self.x = self.flat.flatten(primals).detach()
+        x = self.flat.flatten(primals).detach()
+        self.x = x.clone() if x.is_inference() else x  # inference tensors cannot require grad
         self.f = f
         self.args = tuple(args)
         self.mode = mode
