@@ -39,8 +39,8 @@ from hesse._coloring import (
 )
 from hesse._flat import Flat
 from hesse._hvp import FlatHVP
-from hesse._transforms import _call_form
 from hesse._validation import (
+    call_form,
     check_choice,
     check_chunk_size,
     check_differentiable_leaves,
@@ -289,7 +289,7 @@ def hessian_sparsity(
     """
 
     def wrapped(*args: Any) -> torch.Tensor:
-        call = _call_form("hesse.hessian_sparsity", f, len(args))
+        call = call_form("hesse.hessian_sparsity", len(args))
         engine = FlatHVP(f, args, argnums, call=call)
         return _to_torch(_detect(engine.g, engine.x, call).hessian())
 
@@ -320,7 +320,7 @@ def jacobian_sparsity(
     """
 
     def wrapped(*args: Any) -> torch.Tensor:
-        call = _call_form("hesse.jacobian_sparsity", f, len(args))
+        call = call_form("hesse.jacobian_sparsity", len(args))
         prob = _vector_problem(f, args, argnums, call)
         return _to_torch(_detect(prob.fn, prob.x, call).jacobian())
 
@@ -375,7 +375,7 @@ def sparse_hessian(
     """
 
     def wrapped(*args: Any) -> torch.Tensor:
-        call = _call_form("hesse.sparse_hessian", f, len(args))
+        call = call_form("hesse.sparse_hessian", len(args))
         check_chunk_size(call, chunk_size)
         engine = FlatHVP(f, args, argnums, call=call)
         n = engine.n
@@ -436,7 +436,7 @@ def sparse_jacobian(
     """
 
     def wrapped(*args: Any) -> torch.Tensor:
-        call = _call_form("hesse.sparse_jacobian", f, len(args))
+        call = call_form("hesse.sparse_jacobian", len(args))
         check_chunk_size(call, chunk_size)
         prob = _vector_problem(f, args, argnums, call)
         m, n, x = prob.m, prob.x.numel(), prob.x
@@ -631,7 +631,7 @@ def hessian_diagonal(
     """
 
     def wrapped(*args: Any) -> Any:
-        call = _call_form("hesse.hessian_diagonal", f, len(args))
+        call = call_form("hesse.hessian_diagonal", len(args))
         check_choice(call, "method", method, tuple(DIAGONAL_METHODS))
         check_chunk_size(call, chunk_size)
         engine = FlatHVP(f, args, argnums, call=call)

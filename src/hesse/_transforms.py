@@ -11,12 +11,7 @@ from torch.utils._pytree import tree_flatten
 from hesse._chunking import default_memory_budget, format_bytes
 from hesse._flat import Flat
 from hesse._hvp import FlatHVP, tensor_rows
-from hesse._validation import check_chunk_size, check_memory_budget, describe, fail
-
-
-def _call_form(name: str, f: Callable, nargs: int) -> str:
-    names = ", ".join(["x", "y", "z", "w"][:nargs]) if nargs <= 4 else "*args"
-    return f"{name}(f)({names})"
+from hesse._validation import call_form, check_chunk_size, check_memory_budget, describe, fail
 
 
 def hessian(
@@ -67,7 +62,7 @@ def hessian(
     """
 
     def wrapped(*args: Any) -> Any:
-        call = _call_form("hesse.hessian", f, len(args))
+        call = call_form("hesse.hessian", len(args))
         check_chunk_size(call, chunk_size)
         check_memory_budget(call, memory_budget)
         engine = FlatHVP(f, args, argnums, call=call, mode=mode)

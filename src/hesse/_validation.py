@@ -22,6 +22,12 @@ def fail(call: str, message: str, exc: type[Exception] = ValueError) -> NoReturn
     raise exc(f"{call}: {message}")
 
 
+def call_form(name: str, nargs: int) -> str:
+    """The call form of a transform applied to ``nargs`` arguments: ``name(f)(x, y)``."""
+    names = ", ".join(["x", "y", "z", "w"][:nargs]) if nargs <= 4 else "*args"
+    return f"{name}(f)({names})"
+
+
 def describe(obj: Any) -> str:
     """A short description of ``obj`` for error messages."""
     if isinstance(obj, torch.Tensor):

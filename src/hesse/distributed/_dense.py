@@ -10,7 +10,7 @@ import torch
 
 from hesse._chunking import default_memory_budget, format_bytes
 from hesse._hvp import FlatHVP, basis_rows
-from hesse._validation import fail
+from hesse._validation import call_form, fail
 from hesse.distributed._context import agree, checksum, gather_rows, resolve
 
 
@@ -73,7 +73,7 @@ def hessian(
     """
 
     def wrapped(*args: Any) -> Any:
-        call = f"hesse.distributed.hessian(f)({', '.join(['x', 'y', 'z', 'w'][: len(args)]) if len(args) <= 4 else '*args'})"
+        call = call_form("hesse.distributed.hessian", len(args))
         ctx = resolve(call, process_group, timeout)
         engines: list[FlatHVP] = []
 
