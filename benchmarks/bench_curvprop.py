@@ -116,16 +116,6 @@ def _row(workload: str, method: str, m: dict[str, Any] | None, **extra: Any) -> 
     return row
 
 
-def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """ratio = time / the hesse reference row's time on the same workload."""
-    refs = {r["workload"]: r["time_s"] for r in rows if r.get("reference")}
-    for r in rows:
-        ref = refs.get(r["workload"])
-        if r.get("time_s") is not None and ref:
-            r["ratio"] = r["time_s"] / ref
-    return rows
-
-
 def _backpack(model: nn.Module, x, y, per_sample: bool):
     """A BackPACK (Batch)DiagHessian call on a copy of ``model``, or None if not installed."""
     try:
@@ -325,7 +315,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     x, y = _data((4 if quick else 8, 4, 128), 10)
     rows += _versus_brute_force("attention T=4 d=128", AttentionBlock(128).to(D), x, y,
                                 repeats=1 if quick else 3, prefix=64 if quick else 512)  # fmt: skip
-    return _with_ratios(rows)
+    return rows  # ratios against the reference row: benchmarks.run.add_ratios
 
 
 if __name__ == "__main__":  # pragma: no cover

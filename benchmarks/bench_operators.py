@@ -62,18 +62,6 @@ def _row(workload: str, method: str, m: dict[str, Any], **extra: Any) -> dict[st
     return row
 
 
-def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """ratio = time / the hesse reference row's time on the same workload."""
-    refs = {r["workload"]: r["time_s"] for r in rows if r.get("reference")}
-    for r in rows:
-        ref = refs.get(r["workload"])
-        if r.get("time_s") is not None and ref:
-            r["ratio"] = r["time_s"] / ref
-        else:
-            r.setdefault("ratio", None)
-    return rows
-
-
 # -- models ------------------------------------------------------------------------------
 def mlp(dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
@@ -337,7 +325,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         f"CNN 2 conv + pool, 28x28, N={batch}", lambda dt: cnn(dt, batch=batch), quick
     )
     rows += _estimator_rows(quick)
-    return _with_ratios(rows)
+    return rows  # ratios against the reference row: benchmarks.run.add_ratios
 
 
 if __name__ == "__main__":  # pragma: no cover
