@@ -9,11 +9,14 @@ parameters), including the nested block structure ``torch.func.hessian`` returns
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from hesse._validation import check_differentiable_leaves, normalize_argnums
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,48 @@ class Flat:
             ]
             rows.append(tree_unflatten(row, self.spec))
         return tree_unflatten(rows, self.spec)
+
+
+@dataclass(frozen=True)
+class FlatArgs:
+    """The arguments of a call with the differentiated ones (``argnums``) as one flat vector.
+
+    The one place that selects ``args[argnums]`` (a single argument, or a tuple of
+    them when ``argnums`` is a tuple), validates them, and calls ``f`` with a flat
+    vector substituted back in.
+    """
+
+    args: tuple[Any, ...]
+    nums: tuple[int, ...]
+    single: bool
+    flat: Flat
+
+    @staticmethod
+    def of(call: str, args: Sequence[Any], argnums: int | Sequence[int]) -> FlatArgs:
+        nums = normalize_argnums(call, argnums, len(args))
+        single = isinstance(argnums, int)
+        primals = args[nums[0]] if single else tuple(args[i] for i in nums)
+        check_differentiable_leaves(call, primals)
+        return FlatArgs(tuple(args), nums, single, Flat.of(primals))
+
+    @property
+    def primals(self) -> Any:
+        return self.args[self.nums[0]] if self.single else tuple(self.args[i] for i in self.nums)
+
+    def x(self) -> torch.Tensor:
+        """The differentiated arguments as one detached ``(n,)`` vector."""
+        return self.flat.flatten(self.primals).detach()
+
+    def call(self, f: Callable[..., Any], v: torch.Tensor) -> Any:
+        """``f(*args)`` with the differentiated arguments replaced by the leaves of ``v``."""
+        tree = self.flat.unflatten(v)
+        args = list(self.args)
+        if self.single:
+            args[self.nums[0]] = tree
+        else:
+            for i, leaf in zip(self.nums, tree):
+                args[i] = leaf
+        return f(*args)
 
 
 def numel(shape: torch.Size | tuple[int, ...]) -> int:

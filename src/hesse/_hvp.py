@@ -34,14 +34,12 @@ from hesse._chunking import (
     map_chunks,
     saved_bytes,
 )
-from hesse._flat import Flat
+from hesse._flat import FlatArgs
 from hesse._validation import (
     check_choice,
     check_chunk_size,
-    check_differentiable_leaves,
     check_memory_budget,
     check_scalar_output,
-    normalize_argnums,
 )
 
 MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
@@ -70,16 +68,11 @@ class FlatHVP:
     ) -> None:
         self.call = call
         check_choice(call, "mode", mode, MODES)
-        self.argnums = normalize_argnums(call, argnums, len(args))
-        self.single_arg = isinstance(argnums, int)
-        primals = args[self.argnums[0]] if self.single_arg else tuple(args[i] for i in self.argnums)
-        check_differentiable_leaves(call, primals)
-        self.primals = primals
-        self.flat = Flat.of(primals)
-        x = self.flat.flatten(primals).detach()
+        self.inputs = FlatArgs.of(call, args, argnums)
+        self.flat = self.inputs.flat
+        x = self.inputs.x()
         self.x = x.clone() if x.is_inference() else x  # inference tensors cannot require grad
         self.f = f
-        self.args = tuple(args)
         self.mode = mode
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
@@ -88,14 +81,7 @@ class FlatHVP:
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
-        tree = self.flat.unflatten(x)
-        args = list(self.args)
-        if self.single_arg:
-            args[self.argnums[0]] = tree
-        else:
-            for i, leaf in zip(self.argnums, tree):
-                args[i] = leaf
-        out = check_scalar_output(self.call, self.f(*args))
+        out = check_scalar_output(self.call, self.inputs.call(self.f, x))
         return out.reshape(())
 
     @property

@@ -37,16 +37,14 @@ from hesse._coloring import (
     star_coloring,
     star_recovery,
 )
-from hesse._flat import Flat
+from hesse._flat import Flat, FlatArgs
 from hesse._hvp import FlatHVP
 from hesse._validation import (
     call_form,
     check_choice,
     check_chunk_size,
-    check_differentiable_leaves,
     describe,
     fail,
-    normalize_argnums,
 )
 from hesse.sparsity._maps import PatternTooLarge
 from hesse.sparsity._propagate import Propagation
@@ -116,22 +114,11 @@ class _Vector:
 
 
 def _vector_problem(f: Callable, args: tuple, argnums: Any, call: str) -> _Vector:
-    nums = normalize_argnums(call, argnums, len(args))
-    single = isinstance(argnums, int)
-    primals = args[nums[0]] if single else tuple(args[i] for i in nums)
-    check_differentiable_leaves(call, primals)
-    flat = Flat.of(primals)
-    x = flat.flatten(primals).detach()
+    inputs = FlatArgs.of(call, args, argnums)
+    flat, x = inputs.flat, inputs.x()
 
     def fn(v: torch.Tensor) -> torch.Tensor:
-        tree = flat.unflatten(v)
-        a = list(args)
-        if single:
-            a[nums[0]] = tree
-        else:
-            for i, leaf in zip(nums, tree):
-                a[i] = leaf
-        out = f(*a)
+        out = inputs.call(f, v)
         if not isinstance(out, torch.Tensor):
             fail(call, f"expected f to return a tensor, got {describe(out)}.", TypeError)
         if not out.is_floating_point():

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from hesse._flat import Flat
-from hesse._validation import check_differentiable_leaves, normalize_argnums
+from hesse._flat import Flat, FlatArgs
 
 __all__ = [
     "assert_hessian_close",
@@ -27,22 +26,8 @@ __all__ = [
 def _flat_problem(
     call: str, f: Callable[..., torch.Tensor], args: tuple[Any, ...], argnums: int | tuple[int, ...]
 ) -> tuple[Flat, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    nums = normalize_argnums(call, argnums, len(args))
-    primals = args[nums[0]] if isinstance(argnums, int) else tuple(args[i] for i in nums)
-    check_differentiable_leaves(call, primals)
-    flat = Flat.of(primals)
-
-    def g(x: torch.Tensor) -> torch.Tensor:
-        tree = flat.unflatten(x)
-        full = list(args)
-        if isinstance(argnums, int):
-            full[nums[0]] = tree
-        else:
-            for i, leaf in zip(nums, tree):
-                full[i] = leaf
-        return f(*full).reshape(())
-
-    return flat, flat.flatten(primals).detach(), g
+    inputs = FlatArgs.of(call, args, argnums)
+    return inputs.flat, inputs.x(), lambda x: inputs.call(f, x).reshape(())
 
 
 def finite_difference_hessian(
