@@ -44,7 +44,7 @@ from torch import nn
 
 from hesse.cli._check import batch_size, call_model, check_model_data_loss
 from hesse.cli._load import AnalyzeError, first_line, load
-from hesse.cli._progress import Steps, progress_mode
+from hesse.cli._progress import Steps, progress_mode, recording
 from hesse.operators import LinearOperator
 
 EXIT_BAD_INPUT = 2
@@ -496,7 +496,19 @@ def _top_eigenvalues(
             "history": [],
         }
     budget = settings["eig_matvecs"]
-    res = hesse.eigsh(op, k, which="LA", max_matvecs=budget, generator=gen())
+    with recording() as caught:
+        res = hesse.eigsh(op, k, which="LA", max_matvecs=budget, generator=gen())
+    for w in caught:  # eigsh's own advice names its argument; the command's names the flag
+        if not str(w.message).startswith("hesse.eigsh"):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not all(res.converged):
+        warnings.warn(
+            f"Lanczos did not converge on every top eigenvalue within {flag('eig_matvecs')} "
+            f"{budget} products; raise {flag('eig_matvecs')} (report.json gives each estimate's "
+            "residual and convergence).",
+            UserWarning,
+            stacklevel=1,
+        )
     out: dict[str, Any] = {
         "k": k,
         "which": "LA",

@@ -1,9 +1,12 @@
-"""The figures of ``hesse analyze``, sized for a printed page.
+r"""The figures of ``hesse analyze``, sized for a printed page.
 
 # NOTE [report figures]
 Each figure is drawn once with matplotlib's Agg backend (no display needed) and
 saved three ways: PNG at :data:`DPI` dots per inch for the HTML page and slides,
-SVG and PDF (vector, with editable text in the SVG) for papers. Figures are
+SVG (vector, editable text) for papers, and one page of ``figures.pdf`` (vector,
+TrueType fonts embedded, one page per figure in the report's order: LaTeX takes
+``\includegraphics[page=N]{figures.pdf}``). One PDF for all figures embeds the
+fonts once; a PDF per figure would subset them five times, the slowest step. Figures are
 :data:`WIDTH` inches wide, a page's text width, with 8-point text, so they can
 be placed at 100 % without scaling the lettering. Legends sit to the right of
 the axes, never over the data. No titles are drawn in the figures: the caption
@@ -26,8 +29,10 @@ WIDTH, HEIGHT = 6.5, 2.9
 MAX_VECTOR_POINTS = 5_000
 #: digits as subscripts (plain Unicode text: mathtext would embed extra fonts in the PDF).
 SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
-#: file formats written for every figure.
-FORMATS = ("png", "svg", "pdf")
+#: file formats written for every figure (the PDF pages go into :data:`PDF`).
+FORMATS = ("png", "svg")
+#: the multi-page PDF of all figures.
+PDF = "figures.pdf"
 
 STYLE = {
     "font.size": 8,
@@ -56,23 +61,25 @@ def figures() -> dict[str, tuple[str, Callable[[Any, dict[str, Any]], None]]]:
 
 
 def write(report: dict[str, Any], out: Path) -> list[Path]:
-    """Draw every figure and save it as PNG, SVG and PDF in ``out``; return the paths."""
+    """Draw every figure, save it as PNG and SVG and as a page of figures.pdf; return the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
 
-    paths = []
-    with matplotlib.rc_context(STYLE):
+    paths = [out / PDF]
+    with matplotlib.rc_context(STYLE), PdfPages(paths[0], metadata={"CreationDate": None}) as pdf:
         for stem, (_, draw) in figures().items():
             fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
             draw(ax, report)
             _place_axes(fig, ax)
             for fmt in FORMATS:
                 path = out / f"{stem}.{fmt}"
-                metadata = {"png": None, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
-                fig.savefig(path, format=fmt, dpi=DPI, metadata=metadata[fmt])
+                metadata = {"svg": {"Date": None}}.get(fmt)
+                fig.savefig(path, format=fmt, dpi=DPI, metadata=metadata)
                 paths.append(path)
+            pdf.savefig(fig)
             plt.close(fig)
     return paths
 

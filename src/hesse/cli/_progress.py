@@ -30,6 +30,15 @@ import torch
 from hesse.operators import LinearOperator
 
 
+@contextmanager
+def recording() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning raised inside, except torch's own deprecations (NOTE [analyze warnings])."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        yield caught
+
+
 def progress_mode(enabled: bool, stream: TextIO | None = None) -> str:
     """``"bars"`` on a terminal, ``"lines"`` elsewhere, ``"off"`` when disabled."""
     if not enabled:
@@ -59,9 +68,7 @@ class Steps:
         if self.bar is not None:
             self.bar.set_postfix_str(name)
         start = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        with recording() as caught:
             try:
                 yield
             finally:

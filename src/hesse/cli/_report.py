@@ -235,7 +235,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
     lines += _table([("run", _provenance_line(report))])
     lines += textwrap.wrap(
         f"report: {out / 'report.html'} (numbers: report.json; per-layer table: layers.csv; "
-        "figures as PNG, SVG and PDF)",
+        f"figures: PNG, SVG and {_figures.PDF})",
         COLUMNS,
         subsequent_indent="  ",
         break_on_hyphens=False,
@@ -248,10 +248,8 @@ def warning_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for w in report.get("warnings", []):
         times = f", {w['count']} times" if w["count"] > 1 else ""
-        lines.append(
-            f"hesse analyze: warning ({w['category']} in {', '.join(w['steps'])}{times}): "
-            f"{w['message']}"
-        )
+        where = w["steps"][0] if len(w["steps"]) == 1 else f"{len(w['steps'])} steps"
+        lines.append(f"hesse analyze: warning ({w['category']} in {where}{times}): {w['message']}")
     return lines
 
 
@@ -308,14 +306,14 @@ def _rows_html(rows: list[tuple[str, str]]) -> str:
 
 def _figure(out: Path, stem: str, number: int, caption: str) -> str:
     title = _figures.figures()[stem][0]
+    page = list(_figures.figures()).index(stem) + 1
     data = base64.b64encode((out / f"{stem}.png").read_bytes()).decode("ascii")
-    links = " &middot; ".join(
-        f'<a href="{stem}.{fmt}">{fmt.upper()}</a>' for fmt in _figures.FORMATS
-    )
+    links = [f'<a href="{stem}.{fmt}">{fmt.upper()}</a>' for fmt in _figures.FORMATS]
+    links.append(f'<a href="{_figures.PDF}#page={page}">PDF</a> (page {page} of {_figures.PDF})')
     return (
         f'<figure id="{stem}"><img alt="{html.escape(title)}" '
         f'src="data:image/png;base64,{data}"><figcaption><b>Figure {number}.</b> '
-        f"{html.escape(title)}. {caption} Files: {links}.</figcaption></figure>"
+        f"{html.escape(title)}. {caption} Files: {' &middot; '.join(links)}.</figcaption></figure>"
     )
 
 
@@ -346,7 +344,7 @@ def _eigen_table(report: dict[str, Any]) -> str:
         if has_ggn and i < len(ge["eigenvalues"]):
             body += f"<td>{_esc(ge['eigenvalues'][i])}</td><td>{_esc(ge['converged'][i])}</td>"
         body += "</tr>"
-    return f"<table>{head}{body}</table>"
+    return f"<div class='scroll'><table>{head}{body}</table></div>"
 
 
 def _layer_table(report: dict[str, Any]) -> str:
@@ -357,7 +355,7 @@ def _layer_table(report: dict[str, Any]) -> str:
     for layer in report["layers"]:
         row = _layer_row(layer)
         body += "<tr>" + "".join(f"<td>{_esc(row[c])}</td>" for c in shown) + "</tr>"
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _gap_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -409,7 +407,7 @@ def render_html(report: dict[str, Any], out: Path) -> str:
         (
             "Trace",
             EXPLAIN["trace"],
-            f"<table>{_rows_html([('Hessian trace', _trace_text(report['trace'], '±'))])}</table>",
+            f"<div class='scroll'><table>{_rows_html([('Hessian trace', _trace_text(report['trace'], '±'))])}</table></div>",
         ),
         (
             "Spectral density",
@@ -419,7 +417,7 @@ def render_html(report: dict[str, Any], out: Path) -> str:
         (
             "GGN versus Hessian",
             EXPLAIN["gap"],
-            f"<table>{_rows_html(_gap_rows(report))}</table>"
+            f"<div class='scroll'><table>{_rows_html(_gap_rows(report))}</table></div>"
             + _figure(out, "diagonal_scatter", 3, scatter_caption)
             + _figure(
                 out,
@@ -451,7 +449,7 @@ def render_html(report: dict[str, Any], out: Path) -> str:
         "<title>hesse analyze report</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;"
         "line-height:1.45;color:#222}"
-        "table{border-collapse:collapse;margin:0.8em 0 1.2em}th,td{border:1px solid #ccc;"
+        ".scroll{overflow-x:auto}table{border-collapse:collapse;margin:0.8em 0 1.2em}th,td{border:1px solid #ccc;"
         "padding:3px 8px;text-align:left;vertical-align:top;font-size:0.92em}"
         "th{background:#f4f4f4;font-weight:600}.explain{color:#333;max-width:52em}"
         "figure{margin:1em 0 1.8em}img{width:100%;max-width:960px;height:auto;display:block}"
@@ -462,10 +460,10 @@ def render_html(report: dict[str, Any], out: Path) -> str:
         f"{report['model']['num_parameters']:,} parameters &middot; {html.escape(p['dtype'])} on "
         f"{html.escape(p['device'])} &middot; hesse {html.escape(p['hesse'])} &middot; "
         f"{html.escape(p.get('started_utc', ''))}</p>"
-        f"<h2>Summary</h2><table>{_rows_html(summary_rows(report))}</table>"
+        f"<h2>Summary</h2><div class='scroll'><table>{_rows_html(summary_rows(report))}</table></div>"
         f"{body}{warnings_html}"
-        f"<h2>Provenance</h2><table>{_rows_html(provenance_rows(report))}</table>"
-        f"<h2>Settings</h2><table>{_rows_html([(k, _g(v)) for k, v in settings.items()])}</table>"
+        f"<h2>Provenance</h2><div class='scroll'><table>{_rows_html(provenance_rows(report))}</table></div>"
+        f"<h2>Settings</h2><div class='scroll'><table>{_rows_html([(k, _g(v)) for k, v in settings.items()])}</table></div>"
         "<p>Every number, with the settings that produced it, is in "
         "<a href='report.json'>report.json</a>.</p></body></html>"
     )
