@@ -4,6 +4,7 @@ The public names live here; each is implemented in a private module with one ide
 """
 
 from hesse import distributed  # the subpackage hesse.distributed (data-parallel curvature)
+from hesse import solvers  # the subpackage hesse.solvers (linear solves with curvature)
 from hesse._chunking import LoopFallbackWarning
 from hesse._estimate import Estimate
 from hesse._sparse import (
@@ -24,6 +25,7 @@ from hesse.operators import (
     as_operator,
     hessian_operator,
 )
+from hesse.solvers import NotConvergedError, NotConvergedWarning, SolveResult, inverse, solve
 from hesse.spectra import EigshResult, SpectralDensity, eigsh, spectral_density, trace
 
 __version__ = "0.1.0"
@@ -37,6 +39,9 @@ __all__ = [
     "HessianOperator",
     "LinearOperator",
     "LoopFallbackWarning",
+    "NotConvergedError",
+    "NotConvergedWarning",
+    "SolveResult",
     "SpectralDensity",
     "as_operator",
     "diagonal",
@@ -51,6 +56,9 @@ __all__ = [
     "sparse_jacobian",
     "hessian_operator",
     "hvp",
+    "inverse",
+    "solve",
+    "solvers",
     "spectral_density",
     "trace",
 ]
