@@ -17,6 +17,7 @@ from hesse._sparse import (
 from hesse._transforms import hessian, hvp
 from hesse.curvprop import CurvpropFallbackWarning, per_sample_diagonal
 from hesse.estimators import diagonal
+from hesse.kfac import EKFACOperator, KFACOperator
 from hesse.operators import (
     FisherOperator,
     GGNOperator,
@@ -32,11 +33,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CurvpropFallbackWarning",
+    "EKFACOperator",
     "EigshResult",
     "Estimate",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "KFACOperator",
     "LinearOperator",
     "LoopFallbackWarning",
     "NotConvergedError",
