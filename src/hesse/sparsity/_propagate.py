@@ -147,10 +147,15 @@ class Propagation:
                 return {k: real(v) for k, v in a.items()}
             return a
 
-        try:
-            val = op(*real(args), **real(kwargs))
-        except Exception:  # noqa: BLE001 - values are a convenience; shapes come from meta
-            val = None
+        # a constant computed from an unknown value is unknown too (not a value of zeros):
+        # masks and indices are read by value (NOTE [constants])
+        unknown = any(isinstance(s, State) and s.value is None for s in _flatten(args, kwargs))
+        val = None
+        if not unknown or op_name(op) in VALUE_FREE:
+            try:
+                val = op(*real(args), **real(kwargs))
+            except Exception:  # noqa: BLE001 - values are a convenience; shapes come from meta
+                val = None
 
         def wrap(v: Any, m: Any) -> Any:
             if not isinstance(m, torch.Tensor):
