@@ -6,13 +6,6 @@ The public names live here; each is implemented in a private module with one ide
 from hesse import distributed  # the subpackage hesse.distributed (data-parallel curvature)
 from hesse._chunking import LoopFallbackWarning
 from hesse._estimate import Estimate
-from hesse._sparse import (
-    hessian_diagonal,
-    hessian_sparsity,
-    jacobian_sparsity,
-    sparse_hessian,
-    sparse_jacobian,
-)
 from hesse._transforms import hessian, hvp
 from hesse.curvprop import CurvpropFallbackWarning, per_sample_diagonal
 from hesse.estimators import diagonal
@@ -23,6 +16,13 @@ from hesse.operators import (
     LinearOperator,
     as_operator,
     hessian_operator,
+)
+from hesse.sparsity._sparse import (
+    hessian_diagonal,
+    hessian_sparsity,
+    jacobian_sparsity,
+    sparse_hessian,
+    sparse_jacobian,
 )
 from hesse.spectra import EigshResult, SpectralDensity, eigsh, spectral_density, trace
 

@@ -35,8 +35,8 @@ import scipy.sparse as sp
 import torch
 from torch.fx import GraphModule, Node
 
+from hesse.sparsity._dispatch import VALUE_FREE, apply_rule, is_inplace, op_name
 from hesse.sparsity._maps import Local, State, check_size, identity, select_rows, union
-from hesse.sparsity._rules import VALUE_FREE, apply_rule, is_inplace, op_name
 
 
 def _meta_state(meta: Any) -> State:
