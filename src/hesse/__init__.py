@@ -7,13 +7,6 @@ from hesse import distributed  # the subpackage hesse.distributed (data-parallel
 from hesse import solvers  # the subpackage hesse.solvers (linear solves with curvature)
 from hesse._chunking import LoopFallbackWarning
 from hesse._estimate import Estimate
-from hesse._sparse import (
-    hessian_diagonal,
-    hessian_sparsity,
-    jacobian_sparsity,
-    sparse_hessian,
-    sparse_jacobian,
-)
 from hesse._transforms import hessian, hvp
 from hesse.curvprop import CurvpropFallbackWarning, per_sample_diagonal
 from hesse.estimators import diagonal
@@ -27,6 +20,13 @@ from hesse.operators import (
     hessian_operator,
 )
 from hesse.solvers import NotConvergedError, NotConvergedWarning, SolveResult, inverse, solve
+from hesse.sparsity._sparse import (
+    hessian_diagonal,
+    hessian_sparsity,
+    jacobian_sparsity,
+    sparse_hessian,
+    sparse_jacobian,
+)
 from hesse.spectra import EigshResult, SpectralDensity, eigsh, spectral_density, trace
 
 __version__ = "0.1.0"
