@@ -48,7 +48,7 @@ from hesse._validation import (
     fail,
 )
 from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
-from hesse.operators._losses import OutputCurvature, PlainLoss, output_curvature, reduction_of
+from hesse.operators._losses import OutputCurvature, output_curvature
 from hesse.operators._squares import batch_factor_squares
 
 Batch = tuple[Any, Any]
@@ -102,6 +102,10 @@ def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.
     )
 
 
+def _batch_size(inputs: Any) -> int:
+    return int(tree_flatten(inputs)[0][0].shape[0])
+
+
 class _ModelOperator(LinearOperator):
     """Shared machinery: parameter selection, batch iteration, aggregation."""
 
@@ -116,7 +120,7 @@ class _ModelOperator(LinearOperator):
         params: Any,
         progress: bool,
         check_deterministic: bool,
-        curvature: OutputCurvature | None,
+        curvature: OutputCurvature,
     ) -> None:
         call = self._call = f"hesse.{self._title}(model, loss_fn, data)"
         if not isinstance(model, nn.Module):
@@ -140,8 +144,8 @@ class _ModelOperator(LinearOperator):
             )
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.progress = progress
-        self.reduction = reduction_of(call, loss_fn)
-        self.curvature = curvature if curvature is not None else PlainLoss(loss_fn, self.reduction)
+        self.curvature = curvature
+        self.reduction = curvature.reduction
         selected = _select_params(call, model, params)
         check_differentiable_leaves(call, selected, "parameters")
         self.param_names = list(selected)
@@ -170,8 +174,9 @@ class _ModelOperator(LinearOperator):
     def _sum_loss(self, x: torch.Tensor, inputs: Any, targets: Any) -> torch.Tensor:
         return self.curvature.sum_form(self._forward(x, inputs), targets)
 
-    def _count(self, inputs: Any, targets: Any) -> int:
-        return self.curvature.count(targets, int(tree_flatten(inputs)[0][0].shape[0]))
+    def _count(self, inputs: Any, targets: Any) -> float:
+        """``M_b`` of one batch: see NOTE [loss normalisation] in ``_normalization.py``."""
+        return self.curvature.count(targets, _batch_size(inputs))
 
     def _unpack(self, batch: Any) -> Batch:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -212,6 +217,7 @@ class _ModelOperator(LinearOperator):
                 "that it returns the output tensor the loss takes.",
                 TypeError,
             )
+        self.curvature.normalization.check(call, out, targets, _batch_size(inputs))
         self.curvature.check(call, out, targets)
         with torch.no_grad():
             loss = self.loss_fn(out, targets)
@@ -312,9 +318,13 @@ class HessianOperator(_ModelOperator):
 
     for ``reduction="mean"`` (``M_b`` the number of terms the batch loss averages,
     ``M`` their total, so a short last batch is weighted exactly) and
-    :math:`\\sum_b \\ell(f_\\theta(X_b), Y_b)` for ``"sum"``. A plain callable loss
-    (without a ``reduction`` attribute) is taken to be a mean over the batch's
-    samples.
+    :math:`\\sum_b \\ell(f_\\theta(X_b), Y_b)` for ``"sum"``. ``M_b`` is read from
+    the loss and the targets (NOTE [loss normalisation] in ``_normalization.py``):
+    output entries for element-wise losses, non-ignored (weighted) targets for
+    cross-entropy in any layout (``(N, C)``, ``(N, C, d1, ...)``, tokens flattened to
+    ``(B*T, V)``), samples for a plain callable (a loss without a ``reduction``
+    attribute), which must then return outputs with the inputs' batch size unless
+    ``loss_count`` states the count.
 
     Products go batch by batch through the whole of ``data`` (re-iterated every
     time): per batch, the gradient graph of the loss (through
@@ -333,6 +343,9 @@ class HessianOperator(_ModelOperator):
         params: ``None`` (every parameter that requires grad), a list of parameter
             names (a block of the Hessian), or a dict name -> tensor (the point at
             which to evaluate; other parameters keep their values).
+        loss_count: ``fn(targets) -> M_b``, the number of terms ``loss_fn`` averages
+            over in a batch; needed only where it cannot be read from the loss (a
+            plain callable on flattened token or pixel outputs, a masked mean).
         progress: show a tqdm progress bar over batches on every pass.
         check_deterministic: run the first batch twice (and iterate the data twice)
             at construction and raise if anything differs.
@@ -344,7 +357,8 @@ class HessianOperator(_ModelOperator):
     Raises:
         TypeError, ValueError: for a non-module model, a one-shot iterator or empty
             data, unknown or frozen parameter names, a model that returns a
-            non-tensor, a non-scalar loss (messages name the fix).
+            non-tensor, a non-scalar loss, a loss whose count cannot be determined
+            (messages name the fix).
 
     Cost: one product with ``k`` columns is one pass over the data; per batch one
     gradient with ``create_graph`` plus one double-backward per column
@@ -368,11 +382,15 @@ class HessianOperator(_ModelOperator):
         data: Iterable[Batch],
         *,
         params: Any = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
         curvature = output_curvature(
-            f"hesse.{self._title}(model, loss_fn, data)", loss_fn, required=False
+            f"hesse.{self._title}(model, loss_fn, data)",
+            loss_fn,
+            required=False,
+            loss_count=loss_count,
         )
         super().__init__(
             model,
@@ -413,6 +431,7 @@ class _OuterProductOperator(_ModelOperator):
     """
 
     _linear_plan: dict | None = None
+    _rows_independent: bool | None = None  # NOTE [coupled rows] in _squares.py
 
     def _factor(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -525,8 +544,8 @@ class GGNOperator(_OuterProductOperator):
     Symmetric and positive semi-definite.
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
-            :class:`HessianOperator`.
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as
+            in :class:`HessianOperator`.
         output_hessian: for a loss without a closed form, a callable
             ``(output, targets) -> (N, D, D)`` returning the per-sample blocks of
             the Hessian of ``loss_fn(output, targets)`` with respect to each
@@ -560,11 +579,15 @@ class GGNOperator(_OuterProductOperator):
         *,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
         curvature = output_curvature(
-            f"hesse.{self._title}(model, loss_fn, data)", loss_fn, output_hessian
+            f"hesse.{self._title}(model, loss_fn, data)",
+            loss_fn,
+            output_hessian,
+            loss_count=loss_count,
         )
         super().__init__(
             model,
@@ -598,8 +621,8 @@ class FisherOperator(_OuterProductOperator):
     ``s_n`` is the output gradient at the true target (any loss works).
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
-            :class:`HessianOperator`.
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as
+            in :class:`HessianOperator`.
         kind: ``"mc"`` or ``"empirical"``.
         mc_samples: labels sampled per sample (``kind="mc"``).
         generator: the ``torch.Generator`` the MC samples come from (default: a
@@ -636,6 +659,7 @@ class FisherOperator(_OuterProductOperator):
         generator: torch.Generator | None = None,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
@@ -645,7 +669,9 @@ class FisherOperator(_OuterProductOperator):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             fail(call, f"mc_samples should be a positive int, got {mc_samples!r}.")
         self.kind, self.mc_samples = kind, mc_samples
-        curvature = output_curvature(call, loss_fn, output_hessian, required=kind == "mc")
+        curvature = output_curvature(
+            call, loss_fn, output_hessian, required=kind == "mc", loss_count=loss_count
+        )
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self._seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         super().__init__(
