@@ -35,9 +35,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from hesse.cli._load import AnalyzeError, first_line, load
 from hesse.operators import LinearOperator
+from hesse.operators._data import model_arguments
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -317,9 +319,9 @@ def _mean_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -> float:
     summed = getattr(loss_fn, "reduction", "mean") == "sum"
     with torch.no_grad():
         for inputs, targets in data:
-            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            size = int(args[0].shape[0])
-            value = float(loss_fn(model(*args), targets))
+            args, kwargs = model_arguments(inputs)
+            size = int(tree_flatten(inputs)[0][0].shape[0])
+            value = float(loss_fn(model(*args, **kwargs), targets))
             total += value if summed else value * size
             count += size
     return total if summed else total / max(count, 1)
@@ -388,11 +390,14 @@ def _history(hesse: Any, op: Any, k: int, res: Any, gen: Callable) -> list[dict[
 
 
 def _estimate(est: Any, method: str) -> dict[str, Any]:
-    low, high = est.confidence_interval()
+    low, high = est.interval(
+        0.95
+    )  # Student-t with the estimate's dof (NOTE [calibrated intervals])
     return {
-        "method": method,
+        "method": "exact" if est.exact else method,
         "value": float(est.value),
         "stderr": float(est.stderr),
+        "dof": float(est.dof),
         "ci95": [float(low), float(high)],
         "num_matvecs": int(est.num_matvecs),
     }
