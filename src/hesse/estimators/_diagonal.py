@@ -122,9 +122,19 @@ def diagonal(
       summed over the batch before the VJP: one backward pass per batch and draw
       (the cheapest), unbiased, higher variance than ``"mc"`` for large batches.
 
-    Stochastic methods return an :class:`~hesse._estimate.Estimate` whose
-    ``stderr`` is the standard error from the spread of the independent draws
-    (NaN with a single draw).
+    Stochastic methods return an :class:`~hesse._estimate.Estimate`;
+    ``.interval(0.95)`` gives Student-t intervals with its ``dof`` (NOTE [calibrated
+    intervals] in ``hesse._estimate``; ``benchmarks/coverage.py`` measures them).
+    ``stderr`` is the spread of the independent draws over ``sqrt(m)`` (``m - 1``
+    degrees of freedom; NaN with a single draw) for ``"hutchinson"``, ``"mc"`` and
+    ``"gnb"``. XDiag's ``m/2`` leave-one-out draws share all but one sketch column,
+    so their spread alone is too small; its ``stderr`` adds the pair covariance,
+    estimated from the draws recomputed without each of up to 40 columns (see
+    :func:`hesse._estimate.exchangeable_stderr`; ``O(g n m^2)`` extra flops and
+    ``g^2 n`` memory for ``g <= 40`` such columns, fewer for large ``n``).
+    ``"hutchinson"`` and ``"xdiag"`` with ``num_matvecs >= n`` compute the exact
+    diagonal instead (the ``"exact"`` path, at most ``n`` products) and return it
+    with ``exact=True`` and ``stderr = 0``.
 
     Args:
         op: a square hesse operator, or a dense square tensor.
