@@ -48,10 +48,9 @@ from hesse._validation import (
     fail,
 )
 from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
+from hesse.operators._data import Batch, as_batches, model_arguments
 from hesse.operators._losses import OutputCurvature, output_curvature
 from hesse.operators._squares import batch_factor_squares
-
-Batch = tuple[Any, Any]
 
 
 def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
@@ -127,22 +126,9 @@ class _ModelOperator(LinearOperator):
             fail(call, f"expected model to be a torch.nn.Module, got {describe(model)}.", TypeError)
         if not callable(loss_fn):
             fail(call, f"expected loss_fn to be callable, got {describe(loss_fn)}.", TypeError)
-        try:
-            is_iterator = iter(data) is data
-        except TypeError:
-            fail(
-                call,
-                f"expected data to be an iterable of (inputs, targets) batches, got {describe(data)}.",
-                TypeError,
-            )
-        if is_iterator:
-            fail(
-                call,
-                "data is a one-shot iterator, but every product re-iterates the data. Pass a "
-                "list of batches or a DataLoader.",
-                TypeError,
-            )
-        self.model, self.loss_fn, self.data = model, loss_fn, data
+        # NOTE [data forms]: one place accepts and checks every form of data.
+        self.data = as_batches(call, data, check_deterministic=check_deterministic)
+        self.model, self.loss_fn = model, loss_fn
         self.progress = progress
         self.curvature = curvature
         self.reduction = curvature.reduction
@@ -168,8 +154,8 @@ class _ModelOperator(LinearOperator):
         return {**self._fixed, **buffers, **params}
 
     def _forward(self, x: torch.Tensor, inputs: Any) -> torch.Tensor:
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args)
+        args, kwargs = model_arguments(inputs)
+        return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args, kwargs)
 
     def _sum_loss(self, x: torch.Tensor, inputs: Any, targets: Any) -> torch.Tensor:
         return self.curvature.sum_form(self._forward(x, inputs), targets)
@@ -178,13 +164,7 @@ class _ModelOperator(LinearOperator):
         """``M_b`` of one batch: see NOTE [loss normalisation] in ``_normalization.py``."""
         return self.curvature.count(targets, _batch_size(inputs))
 
-    def _unpack(self, batch: Any) -> Batch:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            fail(
-                self._call,
-                f"expected each batch to be an (inputs, targets) pair, got {describe(batch)}.",
-                TypeError,
-            )
+    def _unpack(self, batch: Batch) -> Batch:
         dev = self.device
 
         def move(t: Any) -> Any:
@@ -197,17 +177,14 @@ class _ModelOperator(LinearOperator):
         if self.progress:
             from tqdm import tqdm
 
-            total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+            total = len(self.data) if self.data.has_len() else None
             data = tqdm(data, total=total, desc=self._title, leave=False)
         for batch in data:
             yield self._unpack(batch)
 
     def _validate_first_batch(self, check_deterministic: bool) -> None:
         call = self._call
-        first = next(iter(self.data), None)
-        if first is None:
-            fail(call, "data yielded no batches. Pass at least one (inputs, targets) batch.")
-        inputs, targets = self._unpack(first)
+        inputs, targets = self._unpack(next(iter(self.data)))
         with torch.no_grad():
             out = self._forward(self._x, inputs)
         if not isinstance(out, torch.Tensor):
@@ -226,20 +203,7 @@ class _ModelOperator(LinearOperator):
                 call,
                 f"expected loss_fn(output, targets) to return a scalar tensor, got {describe(loss)}.",
             )
-        if check_deterministic:
-            again = next(iter(self.data))
-            a, b = tree_flatten(first)[0], tree_flatten(again)[0]
-            same = len(a) == len(b) and all(
-                not isinstance(s, torch.Tensor) or (s.shape == t.shape and torch.equal(s, t))
-                for s, t in zip(a, b)
-            )
-            if not same:
-                fail(
-                    call,
-                    "data yields a different first batch on each pass (a shuffling DataLoader?), "
-                    "so products would not be of one fixed operator. Use shuffle=False or a list "
-                    "of batches.",
-                )
+        if check_deterministic:  # (the data itself was checked by as_batches)
             with torch.no_grad():
                 out2 = self._forward(self._x, inputs)
             if not torch.equal(out, out2):

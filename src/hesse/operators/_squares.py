@@ -49,7 +49,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from hesse._chunking import map_chunks
 from hesse._hvp import batched_grad
-from hesse._validation import fail
 
 Factor = Callable[[int, torch.Tensor, Any], torch.Tensor]
 
