@@ -165,21 +165,24 @@ class KroneckerOperator(_ModelOperator):
         )
 
     def _rows(self, block: LayerSpec, inp: torch.Tensor, grads: torch.Tensor | None):
-        """``(a, g, mask)``: input rows ``(E, q)`` (or indices ``(E,)``), gradient rows
-        ``(K, E, p)`` (or ``None``) of the block's ``E`` examples after expand/reduce."""
+        """``(A_sum, rows, g)`` of one batch: the sum of the ``rows`` input outer products
+        after expand/reduce (for an embedding, expand only, the ``(q,)`` token counts:
+        padding tokens are zero input rows, as for a linear layer on one-hot inputs),
+        and the ``(K, rows, p)`` gradient rows (``None`` without a backward pass)."""
         a = block.rows(inp)
         g = None if grads is None else block.grad_rows(grads)
-        if block.diagonal_input:  # embedding (expand only): keep the rows with a gradient
+        if block.diagonal_input:
             idx = a.reshape(-1)
-            mask = block.embedding_mask(idx)
-            g = None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
-            if mask is not None:
-                idx = idx[mask]
-                g = None if g is None else g[:, mask]
-            return idx, g
+            keep = block.embedding_mask(idx)
+            weights = None if keep is None else keep.to(self.dtype)
+            counts = torch.bincount(idx, weights=weights, minlength=block.q).to(self.dtype)
+            return counts, idx.numel(), None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
         if self.kfac_approx == "reduce":
-            return a.mean(1), None if g is None else g.sum(2)
-        return a.reshape(-1, a.shape[-1]), None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
+            a, g = a.mean(1), None if g is None else g.sum(2)
+        else:
+            a = a.reshape(-1, a.shape[-1])
+            g = None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
+        return a.T @ a, a.shape[0], g
 
     def _compute_factors(self) -> dict[str, Factors]:
         blocks = self.blocks
@@ -189,12 +192,8 @@ class KroneckerOperator(_ModelOperator):
             captured = self._capture(index, inputs, targets)
             parts = []
             for b in blocks:
-                a, g = self._rows(b, *captured[b.module_name])
-                if b.diagonal_input:
-                    A = torch.bincount(a, minlength=b.q).to(self.dtype)
-                else:
-                    A = a.T @ a
-                parts += [A.reshape(-1), A.new_full((1,), float(a.shape[0]))]
+                A, rows, g = self._rows(b, *captured[b.module_name])
+                parts += [A.reshape(-1), A.new_full((1,), float(rows))]
                 if with_g:
                     gf = g.reshape(-1, g.shape[-1])
                     parts.append((gf.T @ gf).reshape(-1))
