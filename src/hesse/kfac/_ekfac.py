@@ -159,6 +159,6 @@ class EKFACOperator(KroneckerOperator):
         fns = {}
         for b in self.blocks:
             values = self._grid(b) + damping
-            self._check_regular(call, b.name, values, damping)
+            self._check_regular(call, repr(b.name), values, damping)
             fns[b.name] = grid_function(*self._eigen(b), 1 / values)
         return KroneckerInverse(f"{self._title}.inverse({damping})", self, self.blocks, fns)

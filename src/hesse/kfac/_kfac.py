@@ -198,7 +198,7 @@ class KFACOperator(KroneckerOperator):
             eg, ea = self._eigen(b)
             if exact_damping:
                 values = torch.outer(eg.values, ea.values) + damping
-                self._check_regular(call, b.name, values, damping)
+                self._check_regular(call, repr(b.name), values, damping)
                 fns[b.name] = grid_function(eg, ea, 1 / values)
                 continue
             dg, da = damping, damping
@@ -206,8 +206,8 @@ class KFACOperator(KroneckerOperator):
                 pi = _pi(eg.values, ea.values)
                 dg, da = math.sqrt(damping) / pi, math.sqrt(damping) * pi
             gv, av = eg.values + dg, ea.values + da
-            self._check_regular(call, f"{b.name} (G)", gv, dg)
-            self._check_regular(call, f"{b.name} (A)", av, da)
+            self._check_regular(call, f"{b.name!r} (G)", gv, dg)
+            self._check_regular(call, f"{b.name!r} (A)", av, da)
             fns[b.name] = grid_function(eg, ea, torch.outer(1 / gv, 1 / av))
         return KroneckerInverse(f"{self._title}.inverse({damping})", self, self.blocks, fns)
 

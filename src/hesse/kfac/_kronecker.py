@@ -247,7 +247,7 @@ class KroneckerOperator(_ModelOperator):
         if bool(values.min() <= tol) or bool(top == 0):
             fail(
                 call,
-                f"block {name!r} is singular (smallest eigenvalue {float(values.min()):.3g}, "
+                f"block {name} is singular (smallest eigenvalue {float(values.min()):.3g}, "
                 f"largest {float(top):.3g}) at damping={damping}. Pass damping > 0.",
             )
 
@@ -265,7 +265,7 @@ class KroneckerOperator(_ModelOperator):
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks:
             values = self._grid(b) + damping
-            self._check_regular(call, b.name, values, damping)
+            self._check_regular(call, repr(b.name), values, damping)
             total = total + values.log().sum()
         return total
 
