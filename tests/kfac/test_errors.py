@@ -19,7 +19,8 @@ def test_no_supported_layer():
 def test_parameter_outside_supported_layers_is_named_never_dropped():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DT)
     with pytest.raises(
-        NotImplementedError, match=r"parameter '1.weight' belongs to module '1' \(LayerNorm\).*params="
+        NotImplementedError,
+        match=r"parameter '1.weight' belongs to module '1' \(LayerNorm\).*params=",
     ):
         hesse.KFACOperator(model, CE, ce_data())
     names = ["0.weight", "0.bias", "2.weight", "2.bias"]
@@ -42,11 +43,15 @@ def K():
 
 
 def test_negative_or_bad_damping(K):
-    with pytest.raises(ValueError, match=r"KFACOperator.inverse\(damping\): expected a finite damping >= 0, got -1"):
+    with pytest.raises(
+        ValueError, match=r"KFACOperator.inverse\(damping\): expected a finite damping >= 0, got -1"
+    ):
         K.inverse(-1.0)
     with pytest.raises(ValueError, match=r"logdet\(damping\): expected a finite damping >= 0"):
         K.logdet(float("nan"))
-    with pytest.raises(TypeError, match=r"expected damping to be a float, got an object of type str"):
+    with pytest.raises(
+        TypeError, match=r"expected damping to be a float, got an object of type str"
+    ):
         K.inverse("0.1")
     with pytest.raises(ValueError, match="exclude each other"):
         K.inverse(0.1, exact_damping=True, heuristic_damping=True)
@@ -64,7 +69,9 @@ def test_singular_factors_without_damping(K):
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match=r"fisher_type should be one of 'type-2', 'mc'.*got 'exact'"):
+    with pytest.raises(
+        ValueError, match=r"fisher_type should be one of 'type-2', 'mc'.*got 'exact'"
+    ):
         hesse.KFACOperator(mlp(), CE, ce_data(), fisher_type="exact")
     with pytest.raises(ValueError, match=r"kfac_approx should be one of 'expand', 'reduce'"):
         hesse.KFACOperator(mlp(), CE, ce_data(), kfac_approx="mean")
@@ -99,7 +106,9 @@ def test_tied_weights_and_in_place_outputs():
         def forward(self, x):
             return self.b(torch.tanh(self.a(x)))
 
-    with pytest.raises(NotImplementedError, match=r"'a.weight' is shared by \['a.weight', 'b.weight'\]"):
+    with pytest.raises(
+        NotImplementedError, match=r"'a.weight' is shared by \['a.weight', 'b.weight'\]"
+    ):
         hesse.KFACOperator(Tied().to(DT), nn.MSELoss(), mse_data(shape=(3,)))
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)
     with pytest.raises(NotImplementedError, match=r"output of module '0' is modified in place"):

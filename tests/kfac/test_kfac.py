@@ -42,7 +42,10 @@ def cnn():
 def ce_data(sizes=(6, 3), shape=(4,), seed=1, classes=3):
     g = _gen(seed)
     return [
-        (torch.randn(m, *shape, generator=g, dtype=DT), torch.randint(0, classes, (m,), generator=g))
+        (
+            torch.randn(m, *shape, generator=g, dtype=DT),
+            torch.randint(0, classes, (m,), generator=g),
+        )
         for m in sizes
     ]
 
@@ -225,7 +228,9 @@ def test_mc_is_reproducible_and_unbiased_for_the_type2_factors():
     b = hesse.KFACOperator(model, mse, data, fisher_type="mc", generator=_gen(3))
     torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=0, atol=0)
     t2 = hesse.KFACOperator(model, mse, data)
-    many = hesse.KFACOperator(model, mse, data, fisher_type="mc", mc_samples=4000, generator=_gen(4))
+    many = hesse.KFACOperator(
+        model, mse, data, fisher_type="mc", mc_samples=4000, generator=_gen(4)
+    )
     for name, f in t2.factors.items():
         G = f.G
         err = (many.factors[name].G - G).norm() / G.norm()

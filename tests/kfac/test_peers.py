@@ -35,7 +35,12 @@ def _dense(op, n):
 
 
 CASES = {
-    "mlp-ce": (mlp, lambda: ce_data(), nn.CrossEntropyLoss, ("type-2", "empirical", "forward-only")),
+    "mlp-ce": (
+        mlp,
+        lambda: ce_data(),
+        nn.CrossEntropyLoss,
+        ("type-2", "empirical", "forward-only"),
+    ),
     "mlp-mse": (mlp, lambda: mse_data(), nn.MSELoss, ("type-2", "empirical")),
     "cnn-ce": (cnn, lambda: ce_data(shape=(2, 6, 6)), nn.CrossEntropyLoss, ("type-2", "empirical")),
     "seq-mse": (

@@ -144,7 +144,9 @@ class EKFACOperator(KroneckerOperator):
         return self.corrections[block.name]
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return apply_blocks(X, self.blocks, lambda b, P: grid_apply(P, *self._eigen(b), self._grid(b)))
+        return apply_blocks(
+            X, self.blocks, lambda b, P: grid_apply(P, *self._eigen(b), self._grid(b))
+        )
 
     def inverse(self, damping: float) -> KroneckerInverse:
         """``(K + damping I)^{-1}``, exactly, as an operator.

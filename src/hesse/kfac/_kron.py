@@ -61,7 +61,9 @@ def grid_apply(P: torch.Tensor, eg: Eigen, ea: Eigen, grid: torch.Tensor) -> tor
     return from_eigenbasis(to_eigenbasis(P, eg, ea) * grid, eg, ea)
 
 
-def grid_function(eg: Eigen, ea: Eigen, grid: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def grid_function(
+    eg: Eigen, ea: Eigen, grid: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``P -> grid_apply(P, eg, ea, grid)`` (one block of an inverse operator)."""
     return lambda P: grid_apply(P, eg, ea, grid)
 

@@ -95,7 +95,11 @@ class KroneckerOperator(_ModelOperator):
                 f"fisher_type={fisher_type!r}. Leave mc_samples at 1.",
             )
         if not isinstance(separate_bias, bool):
-            fail(call, f"expected separate_bias to be a bool, got {describe(separate_bias)}.", TypeError)
+            fail(
+                call,
+                f"expected separate_bias to be a bool, got {describe(separate_bias)}.",
+                TypeError,
+            )
         curvature = output_curvature(call, loss_fn, output_hessian, required=False)
         if curvature is None and fisher_type in ("type-2", "mc"):
             fail(
@@ -176,7 +180,11 @@ class KroneckerOperator(_ModelOperator):
             keep = block.embedding_mask(idx)
             weights = None if keep is None else keep.to(self.dtype)
             counts = torch.bincount(idx, weights=weights, minlength=block.q).to(self.dtype)
-            return counts, idx.numel(), None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
+            return (
+                counts,
+                idx.numel(),
+                None if g is None else g.reshape(g.shape[0], -1, g.shape[-1]),
+            )
         if self.kfac_approx == "reduce":
             a, g = a.mean(1), None if g is None else g.sum(2)
         else:
