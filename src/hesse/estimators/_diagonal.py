@@ -248,7 +248,7 @@ def _exact_function(
         # One batched pass of basis products: cheaper than tracing a sparsity pattern.
         return _exact_basis(op, chunk_size=chunk_size, call=call)
     try:  # the sparse path colours the Hessian: one product per colour, not per entry
-        from hesse._sparse import DIAGONAL_METHODS, DiagonalProblem
+        from hesse.sparsity._sparse import DIAGONAL_METHODS, DiagonalProblem
     except ImportError:
         return _exact_basis(op, chunk_size=chunk_size, call=call)
     # The operator's own engine, so the colour products reuse its cached gradient graph.
