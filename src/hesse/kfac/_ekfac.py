@@ -14,6 +14,7 @@ from hesse.kfac._kron import grid_apply, grid_function, sample_squares, sample_s
 from hesse.kfac._kronecker import KroneckerOperator
 from hesse.kfac._layers import LayerSpec, apply_blocks
 from hesse.operators._model import Batch
+from hesse.solvers._solve import check_damping
 
 
 class EKFACOperator(KroneckerOperator):
@@ -157,7 +158,7 @@ class EKFACOperator(KroneckerOperator):
         Cost: ``O(p q (p + q))`` per block and product (the eigenbases exist).
         """
         call = f"{self._title}.inverse(damping)"
-        damping = self._check_damping(call, damping)
+        damping = check_damping(call, damping)
         fns = {}
         for b in self.blocks:
             values = self._grid(b) + damping

@@ -15,6 +15,7 @@ from hesse.kfac._kron import grid_function, kron_apply
 from hesse.kfac._kronecker import KroneckerOperator
 from hesse.kfac._layers import LayerSpec, apply_blocks
 from hesse.operators._model import Batch
+from hesse.solvers._solve import check_damping
 
 
 class KFACOperator(KroneckerOperator):
@@ -187,7 +188,7 @@ class KFACOperator(KroneckerOperator):
             influence functions (exact damping in the eigenbasis, Eq. 21).
         """
         call = f"{self._title}.inverse(damping)"
-        damping = self._check_damping(call, damping)
+        damping = check_damping(call, damping)
         if heuristic_damping and exact_damping:
             fail(
                 call,

@@ -46,6 +46,7 @@ from hesse.kfac._layers import LayerSpec, Piece, apply_blocks, find_blocks
 from hesse.operators._base import PSD, SYMMETRIC
 from hesse.operators._losses import output_curvature
 from hesse.operators._model import Batch, _ModelOperator
+from hesse.solvers._solve import check_damping
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROX = ("expand", "reduce")
@@ -241,13 +242,6 @@ class KroneckerOperator(_ModelOperator):
     def _grid(self, block: LayerSpec) -> torch.Tensor:
         """The block's ``(p, q)`` eigenvalues in its Kronecker eigenbasis."""
 
-    def _check_damping(self, call: str, damping: Any) -> float:
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-            fail(call, f"expected damping to be a float, got {describe(damping)}.", TypeError)
-        if not damping >= 0 or damping == float("inf"):
-            fail(call, f"expected a finite damping >= 0, got {damping!r}.")
-        return float(damping)
-
     def _check_regular(self, call: str, name: str, values: torch.Tensor, damping: float) -> None:
         """Raise if ``values`` (eigenvalues after damping) make the block singular."""
         top = values.abs().max()
@@ -269,7 +263,7 @@ class KroneckerOperator(_ModelOperator):
             ValueError: for a negative damping, or a singular block at this damping.
         """
         call = f"{self._title}.logdet(damping)"
-        damping = self._check_damping(call, damping)
+        damping = check_damping(call, damping)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks:
             values = self._grid(b) + damping
