@@ -3,8 +3,10 @@
 The public names live here; each is implemented in a private module with one idea.
 """
 
-from hesse import distributed  # the subpackage hesse.distributed (data-parallel curvature)
-from hesse import solvers  # the subpackage hesse.solvers (linear solves with curvature)
+from hesse import (
+    distributed,  # the subpackage hesse.distributed (data-parallel curvature)
+    solvers,  # the subpackage hesse.solvers (linear solves with curvature)
+)
 from hesse._chunking import LoopFallbackWarning
 from hesse._estimate import Estimate
 from hesse._sparse import (
