@@ -19,6 +19,7 @@ from hesse._sparse import (
 from hesse._transforms import hessian, hvp
 from hesse.curvprop import CurvpropFallbackWarning, per_sample_diagonal
 from hesse.estimators import diagonal
+from hesse.influence import InfluenceInfo, influence, self_influence
 from hesse.operators import (
     FisherOperator,
     GGNOperator,
@@ -39,6 +40,7 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "InfluenceInfo",
     "LinearOperator",
     "LoopFallbackWarning",
     "NotConvergedError",
@@ -54,10 +56,12 @@ __all__ = [
     "hessian_sparsity",
     "jacobian_sparsity",
     "per_sample_diagonal",
+    "self_influence",
     "sparse_hessian",
     "sparse_jacobian",
     "hessian_operator",
     "hvp",
+    "influence",
     "inverse",
     "solve",
     "solvers",
