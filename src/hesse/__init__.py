@@ -9,17 +9,11 @@ from hesse import (
 )
 from hesse._chunking import LoopFallbackWarning
 from hesse._estimate import Estimate
-from hesse._sparse import (
-    hessian_diagonal,
-    hessian_sparsity,
-    jacobian_sparsity,
-    sparse_hessian,
-    sparse_jacobian,
-)
 from hesse._transforms import hessian, hvp
 from hesse.curvprop import CurvpropFallbackWarning, per_sample_diagonal
 from hesse.estimators import diagonal
 from hesse.influence import InfluenceInfo, influence, self_influence
+from hesse.kfac import EKFACOperator, KFACOperator
 from hesse.operators import (
     FisherOperator,
     GGNOperator,
@@ -29,18 +23,27 @@ from hesse.operators import (
     hessian_operator,
 )
 from hesse.solvers import NotConvergedError, NotConvergedWarning, SolveResult, inverse, solve
+from hesse.sparsity._sparse import (
+    hessian_diagonal,
+    hessian_sparsity,
+    jacobian_sparsity,
+    sparse_hessian,
+    sparse_jacobian,
+)
 from hesse.spectra import EigshResult, SpectralDensity, eigsh, spectral_density, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CurvpropFallbackWarning",
+    "EKFACOperator",
     "EigshResult",
     "Estimate",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
     "InfluenceInfo",
+    "KFACOperator",
     "LinearOperator",
     "LoopFallbackWarning",
     "NotConvergedError",

@@ -38,7 +38,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from hesse._chunking import map_chunks
 from hesse._flat import Flat
-from hesse._hvp import tensor_rows
+from hesse._hvp import batched_grad, tensor_rows
+from hesse._probes import keyed_generator
 from hesse._validation import (
     check_choice,
     check_differentiable_leaves,
@@ -319,7 +320,7 @@ class HessianOperator(_ModelOperator):
     time): per batch, the gradient graph of the loss (through
     ``torch.func.functional_call``) is built once and every chunk of
     ``chunk_size`` columns is one batched double-backward through it
-    (reverse-over-reverse, ``is_grads_batched``). The model's train/eval mode is
+    (reverse-over-reverse, NOTE [batched backward]). The model's train/eval mode is
     respected (see NOTE [train/eval mode]).
 
     Args:
@@ -396,9 +397,9 @@ class HessianOperator(_ModelOperator):
             return X.new_zeros(X.shape[1], X.shape[0])
 
         def product(V: torch.Tensor, batched: bool) -> torch.Tensor:
-            (hv,) = torch.autograd.grad(
-                g, x, V, retain_graph=True, allow_unused=True, is_grads_batched=batched
-            )
+            if batched:  # NOTE [batched backward] in hesse/_hvp.py
+                return batched_grad(g, [x], V)[0]
+            (hv,) = torch.autograd.grad(g, x, V, retain_graph=True, allow_unused=True)
             return torch.zeros_like(V) if hv is None else hv
 
         return self._columns(lambda v: product(v, False), X, batched=lambda V: product(V, True))
@@ -505,7 +506,7 @@ class _OuterProductOperator(_ModelOperator):
                 (G,) = torch.autograd.grad(out, x, cot[0])
                 G = G.unsqueeze(0)
             else:
-                (G,) = torch.autograd.grad(out, x, cot, is_grads_batched=True)
+                (G,) = batched_grad(out, [x], cot)
             return G.square()
 
         return self._accumulate(per_batch)
@@ -660,9 +661,7 @@ class FisherOperator(_OuterProductOperator):
 
     def _generator(self, index: int) -> torch.Generator:
         # NOTE [aggregation]: one stream per batch position, identical in every pass.
-        g = torch.Generator(device=self.device)
-        g.manual_seed((self._seed + 1_000_003 * index) % 2**63)
-        return g
+        return keyed_generator(self._seed, index, self.device)
 
     def _factor(self, index, output, targets):
         if self.kind == "empirical":
