@@ -297,7 +297,8 @@ def execute(args: argparse.Namespace) -> int:
 SWEEP_HEADER = (
     "one row per cell and thread count | time: hesse's median wall time over interleaved "
     "repeats | ratio: hesse's time / the best peer's time in the same run (below 1.00x hesse "
-    "wins) | peak mem: RSS growth during the first call (NOTE [peak memory]) | max_abs_err: "
+    "wins) | cpu_ratio: the same with this process's CPU time (steadier on a loaded machine) | "
+    "peak mem: RSS growth during the first call (NOTE [peak memory]) | max_abs_err: "
     "largest difference between the methods' answers | rows sorted by ratio, the worst last"
 )
 
