@@ -36,3 +36,14 @@ def gaussian(
     draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     out = torch.randn((n, k), generator=generator, device=generator.device, dtype=draw_dtype)
     return out.to(dtype=dtype, device=device)
+
+
+def keyed_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """A generator for item ``index`` of a stream keyed by ``seed`` (e.g. one per batch).
+
+    The same ``(seed, index)`` gives the same draws in every pass and on every rank,
+    which makes sampled operators (MC Fisher, MC KFAC) fixed and data-parallel.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed((seed + 1_000_003 * index) % 2**63)
+    return g

@@ -44,7 +44,7 @@ def test_separable_function_exact(gen):
     x = torch.randn(50, generator=gen, dtype=DT)
     H = hesse.hessian_operator(lambda z: (z.exp() * z).sum())(x)
     torch.testing.assert_close(hesse.diagonal(H), (x.exp() * (x + 2)), rtol=0, atol=1e-10)
-    # n > chunk_size: the sparse (colouring) path when hesse._sparse is present
+    # n > chunk_size: the sparse (colouring) path when hesse.sparsity._sparse is present
     d = hesse.diagonal(H, chunk_size=8)
     torch.testing.assert_close(d, (x.exp() * (x + 2)), rtol=0, atol=1e-10)
 

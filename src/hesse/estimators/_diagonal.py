@@ -26,7 +26,7 @@ from torch.func import jvp, vmap
 from hesse._chunking import map_chunks
 from hesse._estimate import Estimate
 from hesse._hvp import basis_rows, tensor_rows
-from hesse._probes import rademacher, resolve_generator
+from hesse._probes import keyed_generator, rademacher, resolve_generator
 from hesse._validation import check_chunk_size, check_generator, fail
 from hesse.operators._base import DenseOperator, LinearOperator, as_operator
 from hesse.operators._function import FunctionHessianOperator
@@ -248,7 +248,7 @@ def _exact_function(
         # One batched pass of basis products: cheaper than tracing a sparsity pattern.
         return _exact_basis(op, chunk_size=chunk_size, call=call)
     try:  # the sparse path colours the Hessian: one product per colour, not per entry
-        from hesse._sparse import DIAGONAL_METHODS, DiagonalProblem
+        from hesse.sparsity._sparse import DIAGONAL_METHODS, DiagonalProblem
     except ImportError:
         return _exact_basis(op, chunk_size=chunk_size, call=call)
     # The operator's own engine, so the colour products reuse its cached gradient graph.
@@ -380,8 +380,7 @@ def _sampler(op: _OuterProductOperator, call: str, generator: torch.Generator | 
     seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
 
     def sample(index: int, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator(op.device).manual_seed((seed + 1_000_003 * index) % 2**63)
-        return op.curvature.sample(output, targets, g, m)
+        return op.curvature.sample(output, targets, keyed_generator(seed, index, op.device), m)
 
     return sample
 

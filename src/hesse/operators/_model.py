@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from hesse._chunking import map_chunks
 from hesse._flat import Flat
 from hesse._hvp import batched_grad, tensor_rows
+from hesse._probes import keyed_generator
 from hesse._validation import (
     check_choice,
     check_differentiable_leaves,
@@ -660,9 +661,7 @@ class FisherOperator(_OuterProductOperator):
 
     def _generator(self, index: int) -> torch.Generator:
         # NOTE [aggregation]: one stream per batch position, identical in every pass.
-        g = torch.Generator(device=self.device)
-        g.manual_seed((self._seed + 1_000_003 * index) % 2**63)
-        return g
+        return keyed_generator(self._seed, index, self.device)
 
     def _factor(self, index, output, targets):
         if self.kind == "empirical":
