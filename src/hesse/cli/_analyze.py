@@ -42,10 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hesse.cli._check import batch_size, call_model, check_model_data_loss
+from hesse.cli._check import batch_rows, check_model_data_loss
 from hesse.cli._load import AnalyzeError, first_line, load
 from hesse.cli._progress import Steps, progress_mode, recording
 from hesse.operators import LinearOperator
+from hesse.operators._data import model_arguments
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -332,7 +333,7 @@ def analyze(
     }
 
     with steps.step("loss"):
-        report["loss"], samples, batches = _mean_loss(model, loss_fn, data)
+        report["loss"], samples, batches = _mean_loss(H)
     report["provenance"] = provenance(H, samples=samples, batches=batches, world_size=world_size)
     with steps.step("Hessian top eigenvalues"):
         report["hessian_eigenvalues"] = _top_eigenvalues(
@@ -429,18 +430,25 @@ def _layers(model: nn.Module, names: list[str]) -> list[tuple[str, str, list[str
     ]
 
 
-def _mean_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -> tuple[float, int, int]:
-    """``(loss, samples, batches)``: batch losses averaged weighted by batch size (summed for ``reduction='sum'``)."""
-    total, count, batches = 0.0, 0, 0
-    summed = getattr(loss_fn, "reduction", "mean") == "sum"
+def _mean_loss(op: Any) -> tuple[float, int, int]:
+    """``(loss, samples, batches)``: the dataset loss the operators differentiate.
+
+    Batch losses are weighted by their counts (NOTE [loss normalisation] in
+    ``hesse.operators._normalization``), or summed for ``reduction='sum'``; samples
+    are the rows of each batch's inputs.
+    """
+    total, count, samples, batches = 0.0, 0.0, 0, 0
+    summed = op.reduction == "sum"
     with torch.no_grad():
-        for inputs, targets in data:
-            size = batch_size(inputs)
-            value = float(loss_fn(call_model(model, inputs), targets))
+        for inputs, targets in op._batches():
+            args, kwargs = model_arguments(inputs)
+            size = op._count(inputs, targets)
+            value = float(op.loss_fn(op.model(*args, **kwargs), targets))
             total += value if summed else value * size
             count += size
+            samples += batch_rows(inputs)
             batches += 1
-    return (total if summed else total / max(count, 1)), count, batches
+    return (total if summed else total / max(count, 1.0)), samples, batches
 
 
 def _density(sd: Any, probes: int, steps: int) -> dict[str, Any]:
@@ -553,11 +561,13 @@ def _history(hesse: Any, op: Any, k: int, res: Any, gen: Callable) -> list[dict[
 
 
 def _estimate(est: Any, method: str) -> dict[str, Any]:
-    low, high = est.confidence_interval()
+    # Student-t with the estimate's degrees of freedom (NOTE [calibrated intervals])
+    low, high = est.interval(0.95)
     return {
-        "method": method,
+        "method": "exact" if est.exact else method,
         "value": float(est.value),
         "stderr": float(est.stderr),
+        "dof": float(est.dof),
         "ci95": [float(low), float(high)],
         "num_matvecs": int(est.num_matvecs),
     }

@@ -6,6 +6,8 @@ torch's own errors at that point (``mat1 and mat2 shapes cannot be multiplied``,
 to change; the checks here compare the shapes and label ranges first and name
 the fix. Anything they do not foresee still ends as one line with exit code 2,
 the torch message quoted (NOTE [analyze errors] in :mod:`hesse.cli._analyze`).
+The form of the data (pairs, re-iterable, not shuffled) is checked before, in
+the library's one place for it (NOTE [data forms] in ``hesse.operators._data``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from hesse.cli._load import AnalyzeError, first_line
+from hesse.operators._data import _rows, model_arguments
 
 #: losses whose targets must have the output's shape (torch broadcasts MSE/L1 with a warning).
 SAME_SHAPE_LOSSES = (
@@ -37,17 +39,9 @@ def shape(x: Any) -> str:
     return type(x).__name__
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(*inputs)`` for a tuple or list of inputs, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-
-
-def batch_size(inputs: Any) -> int:
-    """Samples in a batch: the leading size of its first input tensor."""
-    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
-    return int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else 1
+def batch_rows(inputs: Any) -> int:
+    """Samples in a batch: the rows of its first input tensor (1 for scalars)."""
+    return _rows(inputs) or 1
 
 
 def check_model_data_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -> None:
@@ -55,19 +49,17 @@ def check_model_data_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -
 
     Cost: one forward pass and one loss on one batch, without gradients.
     """
-    first = next(iter(data), None)
+    try:  # the library checks each batch's form as it is read (NOTE [data forms])
+        first = next(iter(data), None)
+    except (TypeError, ValueError) as err:
+        raise AnalyzeError(first_line(err)) from err
     if first is None:
-        raise AnalyzeError("data holds no batches: the factory must return at least one.")
-    if not isinstance(first, (tuple, list)) or len(first) != 2:
-        got = f"a {len(first)}-tuple" if isinstance(first, (tuple, list)) else shape(first)
-        raise AnalyzeError(
-            f"each batch of data must be an (inputs, targets) pair, got {got}. "
-            "Return data as a list of (inputs, targets) batches, e.g. [(X, y)]."
-        )
+        raise AnalyzeError("data yields no batches: the factory must return at least one.")
     inputs, targets = first
+    args, kwargs = model_arguments(inputs)
     try:
         with torch.no_grad():
-            output = call_model(model, inputs)
+            output = model(*args, **kwargs)
     except Exception as err:
         raise AnalyzeError(_forward_failure(model, inputs, err)) from err
     if not isinstance(output, torch.Tensor):
