@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> None:
         "analyze",
         help="a curvature report for a model (report.json, figures, layers.csv, report.html)",
         description="Curvature report for a model: loss, top Hessian and GGN eigenvalues, trace "
-        "with a 95%% confidence interval, spectral density, per-layer curvature and diagonals, "
+        "with a 95 % confidence interval, spectral density, per-layer curvature and diagonals, "
         "with the versions and settings that produced them. Without --model it trains a small "
         "MLP on scikit-learn's digits data and reports on it.",
     )
