@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
+from hesse._attention import math_attention
 from hesse._chunking import allocated_bytes, chunk_size_for, default_memory_budget, map_chunks
 from hesse._validation import check_choice, check_chunk_size, describe, fail
 from hesse.curvprop._exact import Propagation, assemble_term, diagonal_from_cols
@@ -63,8 +64,9 @@ def _split_scale(model, loss_fn, params, inputs, targets) -> float | None:
             return torch.stack([one(p, x, y) for x, y in zip(inputs, targets)]).sum()
 
     try:
-        whole, g_whole = total(params).detach(), grad(total)(params)
-        each, g_sum = summed(params).detach(), grad(summed)(params)
+        with math_attention():  # NOTE [math attention]
+            whole, g_whole = total(params).detach(), grad(total)(params)
+            each, g_sum = summed(params).detach(), grad(summed)(params)
     except Exception:  # noqa: BLE001 - a model that cannot run per sample is one unit
         return None
     tol = 1e3 * torch.finfo(whole.dtype).eps  # rounding of a batch sum, not a real mismatch

@@ -36,7 +36,10 @@ import torch.fx as fx
 from torch._decomp import core_aten_decompositions, get_decompositions
 from torch.func import functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from hesse._attention import math_attention
 
 aten = torch.ops.aten
 
@@ -104,11 +107,15 @@ DECOMPOSITIONS = _decompositions()
 def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
     """Trace ``fn(*args)`` to an ATen graph (fake tensors, composite ops decomposed)."""
     try:
-        gm = make_fx(
-            functionalize(fn, remove="mutations"),
-            decomposition_table=DECOMPOSITIONS,
-            tracing_mode="fake",
-        )(*args)
+        try:
+            gm = _make_fx(fn, args, functional=True)
+        except GuardOnDataDependentSymNode as err:
+            # Some libraries (transformers' mask builders) skip value-dependent checks
+            # only when they see fake tensors, which functionalisation wraps; a graph
+            # without in-place ops needs no functionalisation, so trace it plainly.
+            gm = _make_fx(fn, args, functional=False)
+            if any(_mutates(node) for node in gm.graph.nodes):
+                raise err from None
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported with its cause
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UnsupportedGraph(f"tracing failed ({type(err).__name__}: {first})") from err
@@ -116,6 +123,17 @@ def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _make_fx(fn: Callable[..., torch.Tensor], args: tuple, *, functional: bool) -> fx.GraphModule:
+    f = functionalize(fn, remove="mutations") if functional else fn
+    with math_attention():  # NOTE [math attention]: attention as matmul and softmax
+        return make_fx(f, decomposition_table=DECOMPOSITIONS, tracing_mode="fake")(*args)
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def _drop_overwrites(graph: fx.Graph) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from hesse._attention import math_attention, raise_if_no_derivative
 from hesse._chunking import map_chunks
 from hesse._flat import Flat
 from hesse._hvp import tensor_rows
@@ -168,7 +169,8 @@ class _ModelOperator(LinearOperator):
 
     def _forward(self, x: torch.Tensor, inputs: Any) -> torch.Tensor:
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args)
+        with math_attention():  # NOTE [math attention]
+            return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args)
 
     def _sum_loss(self, x: torch.Tensor, inputs: Any, targets: Any) -> torch.Tensor:
         return self.curvature.sum_form(self._forward(x, inputs), targets)
@@ -302,9 +304,13 @@ class _ModelOperator(LinearOperator):
         )
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(
-            lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
-        ).T
+        try:
+            return self._accumulate(
+                lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
+            ).T
+        except (RuntimeError, NotImplementedError) as err:
+            raise_if_no_derivative(self._call, err)
+            raise
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Any, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
