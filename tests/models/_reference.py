@@ -49,11 +49,13 @@ class Block:
             [torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(x.numel())]
         )
 
-    def per_sample_hessian_diagonals(self, scale):
-        """``scale *`` the Hessian diagonal of each sample's loss: ``(B, n)``."""
+    def per_sample_hessian_diagonals(self, scale, group=1):
+        """``scale *`` the Hessian diagonal of each sample's loss: ``(B, n)``; sample ``b``
+        owns target rows ``b * group`` to ``b * group + group - 1``."""
         rows = []
         for b in range(self.inputs.shape[0]):
-            one = lambda v, b=b: self.loss(v, self.inputs[b : b + 1], self.targets[b : b + 1])  # noqa: E731
+            x, y = self.inputs[b : b + 1], self.targets[b * group : (b + 1) * group]
+            one = lambda v, x=x, y=y: self.loss(v, x, y)  # noqa: E731
             rows.append(self.hessian(one).diagonal() * scale)
         return torch.stack(rows)
 

@@ -101,13 +101,18 @@ def test_ggn_products_and_exact_diagonal(attn, flat, gen):
     torch.testing.assert_close(hesse.diagonal(G), dense.diagonal(), rtol=1e-8, atol=1e-10)
 
 
-def test_per_sample_diagonals_and_eigsh(gen):
-    model, loss_fn, data, ref = problem("sdpa", False)
+@pytest.mark.parametrize("flat", [False, True])
+def test_per_sample_diagonals_and_eigsh(flat, gen):
+    """Per-sample diagonals with (B, T) targets, or (B*T,) targets grouped T per sample."""
+    model, loss_fn, data, ref = problem("sdpa", flat)
     ((ids, y),) = data
     params = {k: v for k, v in model.named_parameters() if k in NAMES}
     per = hesse.per_sample_diagonal(model, loss_fn, ids, y, params=params)
-    flat = torch.cat([per[k].reshape(B, -1) for k in NAMES], 1)
-    torch.testing.assert_close(flat, ref.per_sample_hessian_diagonals(1 / B), rtol=1e-8, atol=1e-10)
+    got = torch.cat([per[k].reshape(B, -1) for k in NAMES], 1)
+    expected = ref.per_sample_hessian_diagonals(1 / B, group=T if flat else 1)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    if flat:
+        return
     H = hesse.HessianOperator(model, loss_fn, data, params=NAMES)
     result = hesse.eigsh(H, 2, which="LA", generator=gen)
     top = torch.linalg.eigvalsh(ref.hessian())[-2:]
