@@ -42,8 +42,8 @@ except ImportError:  # pragma: no cover
     from _measure import measure, prepare_process  # type: ignore[no-redef]
 
 import hesse
-import hesse._sparse as _sparse
-from hesse._coloring import star_coloring
+import hesse.sparsity._sparse as _sparse
+from hesse.sparsity._coloring import star_coloring
 
 HESSE_ONE_SHOT = "hesse.sparse_hessian (one-shot)"
 HESSE_REUSED = "hesse.sparse_hessian (pattern reused)"

@@ -38,6 +38,7 @@ from torch import nn
 
 from hesse.cli._load import AnalyzeError, first_line, load
 from hesse.operators import LinearOperator
+from hesse.operators._data import model_arguments
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -319,9 +320,9 @@ def _mean_loss(op: Any) -> float:
     summed = op.reduction == "sum"
     with torch.no_grad():
         for inputs, targets in op._batches():
-            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            args, kwargs = model_arguments(inputs)
             size = op._count(inputs, targets)
-            value = float(op.loss_fn(op.model(*args), targets))
+            value = float(op.loss_fn(op.model(*args, **kwargs), targets))
             total += value if summed else value * size
             count += size
     return total if summed else total / max(count, 1.0)
@@ -390,11 +391,14 @@ def _history(hesse: Any, op: Any, k: int, res: Any, gen: Callable) -> list[dict[
 
 
 def _estimate(est: Any, method: str) -> dict[str, Any]:
-    low, high = est.confidence_interval()
+    low, high = est.interval(
+        0.95
+    )  # Student-t with the estimate's dof (NOTE [calibrated intervals])
     return {
-        "method": method,
+        "method": "exact" if est.exact else method,
         "value": float(est.value),
         "stderr": float(est.stderr),
+        "dof": float(est.dof),
         "ci95": [float(low), float(high)],
         "num_matvecs": int(est.num_matvecs),
     }

@@ -11,7 +11,7 @@ squares sum to ``(sum_k delta_nk^2)^T a_n^2``: one matrix product, never a
 per-sample gradient in memory. An ``nn.Conv2d`` (``groups=1``) is the same with
 ``a_n`` replaced by its unfolded patches, ``delta_nk U_n^T`` per sample (formed
 one column ``k`` at a time). The ``delta``s of all such layers come from one
-backward pass batched over the ``K`` columns (``is_grads_batched``). Layers are
+backward pass batched over the ``K`` columns (:func:`hesse._hvp.batched_grad`). Layers are
 found with forward hooks, so the model's structure is free (residual branches,
 functional code around the modules). Because a weight could also be used outside
 its module (tied or functional use), the first batch checks, for a random
@@ -48,6 +48,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hesse._chunking import map_chunks
+from hesse._hvp import batched_grad
 
 Factor = Callable[[int, torch.Tensor, Any], torch.Tensor]
 
@@ -273,11 +274,10 @@ def _grads(
     out: torch.Tensor, wrt: list[torch.Tensor], cot: torch.Tensor, *, batched: bool
 ) -> list[torch.Tensor]:
     """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``."""
-    grads = torch.autograd.grad(
-        out, wrt, cot, retain_graph=True, allow_unused=True, is_grads_batched=batched
-    )
-    lead = (cot.shape[0],) if batched else ()
-    return [g if g is not None else w.new_zeros(*lead, *w.shape) for g, w in zip(grads, wrt)]
+    if batched:  # NOTE [batched backward] in hesse/_hvp.py
+        return batched_grad(out, wrt, cot)
+    grads = torch.autograd.grad(out, wrt, cot, retain_graph=True, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
 
 
 def _coupled(

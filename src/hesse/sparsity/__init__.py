@@ -4,7 +4,8 @@
   function of one flat tensor (shapes in ``node.meta["val"]``); reusable by any pass over
   the graph (NOTE [tracing]).
 - :mod:`._maps`: the sparse boolean maps and per-tensor states (NOTE [pattern representation]).
-- :mod:`._rules` and :mod:`._layers`: one propagation rule per operator family.
+- :mod:`._rules` and :mod:`._layers`: one propagation rule per operator family;
+  :mod:`._dispatch` picks the rule of an operator.
 - :mod:`._propagate`: ``Propagation(gm, n)`` with ``.jacobian()`` and ``.hessian()``
   (NOTE [hessian propagation]).
 

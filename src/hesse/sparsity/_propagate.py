@@ -35,8 +35,8 @@ import scipy.sparse as sp
 import torch
 from torch.fx import GraphModule, Node
 
+from hesse.sparsity._dispatch import VALUE_FREE, apply_rule, is_inplace, op_name
 from hesse.sparsity._maps import Local, State, check_size, identity, select_rows, union
-from hesse.sparsity._rules import VALUE_FREE, apply_rule, is_inplace, op_name
 
 
 def _meta_state(meta: Any) -> State:
@@ -147,10 +147,15 @@ class Propagation:
                 return {k: real(v) for k, v in a.items()}
             return a
 
-        try:
-            val = op(*real(args), **real(kwargs))
-        except Exception:  # noqa: BLE001 - values are a convenience; shapes come from meta
-            val = None
+        # a constant computed from an unknown value is unknown too (not a value of zeros):
+        # masks and indices are read by value (NOTE [constants])
+        unknown = any(isinstance(s, State) and s.value is None for s in _flatten(args, kwargs))
+        val = None
+        if not unknown or op_name(op) in VALUE_FREE:
+            try:
+                val = op(*real(args), **real(kwargs))
+            except Exception:  # noqa: BLE001 - values are a convenience; shapes come from meta
+                val = None
 
         def wrap(v: Any, m: Any) -> Any:
             if not isinstance(m, torch.Tensor):

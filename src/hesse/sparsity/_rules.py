@@ -190,6 +190,47 @@ ZERO_POINTWISE = {
 # fmt: on
 
 
+def _constant_mask(cond: Any) -> np.ndarray | None:
+    """The values of a boolean mask that does not depend on x, else ``None``."""
+    if isinstance(cond, State) and not cond.tainted and isinstance(cond.value, torch.Tensor):
+        return cond.value.to(torch.bool).numpy()
+    return None
+
+
+def where(args: tuple, kwargs: dict, out: Any) -> Local | None:
+    """``where(cond, a, b)``: with a constant ``cond`` each element reads one branch only.
+
+    Index assignment (``g[i] = v``, ``masked_fill``) decomposes to ``where`` with a
+    mask built from ``arange``; reading the mask keeps such code's pattern exact
+    (NOTE [constants]: boolean and integer constants are structural). A mask that
+    depends on x (or is unknown) selects either branch: both are read.
+    """
+    if not _is_float(out):
+        return None
+    cond = args[0] if args else kwargs.get("condition")
+    mask = _constant_mask(cond)
+    if mask is None:
+        return pointwise("where", args, kwargs, out)
+    out_shape = _shape(out)
+    mask = np.broadcast_to(mask, out_shape).reshape(-1)
+    branches = list(args[1:3])
+    deps: list[State] = []
+    idx: list[np.ndarray] = []
+    for pick, s in zip((mask, ~mask), branches):
+        if not (isinstance(s, State) and s.dependent):
+            continue
+        read = broadcast_map(s.shape, out_shape)
+        full = read.idx if isinstance(read, Gather) else np.arange(s.numel, dtype=np.int64)
+        chosen = np.where(pick, full, -1)
+        if deps and deps[0] is s:  # where(m, x, x)
+            idx[0] = np.maximum(idx[0], chosen)
+        else:
+            deps.append(s)
+            idx.append(chosen)
+    lin = [(k, Gather(i, s.numel)) for k, (s, i) in enumerate(zip(deps, idx)) if (i >= 0).any()]
+    return Local(deps, lin) if lin else None
+
+
 def pointwise(name: str, args: tuple, kwargs: dict, out: Any) -> Local | None:
     if name in ZERO_POINTWISE or not _is_float(out):
         return None
@@ -445,6 +486,7 @@ for _n in SELECTION:
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: selection(op, _n, args, kwargs, out)
 for _n in LINEAR_POINTWISE | {"mul", "div"}:
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: pointwise(_n, args, kwargs, out)
+_RULES["where"] = lambda op, args, kwargs, out: where(args, kwargs, out)
 for _n in ("scatter_add", "scatter_reduce"):
     _RULES[_n] = lambda op, args, kwargs, out, _n=_n: (
         scatter_add(_n, args, kwargs, out)
@@ -457,59 +499,3 @@ _RULES["scatter"] = lambda op, args, kwargs, out: (
     if "reduce" not in kwargs and len(args) <= 4
     else _dense("scatter", args, kwargs, out, linear=True)
 )
-
-# Operators whose result does not depend on the values of their tensor arguments.
-# fmt: off
-VALUE_FREE = {
-    "full_like", "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like",
-    "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_empty_strided",
-    "scalar_tensor", "full", "zeros", "ones", "empty", "empty_strided", "arange", "linspace",
-    "eye", "rand", "randn", "randint", "randperm", "empty_permuted", "sym_size", "sym_numel",
-    "sym_stride", "_assert_async", "_assert_scalar",
-}
-# fmt: on
-# fmt: off
-ZERO_OPS = {
-    "argmax", "argmin", "any", "all", "bucketize", "searchsorted", "_assert_tensor_metadata",
-    "_local_scalar_dense",
-}
-# fmt: on
-
-
-def is_inplace(op: Any) -> bool:
-    """Whether ``op`` writes into its first argument (``add_``, ``squeeze_``, ``copy_``)."""
-    try:
-        first = op._schema.arguments[0]
-    except (AttributeError, IndexError):
-        return False
-    return first.alias_info is not None and first.alias_info.is_write
-
-
-def apply_rule(op: Any, args: tuple, kwargs: dict, out: Any) -> Any:
-    """The :class:`Local` (or list of them, for tuple outputs) of ``op``; ``None`` = no dependency."""
-    name = op_name(op)
-    if is_inplace(op) and name.endswith("_"):
-        name = name[:-1]  # the in-place form follows its out-of-place rule
-    if name in ZERO_OPS or name in ZERO_POINTWISE:
-        return [None] * len(out) if isinstance(out, (tuple, list)) else None
-    rule = _RULES.get(name)
-    if rule is not None:
-        return rule(op, args, kwargs, out)
-    if name != op_name(op):
-        base = getattr(getattr(torch.ops.aten, name, None), "default", None)
-        tags = getattr(base, "tags", ())
-        if torch.Tag.pointwise in tags and not isinstance(out, (tuple, list)):
-            return pointwise(name, args, kwargs, out)
-    tags = getattr(op, "tags", ())
-    if torch.Tag.pointwise in tags and not isinstance(out, (tuple, list)):
-        return pointwise(name, args, kwargs, out)
-    return _dense(name, args, kwargs, out)
-
-
-def has_rule(name: str) -> bool:
-    return name in _RULES
-
-
-# The layer rules (matrix products, convolution, normalisation, pooling) register
-# themselves in _RULES; imported last because they use the helpers above.
-from hesse.sparsity import _layers  # noqa: E402, F401

@@ -4,7 +4,7 @@
 1. *Detect*: trace ``f`` to ATen ops and propagate boolean patterns
    (:mod:`hesse.sparsity`); the pattern holds for every input value.
 2. *Colour*: group columns so that one product per group recovers every entry
-   (:mod:`hesse._coloring`): a star colouring for the full Hessian, a distance-1
+   (:mod:`hesse.sparsity._coloring`): a star colouring for the full Hessian, a distance-1
    colouring for its diagonal, a column (or row) colouring for a Jacobian.
 3. *Evaluate*: one batched, chunked pass of Hessian-vector products with the
    colour seeds (:class:`hesse._hvp.FlatHVP`), or JVPs/VJPs for a Jacobian
@@ -29,14 +29,6 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from hesse._chunking import chunk_size_for, default_memory_budget, map_chunks
-from hesse._coloring import (
-    Coloring,
-    column_coloring,
-    diagonal_coloring,
-    row_coloring,
-    star_coloring,
-    star_recovery,
-)
 from hesse._flat import Flat, FlatArgs
 from hesse._hvp import FlatHVP
 from hesse._validation import (
@@ -45,6 +37,14 @@ from hesse._validation import (
     check_chunk_size,
     describe,
     fail,
+)
+from hesse.sparsity._coloring import (
+    Coloring,
+    column_coloring,
+    diagonal_coloring,
+    row_coloring,
+    star_coloring,
+    star_recovery,
 )
 from hesse.sparsity._maps import PatternTooLarge
 from hesse.sparsity._propagate import Propagation

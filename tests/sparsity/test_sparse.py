@@ -8,11 +8,11 @@ import torch
 from torch.func import hessian, jacrev
 
 import hesse
-from hesse._coloring import diagonal_coloring, star_coloring
-from hesse._sparse import DIAGONAL_METHODS, SparsityFallbackWarning, _from_torch
+from hesse.sparsity._coloring import diagonal_coloring, star_coloring
+from hesse.sparsity._sparse import DIAGONAL_METHODS, SparsityFallbackWarning, _from_torch
 
-from .problems import PROBLEMS
-from .sparsity import problems as SP
+from ..problems import PROBLEMS
+from . import problems as SP
 
 
 def _flat_dense_hessian(f, args, argnums):
@@ -288,7 +288,7 @@ def test_too_dense_patterns_are_a_memory_error(gen, monkeypatch):
 
 
 def test_auto_diagonal_stops_detection_early_on_dense_functions(gen, monkeypatch):
-    import hesse._sparse as sparse_mod
+    import hesse.sparsity._sparse as sparse_mod
 
     seen = []
     original = sparse_mod._Detected.hessian

@@ -6,7 +6,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import hesse._coloring as C
+import hesse.sparsity._coloring as C
 
 
 def band(n, k):
