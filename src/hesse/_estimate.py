@@ -12,18 +12,26 @@ Student-t quantiles with them:
   sketch, Monte-Carlo diagonals): the sample variance of ``m`` draws, ``m - 1``
   degrees of freedom;
 * exchangeable but dependent terms (the leave-one-out estimates of XTrace and
-  XDiag share all but one column of their sketch): their sample variance
-  ignores the covariances and is too small (83-90 % coverage measured), the
-  jackknife over the columns counts them twice and is too large (99-100 %). The
-  two biases are known to second order, so a weighted mean of both is unbiased
-  (:func:`exchangeable_stderr`); ``s - 1`` degrees of freedom (groups beyond 40
-  columns).
+  XDiag share all but one column of their sketch): their sample variance (the
+  error estimate of Epperly, Tropp & Webber 2024) misses the covariance between
+  terms and is too small (83-90 % coverage measured on a network GGN); the
+  delete-one jackknife over the columns overshoots (99-100 %: it counts the
+  columns' interactions more than once; Efron & Stein 1981). The covariance
+  itself has an unbiased estimate from the terms recomputed without one more
+  column (:func:`exchangeable_stderr`); ``s - 1`` degrees of freedom.
+
+The remaining error is skewness: draws ``z^T A z`` of a positive semi-definite
+``A`` with a decaying spectrum are right-skewed, and a symmetric interval then
+covers a little less than nominal (about 93 % for Hutchinson with 24 draws on
+such a matrix; the two-sided coverage error is ``O(skewness^2 / m)``, Hall 1992).
+``benchmarks/coverage.py`` prints the measured coverage.
 
 When the budget reaches the dimension the estimators compute the exact answer
 instead (``exact=True``, ``stderr = 0``, a zero-width interval).
 
 References:
     Efron, B. & Stein, C. (1981). The jackknife estimate of variance. Ann. Statist. 9(3).
+    Hall, P. (1992). The Bootstrap and Edgeworth Expansion. Springer (Sec. 3.5).
     Epperly, E. N., Tropp, J. A. & Webber, R. J. (2024). XTrace: Making the most of
     every sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl.
 """

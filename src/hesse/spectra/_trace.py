@@ -288,13 +288,13 @@ def trace(
       sketch holds the range.
     * ``"xtrace"``: ``m/2`` Gaussian test vectors serve as both sketch and probes;
       the estimate averages the ``m/2`` leave-one-out Hutch++ estimates (Epperly,
-      Tropp & Webber, 2024). These share all but one column, so the standard
-      deviation of them / ``sqrt(m/2)`` (the paper's error estimate) is too small
-      at practical budgets (83-90 % coverage of nominal 95 % intervals measured on
-      a network GGN); ``stderr`` is instead the jackknife over the test vectors
-      (each replicate the XTrace estimate without one column, or one of at most 40
-      groups; Efron & Stein, 1981), with (replicates - 1) degrees of freedom.
-      Exact when ``rank(A) < m/2``.
+      Tropp & Webber, 2024). These share all but one column, so their standard
+      deviation / ``sqrt(m/2)`` (the paper's error estimate) is too small at
+      practical budgets (83-90 % coverage of nominal 95 % intervals measured on a
+      network GGN); ``stderr`` adds their covariance, estimated without bias from
+      the terms recomputed without each of up to 40 columns
+      (:func:`hesse._estimate.exchangeable_stderr`), with ``m/2 - 1`` degrees of
+      freedom. Exact when ``rank(A) < m/2``.
 
     Intervals: ``Estimate.interval(level)`` uses Student-t quantiles with the
     estimate's ``dof`` (NOTE [calibrated intervals] in ``hesse._estimate``);
@@ -329,7 +329,7 @@ def trace(
     Cost: at most ``num_matvecs`` products in a few batched calls; memory
     ``O(n * num_matvecs)`` for Hutch++/XTrace (the sketch and probes), ``O(n * m)``
     per round for Hutchinson; ``O(n s^2)`` flops for XTrace's ``s = m/2`` columns plus
-    ``O(min(s, 40) s^3)`` for its jackknife.
+    ``O(min(s, 40) s^3)`` for its error estimate.
 
     Example:
         >>> U = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -347,7 +347,6 @@ def trace(
         Hutch++ algorithm for trace estimation. SIAM J. Matrix Anal. Appl. 43(3).
         Epperly, E. N., Tropp, J. A. & Webber, R. J. (2024). XTrace: Making the most
         of every sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl.
-        Efron, B. & Stein, C. (1981). The jackknife estimate of variance. Ann. Statist. 9(3).
     """
     call = "hesse.trace(A)"
     op = square_operator(call, A)
