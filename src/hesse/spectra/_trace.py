@@ -19,10 +19,11 @@ spent, so at most ~1.5x the products a perfectly informed stop would need) until
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from hesse._estimate import MAX_PAIRS_COLUMNS, Estimate, exchangeable_stderr
+from hesse._estimate import MAX_PAIRS_COLUMNS, Estimate, exchangeable_stderr, from_draws
 from hesse._probes import gaussian, rademacher, resolve_generator
 from hesse._validation import check_choice, check_generator, fail
 from hesse.operators._base import LinearOperator
@@ -47,15 +48,6 @@ def _orthonormal_extension(
     return C + C2, Qn, Rn
 
 
-def _mean_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mean, standard error and degrees of freedom of independent draws."""
-    count = samples.numel()
-    mean = samples.mean()
-    if count < 2:
-        return mean, torch.full_like(mean, math.inf), math.nan
-    return mean, samples.std() / math.sqrt(count), float(count - 1)
-
-
 class _Hutchinson:
     """``mean_i z_i^T A z_i`` over Rademacher probes ``z_i``."""
 
@@ -75,8 +67,8 @@ class _Hutchinson:
         self.samples = torch.cat([self.samples, values])
         return budget
 
-    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return _mean_stderr(self.samples)
+    def estimate(self) -> Estimate:
+        return from_draws(self.samples, 0)
 
 
 class _HutchPlusPlus(_Hutchinson):
@@ -157,12 +149,11 @@ class _HutchPlusPlus(_Hutchinson):
         self.samples = (self.X * self.AX).sum(0)
         return spent + probes
 
-    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def estimate(self) -> Estimate:
         # Given Q the deflated probes are independent (they are drawn after the sketch
         # stopped growing), so their sample variance with m - 1 degrees of freedom is
         # exactly the conditional variance of the estimate; tr(Q^T A Q) adds none.
-        mean, stderr, dof = _mean_stderr(self.samples)
-        return self.exact + mean, stderr, dof
+        return from_draws(self.samples, 0, offset=self.exact)
 
 
 class _XTrace:
@@ -200,12 +191,12 @@ class _XTrace:
         self.Z = torch.cat([self.Z, self.op._matmat(Qn)], dim=1)
         return 2 * cols
 
-    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def estimate(self) -> Estimate:
         terms = _xtrace_terms(self.Omega, self.Y, self.Q, self.R, self.Z)
         value = terms.mean()
         s = terms.numel()
         if s < 2:
-            return value, torch.full_like(value, math.inf), math.nan
+            return Estimate(value, torch.full_like(value, math.nan), 0, dof=math.nan)
         # NOTE [calibrated intervals]: the leave-one-out terms share all but one column,
         # so their spread alone understates the error; the pair term of
         # exchangeable_stderr needs every term recomputed without each of g columns.
@@ -223,7 +214,7 @@ class _XTrace:
             row[keep] = _xtrace_terms(om[:, keep], y[:, keep], qk, rk, zk)
             without[j] = row[:g]
         stderr, dof = exchangeable_stderr(terms, without)
-        return value, stderr, dof
+        return Estimate(value, stderr, 0, dof=dof)
 
 
 def _xtrace_terms(
@@ -373,11 +364,10 @@ def trace(
     est = cls(op, resolve_generator(generator))
     if rtol is None:
         used = est.grow(num_matvecs)
-        value, stderr, dof = est.estimate()
-        return Estimate(value=value, stderr=stderr, num_matvecs=used, dof=dof)
+        return replace(est.estimate(), num_matvecs=used)
     used = est.grow(min(num_matvecs, max(cls.min_round, 12)))
-    value, stderr, dof = est.estimate()
-    while stderr > rtol * value.abs():
+    result = est.estimate()
+    while not result.stderr <= rtol * result.value.abs():  # (NaN: too few draws yet)
         round_budget = min(num_matvecs - used, max(cls.min_round, used // 2))
         if round_budget < cls.min_round:
             break
@@ -385,5 +375,5 @@ def trace(
         if spent == 0:
             break
         used += spent
-        value, stderr, dof = est.estimate()
-    return Estimate(value=value, stderr=stderr, num_matvecs=used, dof=dof)
+        result = est.estimate()
+    return replace(result, num_matvecs=used)
