@@ -348,8 +348,10 @@ def test_errors(gen):
         hesse.FisherOperator(mlp().to(DT), ce, data, mc_samples=0)
     with pytest.raises(TypeError, match="torch.Generator"):
         hesse.FisherOperator(mlp().to(DT), ce, data, generator=0)
-    with pytest.raises(ValueError, match="class-index targets"):
+    with pytest.raises(ValueError, match="class-probability targets needs them shaped like"):
         hesse.GGNOperator(mlp().to(DT), ce, [(X, X)])
+    with pytest.raises(ValueError, match="class-index targets of shape \\(7,\\)"):
+        hesse.GGNOperator(mlp().to(DT), ce, [(X, Y[:3])])
 
 
 def test_check_deterministic(gen):

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from hesse.cli._load import AnalyzeError, first_line, load
 from hesse.operators import LinearOperator
@@ -241,7 +240,7 @@ def analyze(
     }
 
     with steps.step("loss", report):
-        report["loss"] = _mean_loss(model, loss_fn, data)
+        report["loss"] = _mean_loss(H)
     with steps.step("Hessian top eigenvalues", report):
         report["hessian_eigenvalues"] = _top_eigenvalues(
             hesse,
@@ -313,18 +312,20 @@ def _layers(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _mean_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -> float:
-    """The loss over the data, averaging batch losses weighted by batch size (summing for ``reduction='sum'``)."""
-    total, count = 0.0, 0
-    summed = getattr(loss_fn, "reduction", "mean") == "sum"
+def _mean_loss(op: Any) -> float:
+    """The dataset loss the operators differentiate: batch losses weighted by their
+    counts (NOTE [loss normalisation] in ``hesse.operators._normalization``), or summed
+    for ``reduction='sum'``."""
+    total, count = 0.0, 0.0
+    summed = op.reduction == "sum"
     with torch.no_grad():
-        for inputs, targets in data:
+        for inputs, targets in op._batches():
             args, kwargs = model_arguments(inputs)
-            size = int(tree_flatten(inputs)[0][0].shape[0])
-            value = float(loss_fn(model(*args, **kwargs), targets))
+            size = op._count(inputs, targets)
+            value = float(op.loss_fn(op.model(*args, **kwargs), targets))
             total += value if summed else value * size
             count += size
-    return total if summed else total / max(count, 1)
+    return total if summed else total / max(count, 1.0)
 
 
 def _top_eigenvalues(

@@ -48,6 +48,11 @@ def _orthonormal_extension(
     return C + C2, Qn, Rn
 
 
+def _append(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``[A, B]`` by columns; ``B`` itself when ``A`` is empty (no ``n x k`` copy)."""
+    return B if A.shape[1] == 0 else torch.cat([A, B], dim=1)
+
+
 class _Hutchinson:
     """``mean_i z_i^T A z_i`` over Rademacher probes ``z_i``."""
 
@@ -100,7 +105,7 @@ class _HutchPlusPlus(_Hutchinson):
         coeff = Qn.T @ self.X
         self.X = self.X - Qn @ coeff
         self.AX = self.AX - AQn @ coeff
-        self.Q = torch.cat([self.Q, Qn], dim=1)
+        self.Q = _append(self.Q, Qn)
         return Qn.shape[1]
 
     def grow(self, budget: int) -> int:
@@ -144,8 +149,8 @@ class _HutchPlusPlus(_Hutchinson):
         probes = budget - spent
         Z = self._probes(probes)
         Z -= self.Q @ (self.Q.T @ Z)
-        self.X = torch.cat([self.X, Z], dim=1)
-        self.AX = torch.cat([self.AX, self.op._matmat(Z)], dim=1)
+        self.X = _append(self.X, Z)
+        self.AX = _append(self.AX, self.op._matmat(Z))
         self.samples = (self.X * self.AX).sum(0)
         return spent + probes
 
@@ -185,10 +190,10 @@ class _XTrace:
         R[:s, s:] = C
         R[s:, s:] = Rn
         self.R = R
-        self.Omega = torch.cat([self.Omega, Om], dim=1)
-        self.Y = torch.cat([self.Y, Yn], dim=1)
-        self.Q = torch.cat([self.Q, Qn], dim=1)
-        self.Z = torch.cat([self.Z, self.op._matmat(Qn)], dim=1)
+        self.Omega = _append(self.Omega, Om)
+        self.Y = _append(self.Y, Yn)
+        self.Q = _append(self.Q, Qn)
+        self.Z = _append(self.Z, self.op._matmat(Qn))
         return 2 * cols
 
     def estimate(self) -> Estimate:
