@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from hesse._chunking import (
     allocated_bytes,
@@ -73,11 +73,15 @@ class FlatHVP:
         x = self.inputs.x()
         self.x = x.clone() if x.is_inference() else x  # inference tensors cannot require grad
         self.f = f
-        self.mode = mode
+        # NOTE [under a transform]: inside torch.func.vmap / grad, autograd graphs of the
+        # wrapped tensors cannot be built; reverse over reverse goes through torch.func.
+        transformed = torch._C._functorch.is_functorch_wrapped_tensor(self.x)
+        self.mode = "vjp-of-grad" if transformed and mode != "forward-over-reverse" else mode
+        self._pull: Callable | None = None
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
         self._row_bytes: int | None = None
-        self._leaf = self.x.detach().requires_grad_(True)  # reverse-over-reverse input
+        self._leaf = None if transformed else self.x.detach().requires_grad_(True)
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,10 +135,32 @@ class FlatHVP:
     def _revrev_single(self, v: torch.Tensor) -> torch.Tensor:
         return self._revrev(v, batched=False)
 
+    # -- reverse-over-reverse through torch.func ---------------------------------
+    def _vjp_of_grad_single(self, v: torch.Tensor) -> torch.Tensor:
+        """``vjp`` of ``grad``: composes with an enclosing transform.
+
+        # NOTE [under a transform]
+        Called inside ``torch.func.vmap`` (``vmap(hesse.hessian(f))(X)``: one Hessian per
+        sample), the input is a functorch-wrapped tensor: it cannot be made a leaf
+        of a plain autograd graph. Reverse over reverse then runs through
+        ``torch.func``: the gradient's VJP is built once and vmapped over the rows
+        (what ``jacrev(jacrev(f))`` does), with the same chunking and memory budget.
+        """
+        if self._pull is None:
+            gr, self._pull = vjp(grad(self.g), self.x)
+            self._gradient = gr
+        return self._pull(v)[0]
+
+    def _vjp_of_grad_batched(self, vs: torch.Tensor) -> torch.Tensor:
+        self._vjp_of_grad_single(vs[0])  # builds the VJP once, outside the row vmap
+        return vmap(self._vjp_of_grad_single)(vs)
+
     # -- strategy resolution ------------------------------------------------------
     def _paths(self) -> tuple[Callable, Callable]:
         if self.mode == "reverse-over-reverse":
             return self._revrev_batched, self._revrev_single
+        if self.mode == "vjp-of-grad":
+            return self._vjp_of_grad_batched, self._vjp_of_grad_single
         return self._fwdrev_batched, self._fwdrev_single
 
     def _per_row_bytes(self) -> int:
@@ -150,7 +176,8 @@ class FlatHVP:
         """
         if self._row_bytes is None:
             used = None
-            if self.mode != "forward-over-reverse" and self._graph is None:
+            revrev = self._leaf is not None and self.mode != "forward-over-reverse"
+            if revrev and self._graph is None:
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
                     _, used = saved_bytes(self._revrev_graph, self._leaf)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]

@@ -37,7 +37,7 @@ import hesse
 from hesse._validation import check_choice, check_generator, describe, fail
 from hesse.influence._gradients import PerSampleGradients
 from hesse.operators._base import LinearOperator
-from hesse.operators._losses import reduction_of
+from hesse.operators._normalization import reduction_of
 from hesse.solvers._solve import check_damping, solve
 from hesse.spectra._input import check_int, check_positive_float
 
