@@ -15,6 +15,7 @@ from hesse.kfac._kron import grid_function, kron_apply
 from hesse.kfac._kronecker import KroneckerOperator
 from hesse.kfac._layers import LayerSpec, apply_blocks
 from hesse.operators._model import Batch
+from hesse.solvers._solve import check_damping
 
 
 class KFACOperator(KroneckerOperator):
@@ -187,7 +188,7 @@ class KFACOperator(KroneckerOperator):
             influence functions (exact damping in the eigenbasis, Eq. 21).
         """
         call = f"{self._title}.inverse(damping)"
-        damping = self._check_damping(call, damping)
+        damping = check_damping(call, damping)
         if heuristic_damping and exact_damping:
             fail(
                 call,
@@ -198,7 +199,7 @@ class KFACOperator(KroneckerOperator):
             eg, ea = self._eigen(b)
             if exact_damping:
                 values = torch.outer(eg.values, ea.values) + damping
-                self._check_regular(call, b.name, values, damping)
+                self._check_regular(call, repr(b.name), values, damping)
                 fns[b.name] = grid_function(eg, ea, 1 / values)
                 continue
             dg, da = damping, damping
@@ -206,8 +207,8 @@ class KFACOperator(KroneckerOperator):
                 pi = _pi(eg.values, ea.values)
                 dg, da = math.sqrt(damping) / pi, math.sqrt(damping) * pi
             gv, av = eg.values + dg, ea.values + da
-            self._check_regular(call, f"{b.name} (G)", gv, dg)
-            self._check_regular(call, f"{b.name} (A)", av, da)
+            self._check_regular(call, f"{b.name!r} (G)", gv, dg)
+            self._check_regular(call, f"{b.name!r} (A)", av, da)
             fns[b.name] = grid_function(eg, ea, torch.outer(1 / gv, 1 / av))
         return KroneckerInverse(f"{self._title}.inverse({damping})", self, self.blocks, fns)
 
