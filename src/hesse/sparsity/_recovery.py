@@ -31,6 +31,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,26 +58,42 @@ class Plan:
     visit_parent: torch.Tensor | None = None
     gather: torch.Tensor | None = None  # per entry: index into cat([diagonal, edge values])
 
-    def recover(self, B: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The entries (CSR order) and the largest estimated relative rounding error."""
+    def recover(self, B: torch.Tensor, estimate: bool = False) -> tuple[torch.Tensor, float]:
+        """The entries (CSR order) and, with ``estimate``, the largest estimated relative
+        rounding error of substitution (NOTE [substitution]; ``0.0`` otherwise)."""
         flat = B.reshape(-1)
         if self.direct is not None:
             return flat[self.direct], 0.0
         assert self.visit_src is not None and self.gather is not None
         diag = flat[self.diag_index()]
-        b = flat[self.visit_src].to(torch.float64) * self.visit_sign
+        if len(self.visit_src) == 0:
+            return diag[self.gather], 0.0
+        wide = (
+            torch.float64 if B.dtype in (torch.float16, torch.bfloat16, torch.float32) else B.dtype
+        )
+        b = flat[self.visit_src].to(wide) * self.visit_sign
         C = torch.nn.functional.pad(torch.cumsum(b, 0), (1, 0))
-        edge = (C[self.visit_end] - C[: len(b)]) * self.visit_sign
+        edge = (C[self.visit_end] - C[:-1]) * self.visit_sign
+        values = torch.cat([diag, edge.to(B.dtype)])[self.gather]
+        if not estimate:
+            return values, 0.0
         A = torch.nn.functional.pad(torch.cumsum(b.abs(), 0), (1, 0))
-        mass = A[self.visit_end] - A[: len(b)]  # what each substituted entry summed
+        mass = A[self.visit_end] - A[:-1]  # what each substituted entry summed
         # error relative to the entry's own scale |H_uv| + sqrt(|H_uu H_vv|), which
         # diagonal rescaling of the variables leaves unchanged
-        d = diag.to(torch.float64).abs()
+        d = diag.to(wide).abs()
         scale = edge.abs() + (d[self.visit_vertex] * d[self.visit_parent]).sqrt()
-        ratio = mass * torch.finfo(B.dtype).eps / scale.clamp_min(torch.finfo(torch.float64).tiny)
-        worst = float(ratio.max()) if len(b) else 0.0
-        values = torch.cat([diag, edge.to(B.dtype)])[self.gather]
-        return values, worst
+        ratio = mass * torch.finfo(B.dtype).eps / scale.clamp_min(torch.finfo(wide).tiny)
+        return values, float(ratio.max())
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """The sparse CSR tensor ``(n, n)`` of the pattern holding ``values``."""
+        cache = self.__dict__.setdefault("_index", {})
+        if values.device not in cache:
+            cache[values.device] = tuple(
+                t.to(values.device) for t in csr_index(self.rows, self.cols, self.n)
+            )
+        return csr_tensor(*cache[values.device], values, (self.n, self.n))
 
     def diag_index(self) -> torch.Tensor:
         if not hasattr(self, "_diag"):
@@ -166,3 +183,19 @@ def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
         visit_parent=torch.from_numpy(p),
         gather=torch.from_numpy(gather),
     )
+
+
+def csr_index(rows: np.ndarray, cols: np.ndarray, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(crow_indices, col_indices)`` of entries given in row-major (CSR) order."""
+    crow = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=m), out=crow[1:])
+    return torch.from_numpy(crow), torch.from_numpy(np.ascontiguousarray(cols, dtype=np.int64))
+
+
+def csr_tensor(
+    crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """A ``torch.sparse_csr`` tensor, without the beta warning and the O(nnz) check."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)

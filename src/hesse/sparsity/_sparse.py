@@ -48,7 +48,7 @@ from hesse.sparsity._coloring import (
 )
 from hesse.sparsity._maps import PatternTooLarge
 from hesse.sparsity._propagate import Propagation
-from hesse.sparsity._recovery import Plan, star_plan, substitution_plan
+from hesse.sparsity._recovery import Plan, csr_index, csr_tensor, star_plan, substitution_plan
 from hesse.sparsity._tracing import trace
 
 
@@ -209,21 +209,6 @@ def _seed_rows(coloring: Coloring, like: torch.Tensor) -> Callable[[int, int], t
         return out
 
     return rows
-
-
-def _csr(rows: np.ndarray, cols: np.ndarray, values: torch.Tensor, shape: tuple[int, int]):
-    """A torch CSR tensor from entries given in row-major (CSR) order."""
-    crow = np.zeros(shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(crow),
-            torch.from_numpy(np.ascontiguousarray(cols, dtype=np.int64)),
-            values,
-            shape,
-            check_invariants=False,
-        )
 
 
 def _symmetric(P: sp.csr_matrix) -> sp.csr_matrix:
@@ -436,7 +421,7 @@ def sparse_hessian(
                 [1., 6., 1.],
                 [0., 1., 6.]], dtype=torch.float64)
     """
-    prepared: dict[int, sp.csr_matrix] = {}  # NOTE [prepared reuse]: pattern per size n
+    prepared: dict[int, Plan] = {}  # NOTE [prepared reuse]: the chosen plan per size n
 
     def wrapped(*args: Any) -> torch.Tensor:
         call = call_form("hesse.sparse_hessian", len(args))
@@ -444,33 +429,32 @@ def sparse_hessian(
         check_choice(call, "coloring", coloring, HESSIAN_COLORINGS)
         engine = FlatHVP(f, args, argnums, call=call)
         n = engine.n
-        check = False
+        if pattern is not None and n in prepared:
+            plan = prepared[n]
+            return plan.csr(_evaluate(engine, plan, estimate=False)[0])
         if pattern is None:
             P = _detect(engine.g, engine.x, call).hessian()
-        elif n in prepared:
-            P = prepared[n]
         else:
-            P = prepared[n] = _symmetric(_from_torch(call, pattern, (n, n)))
-            check = True
-        kind = "star" if coloring == "star" else "acyclic"
-        values, plan = _evaluate(engine, _plan(kind, P), chunk_size)
-        if values is None:  # "auto": substitution not safe here, direct recovery instead
-            values, plan = _evaluate(engine, _plan("star", P), chunk_size, strict=False)
-        H = _csr(plan.rows, plan.cols, values, (n, n))
-        if check:
+            P = _symmetric(_from_torch(call, pattern, (n, n)))
+        plan = _plan("star" if coloring == "star" else "acyclic", P)
+        values, worst = _evaluate(engine, plan, estimate=coloring == "auto")
+        if not _substitution_safe(worst, engine.x.dtype):
+            # "auto": substitution is not accurate here; direct recovery instead
+            plan = _plan("star", P)
+            values, _ = _evaluate(engine, plan, estimate=False)
+        H = plan.csr(values)
+        if pattern is not None:
             _check_pattern(call, engine, H)
+            prepared[n] = plan
         return H
 
-    def _evaluate(engine: FlatHVP, plan: Plan, chunk: int | None, strict: bool = True):
+    def _evaluate(engine: FlatHVP, plan: Plan, estimate: bool) -> tuple[torch.Tensor, float]:
         k = plan.coloring.num_colors
         if k == 0 or len(plan.rows) == 0:
-            return engine.x.new_zeros(len(plan.rows)), plan
+            return engine.x.new_zeros(len(plan.rows)), 0.0
         S = _seeds(plan, engine.x)
-        B = engine.apply(k, lambda a, b: S[a:b], chunk_size=chunk)
-        values, worst = plan.recover(B)
-        if strict and coloring == "auto" and not _substitution_safe(worst, B.dtype):
-            return None, plan
-        return values, plan
+        B = engine.apply(k, lambda a, b: S[a:b], chunk_size=chunk_size)
+        return plan.recover(B, estimate=estimate)
 
     return wrapped
 
@@ -550,7 +534,7 @@ def sparse_jacobian(
                 call=call,
             )
             values = B[torch.from_numpy(cc.colors[cols]), torch.from_numpy(rows)]
-        return _csr(rows, cols, values.detach(), (m, n))
+        return csr_tensor(*csr_index(rows, cols, m), values.detach(), (m, n))
 
     return wrapped
 
