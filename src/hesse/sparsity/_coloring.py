@@ -522,14 +522,11 @@ ORDER_BUDGET_S = 0.25
 
 
 def twins(A: sp.csr_matrix) -> np.ndarray:
-    """For each CSR position ``p`` of a symmetric ``A`` (sorted indices), the position of
-    the reverse entry."""
-    rows, cols = _edges(A)
-    n = A.shape[0]
-    order = np.argsort(cols * n + rows, kind="stable")  # reverse entries in key order
-    twin = np.empty(len(rows), dtype=np.int64)
-    twin[order] = np.arange(len(rows), dtype=np.int64)
-    return twin
+    """For each CSR position ``p`` of a symmetric ``A`` (sorted indices, no self loops),
+    the position of the reverse entry."""
+    from hesse.sparsity._kernels import kernel, twin_positions
+
+    return kernel(twin_positions, A.nnz)(A.indptr.astype(np.int64), A.indices.astype(np.int64))
 
 
 def vertex_order(A: sp.csr_matrix, name: str) -> np.ndarray:

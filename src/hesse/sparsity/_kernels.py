@@ -303,3 +303,20 @@ def forest_preorder(indptr, indices, twin, tree):
                         out_e[stack_slot[top]] = count
                     top -= 1
     return out_v[:count], out_p[:count], out_s[:count], out_e[:count], out_q[:count]
+
+
+def twin_positions(indptr, indices):
+    """For each CSR position of a symmetric graph (sorted rows, no self loops), the
+    position of the reverse entry: ``O(|E|)``, rows visited in order."""
+    n = len(indptr) - 1
+    ptr = indptr[:-1].copy()
+    twin = np.empty(len(indices), dtype=np.int64)
+    for v in range(n):
+        for p in range(indptr[v], indptr[v + 1]):
+            w = indices[p]
+            if w > v:
+                q = ptr[w]  # the next entry of row w below its diagonal is (w, v)
+                twin[p] = q
+                twin[q] = p
+                ptr[w] = q + 1
+    return twin
