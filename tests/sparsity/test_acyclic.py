@@ -169,3 +169,28 @@ def test_prepared_transform_reuses_its_pattern_across_points(gen):
     for _ in range(3):
         x = torch.randn(30, generator=gen, dtype=torch.float64)
         assert torch.allclose(sh(x).to_dense(), hessian(f)(x), rtol=0, atol=1e-10)
+
+
+def test_patterns_are_cached_per_function_and_rechecked(gen, monkeypatch):
+    import hesse.sparsity._sparse as S
+
+    calls = []
+    detect = S._detect
+    monkeypatch.setattr(S, "_detect", lambda *a: calls.append(1) or detect(*a))
+    coupled = {"on": False}
+
+    def f(x):  # a Python flag changes the structure behind the same signature
+        out = (x**3).sum()
+        return out + (x[1:] * x[:-1]).sum() if coupled["on"] else out
+
+    x = torch.randn(8, generator=gen, dtype=torch.float64)
+    sh = hesse.sparse_hessian(f)
+    assert torch.allclose(sh(x).to_dense(), hessian(f)(x))
+    assert torch.allclose(sh(x + 1).to_dense(), hessian(f)(x + 1))
+    assert len(calls) == 1  # the second call reused the pattern
+    coupled["on"] = True  # the cached (diagonal) pattern is now wrong: the check sees it
+    assert torch.allclose(sh(x).to_dense(), hessian(f)(x))
+    assert len(calls) == 2
+    other = torch.randn(9, generator=gen, dtype=torch.float64)  # a new signature
+    assert torch.allclose(sh(other).to_dense(), hessian(f)(other))
+    assert len(calls) == 3
