@@ -3,8 +3,8 @@
 # NOTE [strategies]
 Two strategies compute the same products. ``reverse-over-reverse`` builds the
 gradient graph once with plain autograd (``create_graph``) and runs every chunk
-of products as one batched double-backward through it (``is_grads_batched``):
-the forward pass runs once and is never batched, so in-place updates of captured
+of products as one batched double-backward through it (:func:`batched_grad`,
+NOTE [batched backward]): the forward pass runs once and is never batched, so in-place updates of captured
 tensors and BatchNorm in train mode are no obstacle. ``forward-over-reverse``
 (``jvp`` of ``grad``, vmapped over tangents) carries a batch of tangents through
 one forward and backward pass per chunk. ``auto`` starts with the former, races
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from hesse._chunking import (
     allocated_bytes,
@@ -46,8 +46,8 @@ MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 
 RowSource = Callable[[int, int], torch.Tensor]
 
-#: fewer products than this run without a strategy race (NOTE [strategy race]).
-RACE_MIN_ROWS = 2048
+#: products expected to take less than this run without a strategy race (NOTE [strategy race]).
+RACE_MIN_SECONDS = 0.25
 
 
 class FlatHVP:
@@ -73,11 +73,15 @@ class FlatHVP:
         x = self.inputs.x()
         self.x = x.clone() if x.is_inference() else x  # inference tensors cannot require grad
         self.f = f
-        self.mode = mode
+        # NOTE [under a transform]: inside torch.func.vmap / grad, autograd graphs of the
+        # wrapped tensors cannot be built; reverse over reverse goes through torch.func.
+        transformed = torch._C._functorch.is_functorch_wrapped_tensor(self.x)
+        self.mode = "vjp-of-grad" if transformed and mode != "forward-over-reverse" else mode
+        self._pull: Callable | None = None
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
         self._row_bytes: int | None = None
-        self._leaf = self.x.detach().requires_grad_(True)  # reverse-over-reverse input
+        self._leaf = None if transformed else self.x.detach().requires_grad_(True)
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,9 +124,9 @@ class FlatHVP:
         x, gr = self._revrev_graph()
         if not gr.requires_grad:  # f is at most linear in x: the Hessian is zero
             return torch.zeros_like(vs)
-        (hv,) = torch.autograd.grad(
-            gr, x, vs, retain_graph=True, allow_unused=True, is_grads_batched=batched
-        )
+        if batched:
+            return batched_grad(gr, [x], vs)[0]
+        (hv,) = torch.autograd.grad(gr, x, vs, retain_graph=True, allow_unused=True)
         return torch.zeros_like(vs) if hv is None else hv
 
     def _revrev_batched(self, vs: torch.Tensor) -> torch.Tensor:
@@ -131,10 +135,32 @@ class FlatHVP:
     def _revrev_single(self, v: torch.Tensor) -> torch.Tensor:
         return self._revrev(v, batched=False)
 
+    # -- reverse-over-reverse through torch.func ---------------------------------
+    def _vjp_of_grad_single(self, v: torch.Tensor) -> torch.Tensor:
+        """``vjp`` of ``grad``: composes with an enclosing transform.
+
+        # NOTE [under a transform]
+        Called inside ``torch.func.vmap`` (``vmap(hesse.hessian(f))(X)``: one Hessian per
+        sample), the input is a functorch-wrapped tensor: it cannot be made a leaf
+        of a plain autograd graph. Reverse over reverse then runs through
+        ``torch.func``: the gradient's VJP is built once and vmapped over the rows
+        (what ``jacrev(jacrev(f))`` does), with the same chunking and memory budget.
+        """
+        if self._pull is None:
+            gr, self._pull = vjp(grad(self.g), self.x)
+            self._gradient = gr
+        return self._pull(v)[0]
+
+    def _vjp_of_grad_batched(self, vs: torch.Tensor) -> torch.Tensor:
+        self._vjp_of_grad_single(vs[0])  # builds the VJP once, outside the row vmap
+        return vmap(self._vjp_of_grad_single)(vs)
+
     # -- strategy resolution ------------------------------------------------------
     def _paths(self) -> tuple[Callable, Callable]:
         if self.mode == "reverse-over-reverse":
             return self._revrev_batched, self._revrev_single
+        if self.mode == "vjp-of-grad":
+            return self._vjp_of_grad_batched, self._vjp_of_grad_single
         return self._fwdrev_batched, self._fwdrev_single
 
     def _per_row_bytes(self) -> int:
@@ -150,7 +176,8 @@ class FlatHVP:
         """
         if self._row_bytes is None:
             used = None
-            if self.mode != "forward-over-reverse" and self._graph is None:
+            revrev = self._leaf is not None and self.mode != "forward-over-reverse"
+            if revrev and self._graph is None:
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
                     _, used = saved_bytes(self._revrev_graph, self._leaf)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
@@ -173,7 +200,7 @@ class FlatHVP:
             call=self.call,
         )
 
-    def _settle(self, rows: RowSource, first: int, race: bool) -> torch.Tensor:
+    def _settle(self, rows: RowSource, first: int, k: int) -> torch.Tensor:
         """Settle ``auto`` on the first products and return them (``first`` or ``2 first`` rows).
 
         # NOTE [strategy race]
@@ -182,11 +209,14 @@ class FlatHVP:
         chunks and skips the tangents of the forward outputs (``sum(sin(x))``:
         about 2x fewer flops than forward-over-reverse). Forward-over-reverse can
         win on wide layers, where differentiating the backward graph costs more
-        than carrying tangents forward. When there are enough products to amortise
-        a race (``race``), the first chunk runs reverse-over-reverse and the second
-        forward-over-reverse, both timed, and the faster does the rest.
-        The race spends no extra products: both chunks are part of the result.
-        Any failure of one strategy hands over to the other (NOTE [strategies]).
+        than carrying tangents forward. The first chunk's measured time prices the
+        rest of the job: only when the remaining products would take longer than
+        :data:`RACE_MIN_SECONDS` and span at least three more chunks (so that a
+        losing racer's chunk is a small share) does the second chunk run
+        forward-over-reverse, timed, and the faster does the rest. Small jobs pay
+        nothing for the race. It spends no extra products: both chunks are part of
+        the result. Any failure of one strategy hands over to the other (NOTE
+        [strategies]).
         """
         try:
             self._revrev_graph()
@@ -197,7 +227,8 @@ class FlatHVP:
             self.mode = "forward-over-reverse"
             return self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
         self.mode = "reverse-over-reverse"
-        if not race:
+        rest = k - first
+        if rest < 3 * first or rev_time * rest / first < RACE_MIN_SECONDS:
             return head
         try:
             start = time.perf_counter()
@@ -263,10 +294,7 @@ class FlatHVP:
             rows = basis_rows(self.n, self.x, capacity=chunk_size)
         done = 0
         if self.mode == "auto":
-            # NOTE [strategy race]: each racer runs one whole chunk, the regime of
-            # the rest; only on jobs large enough that the loser's chunk is a small share.
-            race = k >= RACE_MIN_ROWS and k >= 4 * chunk_size
-            head = self._settle(rows, min(k, chunk_size), race)
+            head = self._settle(rows, min(k, chunk_size), k)  # NOTE [strategy race]
             done = head.shape[0]
             if done == k and out is None:
                 return head  # one chunk did it all: no copy
@@ -286,6 +314,46 @@ class FlatHVP:
             out=None if out is None else out[done:],
         )
         return rest if out is None else out
+
+
+def batched_grad(
+    output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangents: torch.Tensor
+) -> list[torch.Tensor]:
+    """``torch.autograd.grad(output, inputs, v)`` for every ``v`` in ``cotangents`` (a leading batch).
+
+    The graph is retained; inputs ``output`` does not reach get zeros. Shaped
+    ``(k, *input.shape)`` per input.
+
+    # NOTE [batched backward]
+    Two vectorisers can run one backward pass for a batch of cotangents:
+    ``torch.func.vmap`` over ``torch.autograd.grad`` (functorch's batching rules)
+    and ``is_grads_batched`` (the legacy ``torch._vmap_internals`` batching). On
+    the same graph the former is about 2x faster (measured: the forum MLP's
+    input Hessian, 2.8 ms against 6.0 ms at one thread; the legacy path falls back
+    to per-row loops in more backward formulas), so it runs first; where it
+    raises (an in-place op or a custom ``autograd.Function`` that functorch cannot
+    batch) the legacy path runs, and its failure goes to the caller's fallback
+    (NOTE [strategies], NOTE [chunking]). Both are plain double backward through
+    autograd's graph, not ``torch.func``'s forward mode, so they agree with the
+    unbatched products where forward-mode rules are wrong (the input-weight terms
+    of LayerNorm in torch 2.13, tested).
+    """
+    inputs = list(inputs)
+
+    def one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gs = torch.autograd.grad(output, inputs, v, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gs))
+
+    if cotangents.shape[0] > 1:
+        try:
+            return list(vmap(one)(cotangents))
+        except Exception:  # noqa: BLE001 - NOTE [batched backward]: the legacy batching next
+            pass
+    gs = torch.autograd.grad(
+        output, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    k = cotangents.shape[0]
+    return [x.new_zeros((k, *x.shape)) if g is None else g for x, g in zip(inputs, gs)]
 
 
 def basis_rows(n: int, like: torch.Tensor, capacity: int = 0) -> RowSource:

@@ -25,8 +25,13 @@ def rademacher(
     n: int, k: int, *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``(n, k)`` independent random signs (+1 or -1)."""
-    signs = torch.randint(0, 2, (n, k), generator=generator, device=generator.device)
-    return (2 * signs - 1).to(dtype=dtype, device=device)
+    # Drawn directly in a float dtype (the same bits as an int64 draw) and mapped to
+    # +-1 in place: no n x k int64 temporaries on large operators.
+    draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    signs = torch.randint(
+        0, 2, (n, k), generator=generator, device=generator.device, dtype=draw_dtype
+    )
+    return signs.mul_(2).sub_(1).to(dtype=dtype, device=device)
 
 
 def gaussian(
@@ -36,3 +41,14 @@ def gaussian(
     draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     out = torch.randn((n, k), generator=generator, device=generator.device, dtype=draw_dtype)
     return out.to(dtype=dtype, device=device)
+
+
+def keyed_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """A generator for item ``index`` of a stream keyed by ``seed`` (e.g. one per batch).
+
+    The same ``(seed, index)`` gives the same draws in every pass and on every rank,
+    which makes sampled operators (MC Fisher, MC KFAC) fixed and data-parallel.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed((seed + 1_000_003 * index) % 2**63)
+    return g

@@ -38,6 +38,7 @@ from torch import nn
 
 from hesse.cli._load import AnalyzeError, first_line, load
 from hesse.operators import LinearOperator
+from hesse.operators._data import model_arguments
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -239,7 +240,7 @@ def analyze(
     }
 
     with steps.step("loss", report):
-        report["loss"] = _mean_loss(model, loss_fn, data)
+        report["loss"] = _mean_loss(H)
     with steps.step("Hessian top eigenvalues", report):
         report["hessian_eigenvalues"] = _top_eigenvalues(
             hesse,
@@ -311,18 +312,20 @@ def _layers(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _mean_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -> float:
-    """The loss over the data, averaging batch losses weighted by batch size (summing for ``reduction='sum'``)."""
-    total, count = 0.0, 0
-    summed = getattr(loss_fn, "reduction", "mean") == "sum"
+def _mean_loss(op: Any) -> float:
+    """The dataset loss the operators differentiate: batch losses weighted by their
+    counts (NOTE [loss normalisation] in ``hesse.operators._normalization``), or summed
+    for ``reduction='sum'``."""
+    total, count = 0.0, 0.0
+    summed = op.reduction == "sum"
     with torch.no_grad():
-        for inputs, targets in data:
-            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            size = int(args[0].shape[0])
-            value = float(loss_fn(model(*args), targets))
+        for inputs, targets in op._batches():
+            args, kwargs = model_arguments(inputs)
+            size = op._count(inputs, targets)
+            value = float(op.loss_fn(op.model(*args, **kwargs), targets))
             total += value if summed else value * size
             count += size
-    return total if summed else total / max(count, 1)
+    return total if summed else total / max(count, 1.0)
 
 
 def _top_eigenvalues(
@@ -388,11 +391,14 @@ def _history(hesse: Any, op: Any, k: int, res: Any, gen: Callable) -> list[dict[
 
 
 def _estimate(est: Any, method: str) -> dict[str, Any]:
-    low, high = est.confidence_interval()
+    low, high = est.interval(
+        0.95
+    )  # Student-t with the estimate's dof (NOTE [calibrated intervals])
     return {
-        "method": method,
+        "method": "exact" if est.exact else method,
         "value": float(est.value),
         "stderr": float(est.stderr),
+        "dof": float(est.dof),
         "ci95": [float(low), float(high)],
         "num_matvecs": int(est.num_matvecs),
     }

@@ -117,7 +117,11 @@ def _plot_layers(ax: Any, report: dict[str, Any]) -> None:
     names = [f"{layer['layer']}\n({layer['num_parameters']})" for layer in layers]
     x = list(range(len(layers)))
     traces = [layer["trace"]["value"] for layer in layers]
-    errors = [1.96 * layer["trace"]["stderr"] for layer in layers]
+    # The t interval from report.json (NOTE [calibrated intervals]), not value -+ 1.96 stderr.
+    errors = [
+        [layer["trace"]["value"] - layer["trace"]["ci95"][0] for layer in layers],
+        [layer["trace"]["ci95"][1] - layer["trace"]["value"] for layer in layers],
+    ]
     tops = [layer["top_eigenvalue"] for layer in layers]
     width = 0.38
     ax.bar(

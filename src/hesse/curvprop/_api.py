@@ -43,6 +43,7 @@ class Traced:
     scale: float  # total loss = scale * sum of the per-sample losses
     per_sample: bool  # False: the loss does not split over samples (the batch is one unit)
     sample_bytes: dict[str, int] = field(default_factory=dict)  # per method, measured once
+    loss_state: list[torch.Tensor] = field(default_factory=list)  # the loss's buffers (weights)
 
 
 def _split_scale(model, loss_fn, params, inputs, targets) -> float | None:
@@ -141,10 +142,20 @@ def prepare(call: str, model, loss_fn, params, inputs, targets) -> Traced:
     if not isinstance(out0, torch.Tensor):
         raise UnsupportedGraph(f"the model returned {describe(out0)}, not one tensor")
     gm_m = trace(model_fn, plist, olist, x0)
-    gm_l = trace(lambda out, y: loss_fn(out, y), out0, y0)
+    # A loss module's tensors (class weights) enter its graph as inputs, like buffers.
+    lstate = dict(loss_fn.named_buffers()) if isinstance(loss_fn, nn.Module) else {}
+    lnames = list(lstate)
+
+    def loss_of(out, y, *state):
+        if not lnames:
+            return loss_fn(out, y)
+        return functional_call(loss_fn, dict(zip(lnames, state)), (out, y))
+
+    gm_l = trace(loss_of, out0, y0, *lstate.values())
     mplan = plan(gm_m, list(range(len(names))))
     lplan = plan(gm_l, [0])
     tr = Traced(names, onames, mplan, lplan, 1.0 if scale is None else scale, per_sample)
+    tr.loss_state = [t.detach() for t in lstate.values()]
     if key is not None:
         # The entry holds loss_fn itself, so its id cannot be reused while cached.
         _TRACES.setdefault(model, {})[key] = (loss_fn, tr)
@@ -164,7 +175,7 @@ def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> tor
     prop = Propagation()
     run_m = prop.forward(tr.model, [*plist, *olist, x])
     out = run_m["env"][tr.model.output]
-    run_l = prop.forward(tr.loss, [out, y])
+    run_l = prop.forward(tr.loss, [out, y, *tr.loss_state])
     seed = torch.ones_like(run_l["env"][tr.loss.output])
     g_l, c_l, _ = prop.backward(run_l, seed, None, prune=False)
     ph = tr.loss.placeholders[0]

@@ -112,9 +112,34 @@ def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported with its cause
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UnsupportedGraph(f"tracing failed ({type(err).__name__}: {first})") from err
+    _drop_overwrites(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _drop_overwrites(graph: fx.Graph) -> None:
+    """Replace ``copy_(dst, src)`` on an intermediate ``dst`` by ``src``.
+
+    Some decompositions (``masked_fill_`` in label-smoothed cross-entropy) emit an
+    in-place ``copy_`` that functionalisation does not remove. When the copy
+    overwrites all of an intermediate that nothing reads afterwards, its value is
+    ``src`` (cast and broadcast), which keeps the graph functional.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.target is not aten.copy_.default:
+            continue
+        dst, src = node.args[0], node.args[1]
+        if not isinstance(dst, fx.Node) or dst.op != "call_function":
+            continue
+        if any(order[u] > order[node] for u in dst.users if u is not node):
+            continue
+        dv, sv = dst.meta.get("val"), getattr(src, "meta", {}).get("val")
+        if dv is None or sv is None or sv.shape != dv.shape or sv.dtype != dv.dtype:
+            continue
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
 
 
 def _names(*ops: Any) -> frozenset[str]:

@@ -26,7 +26,7 @@ probes come from identically seeded generators.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +45,7 @@ from hesse.distributed._context import (
 )
 from hesse.distributed._sharding import make_shard
 from hesse.operators import _model
+from hesse.operators._data import as_batches
 
 __all__ = ["FisherOperator", "GGNOperator", "HessianOperator"]
 
@@ -80,8 +81,10 @@ class _DataParallel:
         # A rank that never gets here (crashed, or took another code path) is named.
         check_alive(ctx, call)
         try:
+            # NOTE [data forms]: every form the single-process operators take.
+            data = as_batches(call, data)
             local = data if sharded else make_shard(data, ctx.rank, ctx.world_size, call=call)
-            if not sharded and isinstance(data, Sized) and len(data) < ctx.world_size:
+            if not sharded and data.has_len() and len(data) < ctx.world_size:
                 fail(
                     call,
                     f"data has {len(data)} batch(es) for {ctx.world_size} ranks, so some rank "

@@ -24,9 +24,9 @@ import torch
 from torch.func import jvp, vmap
 
 from hesse._chunking import map_chunks
-from hesse._estimate import Estimate
+from hesse._estimate import MAX_PAIRS_COLUMNS, Estimate, exchangeable_stderr
 from hesse._hvp import basis_rows, tensor_rows
-from hesse._probes import rademacher, resolve_generator
+from hesse._probes import keyed_generator, rademacher, resolve_generator
 from hesse._validation import check_chunk_size, check_generator, fail
 from hesse.operators._base import DenseOperator, LinearOperator, as_operator
 from hesse.operators._function import FunctionHessianOperator
@@ -122,9 +122,19 @@ def diagonal(
       summed over the batch before the VJP: one backward pass per batch and draw
       (the cheapest), unbiased, higher variance than ``"mc"`` for large batches.
 
-    Stochastic methods return an :class:`~hesse._estimate.Estimate` whose
-    ``stderr`` is the standard error from the spread of the independent draws
-    (NaN with a single draw).
+    Stochastic methods return an :class:`~hesse._estimate.Estimate`;
+    ``.interval(0.95)`` gives Student-t intervals with its ``dof`` (NOTE [calibrated
+    intervals] in ``hesse._estimate``; ``benchmarks/coverage.py`` measures them).
+    ``stderr`` is the spread of the independent draws over ``sqrt(m)`` (``m - 1``
+    degrees of freedom; NaN with a single draw) for ``"hutchinson"``, ``"mc"`` and
+    ``"gnb"``. XDiag's ``m/2`` leave-one-out draws share all but one sketch column,
+    so their spread alone is too small; its ``stderr`` adds the pair covariance,
+    estimated from the draws recomputed without each of up to 40 columns (see
+    :func:`hesse._estimate.exchangeable_stderr`; ``O(g n m^2)`` extra flops and
+    ``g^2 n`` memory for ``g <= 40`` such columns, fewer for large ``n``).
+    ``"hutchinson"`` and ``"xdiag"`` with ``num_matvecs >= n`` compute the exact
+    diagonal instead (the ``"exact"`` path, at most ``n`` products) and return it
+    with ``exact=True`` and ``stderr = 0``.
 
     Args:
         op: a square hesse operator, or a dense square tensor.
@@ -173,11 +183,7 @@ def diagonal(
         isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < 1
     ):
         fail(call, f"num_matvecs should be a positive int or None, got {num_matvecs!r}.")
-    fn = None
-    for cls in type(op).__mro__:
-        fn = _REGISTRY.get((method, cls))
-        if fn is not None:
-            break
+    fn = _lookup(method, op)
     if fn is None:
         owners = sorted(c.__name__ for m, c in _REGISTRY if m == method)
         fail(
@@ -190,6 +196,15 @@ def diagonal(
 
 
 # -- helpers --------------------------------------------------------------------------
+def _lookup(method: str, op: LinearOperator) -> DiagonalMethod | None:
+    """The registered function for ``method`` on the most specific class of ``op``."""
+    for cls in type(op).__mro__:
+        fn = _REGISTRY.get((method, cls))
+        if fn is not None:
+            return fn
+    return None
+
+
 def _products(
     op: LinearOperator, X: torch.Tensor, chunk_size: int | None, call: str
 ) -> torch.Tensor:
@@ -207,14 +222,28 @@ def _products(
 
 
 def _from_draws(draws: torch.Tensor, num_matvecs: int) -> Estimate:
-    """An Estimate from ``(m, n)`` independent unbiased draws."""
+    """An Estimate from ``(m, n)`` independent unbiased draws (``m - 1`` degrees of freedom)."""
     m = draws.shape[0]
     value = draws.mean(0)
     if m > 1:
         stderr = draws.std(0, correction=1) / math.sqrt(m)
     else:
         stderr = torch.full_like(value, float("nan"))
-    return Estimate(value=value, stderr=stderr, num_matvecs=num_matvecs)
+    return Estimate(value=value, stderr=stderr, num_matvecs=num_matvecs, dof=float(m - 1))
+
+
+def exact_estimate(op: LinearOperator, *, chunk_size: int | None, call: str) -> Estimate:
+    """The exact diagonal, as an :class:`Estimate` with ``exact=True`` and zero error.
+
+    What the stochastic methods (and :func:`hesse.trace`) return once their budget
+    reaches the dimension ``n``: the operator's cheapest exact path (``n`` basis
+    products at most), reported as ``n`` products.
+    """
+    diag = _lookup("exact", op)(
+        op, num_matvecs=None, generator=None, chunk_size=chunk_size, call=call
+    )
+    n = op.shape[0]
+    return Estimate(value=diag, stderr=torch.zeros_like(diag), num_matvecs=n, exact=True)
 
 
 # -- exact ----------------------------------------------------------------------------
@@ -291,6 +320,8 @@ def _hutchinson(
 ) -> Estimate:
     m = num_matvecs or DEFAULT_MATVECS
     n = op.shape[0]
+    if m >= n:
+        return exact_estimate(op, chunk_size=chunk_size, call=call)
     gen = resolve_generator(generator)
     cs = min(m, chunk_size or op.chunk_size)
     num_chunks = -(-m // cs)
@@ -319,7 +350,7 @@ def _hutchinson(
         stderr = (m2 / (m - 1) / m).sqrt()
     else:
         stderr = torch.full_like(value, float("nan"))
-    return Estimate(value=value, stderr=stderr, num_matvecs=m)
+    return Estimate(value=value, stderr=stderr, num_matvecs=m, dof=float(m - 1))
 
 
 # -- XDiag ---------------------------------------------------------------------------------
@@ -337,11 +368,37 @@ def _xdiag(
     if s < 2:
         fail(call, f"xdiag needs num_matvecs >= 4 (two sketches of at least 2 columns), got {m}.")
     n = op.shape[0]
-    s = min(s, n)  # a sketch as wide as the matrix already captures all of it
+    if m >= n:
+        return exact_estimate(op, chunk_size=chunk_size, call=call)
     gen = resolve_generator(generator)
     Om = rademacher(n, s, generator=gen, dtype=op.dtype, device=op.device)
     Y = _products(op, Om, chunk_size, call)
     Q, R = torch.linalg.qr(Y)
+    Z = op._rmatmat(Q) if not op.is_symmetric else _products(op, Q, chunk_size, call)
+    draws = _xdiag_draws(Om, Y, Q, R, Z)
+    value = draws.mean(0)
+    # NOTE [calibrated intervals]: the leave-one-out draws share all but one sketch
+    # column, so their spread alone understates the error; the pair term of
+    # exchangeable_stderr needs every draw recomputed without each of g columns.
+    # (g^2 n numbers: g shrinks for large n to keep them within ~256 MiB.)
+    g = max(2, min(s, MAX_PAIRS_COLUMNS, math.isqrt(2**25 // n)))
+    without = draws.new_zeros(g, g, n)
+    for j in range(g):
+        keep = torch.arange(s, device=Y.device) != j
+        Qk, Rk = torch.linalg.qr(Y[:, keep])
+        Zk = Z @ (Q.T @ Qk)  # A^T Q_k = A^T Q (Q^T Q_k): range(Q_k) lies in range(Q)
+        row = draws.new_zeros(s, n)
+        row[keep] = _xdiag_draws(Om[:, keep], Y[:, keep], Qk, Rk, Zk)
+        without[j] = row[:g]
+    stderr, dof = exchangeable_stderr(draws, without)
+    return Estimate(value=value, stderr=stderr, num_matvecs=2 * s, dof=dof)
+
+
+def _xdiag_draws(
+    Om: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, Z: torch.Tensor
+) -> torch.Tensor:
+    """XDiag's ``(s, n)`` leave-one-out estimates from ``Y = A Om = Q R`` and ``Z = A^T Q``."""
+    s = R.shape[0]
     # A rank-deficient sketch (rank(A) < s) gives R a (near-)zero pivot; its
     # downdate direction then lies outside range(A) and contributes nothing, as in
     # exact arithmetic, as long as the triangular solve stays finite.
@@ -351,15 +408,13 @@ def _xdiag(
     eye = torch.eye(s, dtype=R.dtype, device=R.device)
     S = torch.linalg.solve_triangular(R, eye, upper=True).T  # R^{-T}
     S = S / torch.linalg.vector_norm(S, dim=0, keepdim=True)
-    Z = op._rmatmat(Q) if not op.is_symmetric else _products(op, Q, chunk_size, call)
     T = Z.T @ Om
     QS, ZS = Q @ S, Z @ S
     base = (Q * Z).sum(1)  # diag(Q Q^T A)
     # Leave-one-out estimators (one per sketch column), each unbiased:
     # diag(Q_(i) Q_(i)^T A) + w_i * (A - Q_(i) Q_(i)^T A) w_i.
     sst = (S * T).sum(0)  # diag(S^T T)
-    draws = base.unsqueeze(1) - QS * ZS + Om * (Y - Q @ T + QS * sst)
-    return _from_draws(draws.T, num_matvecs=2 * s)
+    return (base.unsqueeze(1) - QS * ZS + Om * (Y - Q @ T + QS * sst)).T
 
 
 # -- Monte-Carlo GGN / Fisher diagonals ---------------------------------------------------
@@ -380,8 +435,7 @@ def _sampler(op: _OuterProductOperator, call: str, generator: torch.Generator | 
     seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
 
     def sample(index: int, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator(op.device).manual_seed((seed + 1_000_003 * index) % 2**63)
-        return op.curvature.sample(output, targets, g, m)
+        return op.curvature.sample(output, targets, keyed_generator(seed, index, op.device), m)
 
     return sample
 

@@ -3,7 +3,7 @@
 The gradient graph is built once (reverse mode with ``create_graph``) by the
 shared engine :class:`hesse._hvp.FlatHVP` in its reverse-over-reverse strategy;
 every later product is one batched double-backward through that retained graph
-(``is_grads_batched``), chunked by :func:`hesse._chunking.map_chunks`. A product
+(NOTE [batched backward] in ``hesse/_hvp.py``), chunked by :func:`hesse._chunking.map_chunks`. A product
 therefore costs about one extra backward pass, never a new forward pass.
 """
 
@@ -70,7 +70,7 @@ def hessian_operator(
     :class:`~hesse.operators._base.LinearOperator` ``H`` with
     ``H @ v = (d^2 f / dx^2) v`` at ``x = args[argnums]``. The gradient graph of
     ``f`` is built once, at construction, and retained; each product then runs one
-    double-backward pass through it, batched over columns (``is_grads_batched``)
+    double-backward pass through it, batched over columns
     in chunks of ``chunk_size``.
 
     .. math:: H v = \\nabla_x \\langle \\nabla_x f(x), v \\rangle
