@@ -3,16 +3,20 @@
 # NOTE [sparse pipeline]
 1. *Detect*: trace ``f`` to ATen ops and propagate boolean patterns
    (:mod:`hesse.sparsity`); the pattern holds for every input value.
-2. *Colour*: group columns so that one product per group recovers every entry
-   (:mod:`hesse.sparsity._coloring`): a star colouring for the full Hessian, a distance-1
-   colouring for its diagonal, a column (or row) colouring for a Jacobian.
+2. *Colour*: group columns so that few products recover every entry
+   (:mod:`hesse.sparsity._coloring`): an acyclic (or star) colouring for the full
+   Hessian (NOTE [colouring choice]), a distance-1 colouring for its diagonal, a column
+   (or row) colouring for a Jacobian.
 3. *Evaluate*: one batched, chunked pass of Hessian-vector products with the
    colour seeds (:class:`hesse._hvp.FlatHVP`), or JVPs/VJPs for a Jacobian
    (:func:`hesse._chunking.map_chunks`).
-4. *Decompress*: every nonzero is read from one compressed product.
+4. *Recover*: by substitution along two-coloured trees (acyclic, NOTE [substitution])
+   or read directly (star, distance-1, Jacobians), with a precomputed plan
+   (:mod:`hesse.sparsity._recovery`).
 
 A pattern can be computed once (``hessian_sparsity``) and passed back with
-``pattern=`` to skip step 1 in a loop; colourings of a passed pattern are cached.
+``pattern=``: the transform is then a prepared evaluator (NOTE [prepared reuse]).
+Detected patterns are cached per function and signature (NOTE [pattern cache]).
 """
 
 from __future__ import annotations
