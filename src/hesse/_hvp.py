@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from hesse._attention import math_attention
 from hesse._chunking import (
     allocated_bytes,
     chunk_size_for,
@@ -88,7 +89,8 @@ class FlatHVP:
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
-        out = check_scalar_output(self.call, self.inputs.call(self.f, x))
+        with math_attention():  # NOTE [math attention]
+            out = check_scalar_output(self.call, self.inputs.call(self.f, x))
         return out.reshape(())
 
     @property
