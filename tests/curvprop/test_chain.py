@@ -162,3 +162,19 @@ def test_hand_over_to_the_general_path(spy, case) -> None:
         got = batch_diagonal("t", model, loss, params, x, y, method="exact", per_sample=False)
     assert not spy, f"{case}: the chain fast path must not run"
     torch.testing.assert_close(got, autograd_diagonal(model, loss, x, y, params), **TOL)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_chain_in_sample_groups_agrees(spy, monkeypatch, per_sample) -> None:
+    import hesse._chunking
+
+    model, (x, y), loss = mlp(), data(7), nn.CrossEntropyLoss()
+    params = dict(model.named_parameters())
+    whole = batch_diagonal("t", model, loss, params, x, y, method="exact", per_sample=per_sample)
+    monkeypatch.setattr(hesse._chunking, "EFFICIENT_CHUNK_BYTES", 3 * 4 * 11 * 4 * 8)  # 3 samples
+    grouped = batch_diagonal("t", model, loss, params, x, y, method="exact", per_sample=per_sample)
+    assert len(spy) == 2
+    torch.testing.assert_close(grouped, whole, **TOL)
+    torch.testing.assert_close(
+        grouped, autograd_diagonal(model, loss, x, y, per_sample=per_sample), **TOL
+    )

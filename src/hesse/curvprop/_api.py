@@ -509,7 +509,7 @@ def batch_diagonal(
     HVPs (exact) with a :class:`CurvpropFallbackWarning` when the model does not trace.
     """
     params = {k: v.detach() for k, v in params.items()}
-    fast = _chain_fast(method, model, loss_fn, params, inputs, targets, per_sample)
+    fast = _chain_fast(call, method, model, loss_fn, params, inputs, targets, per_sample)
     if fast is not None:
         return fast
     try:
@@ -548,7 +548,7 @@ def batch_diagonal(
         return _brute_force(call, model, loss_fn, params, inputs, targets, per_sample)
 
 
-def _chain_fast(method, model, loss_fn, params, inputs, targets, per_sample):
+def _chain_fast(call, method, model, loss_fn, params, inputs, targets, per_sample):
     """The exact diagonal by NOTE [chain fast path], or ``None`` where it does not apply."""
     if method != "exact":
         return None
@@ -557,7 +557,7 @@ def _chain_fast(method, model, loss_fn, params, inputs, targets, per_sample):
         return None
     reduction = loss_fn.reduction
     return chain_diagonal(
-        layers, list(params), params, inputs, targets, reduction, per_sample=per_sample
+        layers, list(params), params, inputs, targets, reduction, per_sample=per_sample, call=call
     )
 
 
@@ -610,7 +610,7 @@ def operator_diagonal(method: str, fallback: Callable | None = None) -> Callable
                     "curvature propagation takes one input tensor and one target tensor per "
                     f"batch, got {describe(inputs)} and {describe(targets)}"
                 )
-            flat = _chain_fast(method, op.model, op.loss_fn, params, inputs, targets, False)
+            flat = _chain_fast(call, method, op.model, op.loss_fn, params, inputs, targets, False)
             if flat is not None:  # NOTE [aggregation]: batch contributions are in sum form.
                 return flat * op._count(inputs, targets) if op.reduction == "mean" else flat
             tr = prepare(call, op.model, op.loss_fn, params, inputs, targets)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hesse._chunking import chunk_size_for, default_memory_budget, map_chunks
+
 ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU)
 
 
@@ -77,9 +79,47 @@ def chain_plan(model: nn.Module, loss_fn, params: dict, inputs, targets) -> list
 
 def chain_diagonal(
     layers: list, names: list[str], params: dict, inputs, targets, reduction: str, *,
-    per_sample: bool,
+    per_sample: bool, call: str,
 ) -> torch.Tensor:  # fmt: skip
-    """The flat exact diagonal, ``(n,)`` or ``(B, n)`` per sample, in the order of ``names``."""
+    """The flat exact diagonal, ``(n,)`` or ``(B, n)`` per sample, in the order of ``names``.
+
+    Samples go in groups (:func:`hesse._chunking.map_chunks`) whose columns, at most
+    ``(group, K, width)`` with ``K`` the classes plus the widths of the curved
+    activations, fit :data:`hesse._chunking.EFFICIENT_CHUNK_BYTES` (and the memory
+    budget).
+    """
+    b = inputs.shape[0]
+    widths = [layer.out_features for layer in layers if type(layer) is nn.Linear]
+    columns = sum(widths)  # at most: the classes plus every hidden width
+    per_sample_bytes = 4 * columns * max(widths) * inputs.element_size()
+    group = chunk_size_for(
+        rows=b, per_row_bytes=per_sample_bytes, fixed_bytes=0,
+        budget=int(default_memory_budget(inputs.device)),
+    )  # fmt: skip
+    groups = -(-b // group)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        lo = int(ids[0]) * group
+        hi = min(b, lo + group)
+        part = _chain_group(layers, names, params, inputs[lo:hi], targets[lo:hi], per_sample)
+        return part if per_sample else part[None]
+
+    if groups == 1:
+        flat = run(torch.zeros(1))
+        flat = flat if per_sample else flat[0]
+    elif per_sample:
+        parts = [run(torch.tensor([g])) for g in range(groups)]  # ragged groups: no stacking
+        flat = torch.cat(parts)
+    else:
+        flat = map_chunks(
+            run, None, groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
+        ).sum(0)
+    scale = 1.0 / b if reduction == "mean" else 1.0
+    return flat.mul_(scale) if scale != 1 else flat
+
+
+def _chain_group(layers, names, params, inputs, targets, per_sample: bool) -> torch.Tensor:
+    """One group of samples: the unscaled diagonal, ``(n,)`` or ``(B, n)``."""
     b = inputs.shape[0]
     prefix = {id(layer): str(i) for i, layer in enumerate(layers)}
     # Forward: each layer's input, with the parameter values of ``params``.
@@ -144,7 +184,5 @@ def chain_diagonal(
                     r = g * d2
                     diag_cols, diag_signs = r.abs().sqrt(), torch.sign(r)
                 g = g * d1
-    scale = 1.0 / b if reduction == "mean" else 1.0
     pieces = [out[k].reshape(b, -1) if per_sample else out[k].reshape(-1) for k in names]
-    flat = torch.cat(pieces, dim=1 if per_sample else 0)
-    return flat.mul_(scale) if scale != 1 else flat
+    return torch.cat(pieces, dim=1 if per_sample else 0)
