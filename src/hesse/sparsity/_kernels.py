@@ -144,11 +144,29 @@ def greedy(indptr, indices, order):
             c = color[indices[p]]
             if c >= 0:
                 forbidden[c] = v
-        c = 0
-        while forbidden[c] == v:
-            c += 1
-        color[v] = c
+        color[v] = _first_free(forbidden, v)
     return color
+
+
+def _first_free(forbidden, v):
+    """The smallest colour not forbidden for ``v`` (``forbidden[c] == v``: forbidden)."""
+    c = 0
+    while forbidden[c] == v:
+        c += 1
+    return c
+
+
+def _slot(slot_col, slot_cnt, slot_hub, nslots, base, u, c):
+    """Position of ``u``'s slot for colour ``c`` (opened empty when missing)."""
+    for s in range(base, base + nslots[u]):
+        if slot_col[s] == c:
+            return s
+    s = base + nslots[u]
+    slot_col[s] = c
+    slot_cnt[s] = 0
+    slot_hub[s] = False
+    nslots[u] += 1
+    return s
 
 
 def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one piece
@@ -174,6 +192,8 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
     first_via = -np.ones(nnz, dtype=np.int64)
     slot_col = np.empty(nnz, dtype=np.int64)
     slot_edge = np.empty(nnz, dtype=np.int64)
+    slot_cnt = np.zeros(nnz, dtype=np.int64)
+    slot_hub = np.zeros(nnz, dtype=np.bool_)  # unused here; _slot keeps it
     nslots = np.zeros(n, dtype=np.int64)
     for v in order:
         for p in range(indptr[v], indptr[v + 1]):
@@ -198,9 +218,7 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
                     first_via[e] = w
                 elif first_via[e] != w:
                     forbidden[c] = v
-        cv = 0
-        while forbidden[cv] == v:
-            cv += 1
+        cv = _first_free(forbidden, v)
         color[v] = cv
         for p in range(indptr[v], indptr[v + 1]):
             w = indices[p]
@@ -214,16 +232,10 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
             for side in range(2):
                 u = w if side == 0 else v
                 other = cv if side == 0 else cw
-                base = indptr[u]
-                found = -1
-                for s in range(base, base + nslots[u]):
-                    if slot_col[s] == other:
-                        found = s
-                        break
-                if found < 0:
-                    slot_col[base + nslots[u]] = other
-                    slot_edge[base + nslots[u]] = e
-                    nslots[u] += 1
+                found = _slot(slot_col, slot_cnt, slot_hub, nslots, indptr[u], u, other)
+                slot_cnt[found] += 1
+                if slot_cnt[found] == 1:  # opened by this edge
+                    slot_edge[found] = e
                     continue
                 a = e
                 while parent[a] != a:
@@ -327,19 +339,6 @@ def twin_positions(indptr, indices):
     return twin
 
 
-def _slot(slot_col, slot_cnt, slot_hub, nslots, base, u, c):
-    """Position of ``u``'s slot for colour ``c`` (opened empty when missing)."""
-    for s in range(base, base + nslots[u]):
-        if slot_col[s] == c:
-            return s
-    s = base + nslots[u]
-    slot_col[s] = c
-    slot_cnt[s] = 0
-    slot_hub[s] = False
-    nslots[u] += 1
-    return s
-
-
 def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
     """Greedy star colouring in ``order``: distance-1, and no path on four vertices uses
     only two colours (every two-coloured component is a star).
@@ -380,9 +379,7 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
                 c = slot_col[s]
                 if forbidden[c] != v and (several or slot_hub[s]):
                     forbidden[c] = v
-        cv = 0
-        while forbidden[cv] == v:
-            cv += 1
+        cv = _first_free(forbidden, v)
         color[v] = cv
         for p in range(indptr[v], indptr[v + 1]):
             w = indices[p]
@@ -406,4 +403,4 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
 
 
 #: Functions that kernels call (compiled before the kernels that use them).
-_HELPERS = (_slot,)
+_HELPERS = (_slot, _first_free)
