@@ -131,20 +131,37 @@ def test_substitution_error_grows_on_badly_scaled_problems_and_auto_avoids_it():
 
 
 @pytest.mark.skipif(not _kernels._numba(), reason="numba not installed")
-def test_compiled_kernels_equal_the_python_ones(monkeypatch):
+def test_compiled_kernels_equal_the_python_ones():
     P = _band(3000, 2) + _arrow(3000)
     A = C.adjacency(P)
     indptr, indices = A.indptr.astype(np.int64), A.indices.astype(np.int64)
-    twin = C.twins(A)
+    jit = lambda fn: _kernels.kernel(fn, 10**9)  # noqa: E731 - forced compilation
+    twin = _kernels.twin_positions(indptr, indices)
+    assert np.array_equal(twin, jit(_kernels.twin_positions)(indptr, indices))
     for mode in (0, 1, 2):
         py = _kernels.bucket_order(indptr, indices, mode)
-        assert np.array_equal(
-            py, _kernels.kernel(_kernels.bucket_order, 10**9)(indptr, indices, mode)
-        )
+        assert np.array_equal(py, jit(_kernels.bucket_order)(indptr, indices, mode))
     order = np.arange(A.shape[0])
-    py = _kernels.acyclic(indptr, indices, twin, order)
-    jit = _kernels.kernel(_kernels.acyclic, 10**9)(indptr, indices, twin, order)
-    assert np.array_equal(py[0], jit[0])
+    for fn, args in (
+        (_kernels.acyclic, (indptr, indices, twin, order)),
+        (_kernels.star, (indptr, indices, order)),
+        (_kernels.greedy, (indptr, indices, order)),
+    ):
+        py, compiled = fn(*args), jit(fn)(*args)
+        py = py[0] if isinstance(py, tuple) else py
+        compiled = compiled[0] if isinstance(compiled, tuple) else compiled
+        assert np.array_equal(py, compiled)
+
+
+def test_star_colourings_are_valid_in_every_order():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        n = 50
+        R = sp.random(n, n, density=0.08, random_state=rng, format="csr").astype(bool)
+        P = (R + R.T + sp.identity(n, dtype=bool)).tocsr()
+        for order in C.ORDERS:
+            col = C.star_coloring(P, orders=(order,))
+            assert C.is_star_coloring(P, col.colors)
 
 
 def test_coloring_option_is_validated():

@@ -42,7 +42,12 @@ def kernel(fn: Callable, edges: int) -> Callable:
     if edges <= JIT_EDGES or not _numba():
         return fn
     if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = _numba().njit(cache=True, nogil=True)(fn)
+        numba = _numba()
+        for helper in _HELPERS:  # kernels call these: compiled first, found as globals
+            if helper.__name__ not in _COMPILED:
+                _COMPILED[helper.__name__] = numba.njit(cache=True, nogil=True)(helper)
+                globals()[helper.__name__] = _COMPILED[helper.__name__]
+        _COMPILED[fn.__name__] = numba.njit(cache=True, nogil=True)(fn)
     return _COMPILED[fn.__name__]
 
 
@@ -139,11 +144,29 @@ def greedy(indptr, indices, order):
             c = color[indices[p]]
             if c >= 0:
                 forbidden[c] = v
-        c = 0
-        while forbidden[c] == v:
-            c += 1
-        color[v] = c
+        color[v] = _first_free(forbidden, v)
     return color
+
+
+def _first_free(forbidden, v):
+    """The smallest colour not forbidden for ``v`` (``forbidden[c] == v``: forbidden)."""
+    c = 0
+    while forbidden[c] == v:
+        c += 1
+    return c
+
+
+def _slot(slot_col, slot_cnt, slot_hub, nslots, base, u, c):
+    """Position of ``u``'s slot for colour ``c`` (opened empty when missing)."""
+    for s in range(base, base + nslots[u]):
+        if slot_col[s] == c:
+            return s
+    s = base + nslots[u]
+    slot_col[s] = c
+    slot_cnt[s] = 0
+    slot_hub[s] = False
+    nslots[u] += 1
+    return s
 
 
 def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one piece
@@ -169,6 +192,8 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
     first_via = -np.ones(nnz, dtype=np.int64)
     slot_col = np.empty(nnz, dtype=np.int64)
     slot_edge = np.empty(nnz, dtype=np.int64)
+    slot_cnt = np.zeros(nnz, dtype=np.int64)
+    slot_hub = np.zeros(nnz, dtype=np.bool_)  # unused here; _slot keeps it
     nslots = np.zeros(n, dtype=np.int64)
     for v in order:
         for p in range(indptr[v], indptr[v + 1]):
@@ -193,9 +218,7 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
                     first_via[e] = w
                 elif first_via[e] != w:
                     forbidden[c] = v
-        cv = 0
-        while forbidden[cv] == v:
-            cv += 1
+        cv = _first_free(forbidden, v)
         color[v] = cv
         for p in range(indptr[v], indptr[v + 1]):
             w = indices[p]
@@ -209,16 +232,10 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
             for side in range(2):
                 u = w if side == 0 else v
                 other = cv if side == 0 else cw
-                base = indptr[u]
-                found = -1
-                for s in range(base, base + nslots[u]):
-                    if slot_col[s] == other:
-                        found = s
-                        break
-                if found < 0:
-                    slot_col[base + nslots[u]] = other
-                    slot_edge[base + nslots[u]] = e
-                    nslots[u] += 1
+                found = _slot(slot_col, slot_cnt, slot_hub, nslots, indptr[u], u, other)
+                slot_cnt[found] += 1
+                if slot_cnt[found] == 1:  # opened by this edge
+                    slot_edge[found] = e
                     continue
                 a = e
                 while parent[a] != a:
@@ -320,3 +337,70 @@ def twin_positions(indptr, indices):
                 twin[q] = p
                 ptr[w] = q + 1
     return twin
+
+
+def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
+    """Greedy star colouring in ``order``: distance-1, and no path on four vertices uses
+    only two colours (every two-coloured component is a star).
+
+    Colouring ``v`` with ``c`` makes a two-coloured path on four vertices exactly when,
+    for a coloured neighbour ``w`` of ``v`` and a neighbour ``x`` of ``w`` of colour ``c``,
+    either ``v`` has another neighbour of ``w``'s colour, or ``x`` has (``x`` is the hub
+    of a star with leaf ``w``) (Coleman & Moré 1984; Gebremedhin, Tarafdar, Manne &
+    Pothen 2007). Each vertex keeps one slot per colour among its coloured neighbours:
+    how many there are and whether they are hubs towards it, so a dense row costs its
+    length times the colours, not its square.
+
+    Returns colours ``0..K-1``.
+    """
+    n = len(indptr) - 1
+    nnz = len(indices)
+    color = -np.ones(n, dtype=np.int64)
+    forbidden = -np.ones(n + 2, dtype=np.int64)
+    slot_col = np.empty(nnz, dtype=np.int64)
+    slot_cnt = np.zeros(nnz, dtype=np.int64)
+    slot_hub = np.zeros(nnz, dtype=np.bool_)
+    nslots = np.zeros(n, dtype=np.int64)
+    for v in order:
+        bv = indptr[v]
+        for p in range(indptr[v], indptr[v + 1]):
+            c = color[indices[p]]
+            if c >= 0:
+                forbidden[c] = v
+                s = _slot(slot_col, slot_cnt, slot_hub, nslots, bv, v, c)
+                slot_cnt[s] += 1
+        for p in range(indptr[v], indptr[v + 1]):
+            w = indices[p]
+            cw = color[w]
+            if cw < 0:
+                continue
+            several = slot_cnt[_slot(slot_col, slot_cnt, slot_hub, nslots, bv, v, cw)] >= 2
+            for s in range(indptr[w], indptr[w] + nslots[w]):
+                c = slot_col[s]
+                if forbidden[c] != v and (several or slot_hub[s]):
+                    forbidden[c] = v
+        cv = _first_free(forbidden, v)
+        color[v] = cv
+        for p in range(indptr[v], indptr[v + 1]):
+            w = indices[p]
+            cw = color[w]
+            if cw < 0 or w == v:
+                continue
+            sw = _slot(slot_col, slot_cnt, slot_hub, nslots, indptr[w], w, cv)
+            slot_cnt[sw] += 1
+            sv = _slot(slot_col, slot_cnt, slot_hub, nslots, bv, v, cw)
+            if slot_cnt[sv] >= 2:  # v is a hub in colours {cv, cw}
+                slot_hub[sw] = True
+            if slot_cnt[sw] >= 2:  # w is a hub in colours {cw, cv}
+                slot_hub[sv] = True
+                if slot_cnt[sw] == 2:  # w just became one: tell its other cv-neighbour
+                    for q in range(indptr[w], indptr[w + 1]):
+                        u = indices[q]
+                        if u != v and color[u] == cv:
+                            su = _slot(slot_col, slot_cnt, slot_hub, nslots, indptr[u], u, cw)
+                            slot_hub[su] = True
+    return color
+
+
+#: Functions that kernels call (compiled before the kernels that use them).
+_HELPERS = (_slot, _first_free)
