@@ -49,8 +49,10 @@ def main() -> None:
         ops[name + " time"] = time.perf_counter() - t
 
     evals_G, evecs_G = torch.linalg.eigh(G)
-    print("| approximation | build | rel. error (Frobenius) | rel. error (diagonal) "
-          "| top-10 overlap | top-50 overlap | lambda_max / GGN's |")
+    print(
+        "| approximation | build | rel. error (Frobenius) | rel. error (diagonal) "
+        "| top-10 overlap | top-50 overlap | lambda_max / GGN's |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in ["KFAC type-2", "KFAC mc (1 sample)", "KFAC empirical", "EKFAC type-2"]:
         K = ops[name].to_dense()
@@ -60,8 +62,10 @@ def main() -> None:
         o10 = overlap(vk[:, -10:], evecs_G[:, -10:])
         o50 = overlap(vk[:, -50:], evecs_G[:, -50:])
         ratio = float(ek[-1] / evals_G[-1])
-        print(f"| {name} | {ops[name + ' time'] * 1e3:.0f} ms | {rel:.3f} | {rel_diag:.3f} "
-              f"| {o10:.3f} | {o50:.3f} | {ratio:.3f} |")
+        print(
+            f"| {name} | {ops[name + ' time'] * 1e3:.0f} ms | {rel:.3f} | {rel_diag:.3f} "
+            f"| {o10:.3f} | {o50:.3f} | {ratio:.3f} |"
+        )
     print()
 
     lam = 1e-3 * float(evals_G[-1])
