@@ -25,6 +25,10 @@ from typing import Any
 DPI = 300
 #: figure size in inches (width: a page's text width).
 WIDTH, HEIGHT = 6.5, 2.9
+#: the per-layer chart grows with the number of layers up to this height (inches).
+MAX_HEIGHT = 9.0
+#: the scatter colours points by module type instead of by layer beyond this many layers.
+MAX_LAYER_COLOURS = 8
 #: diagonals with more points than this are rasterised inside the vector files.
 MAX_VECTOR_POINTS = 5_000
 #: digits as subscripts (plain Unicode text: mathtext would embed extra fonts in the PDF).
@@ -85,23 +89,25 @@ def write(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _place_axes(fig: Any, ax: Any) -> None:
-    """Fixed margins for the labels, the right one sized to the legend.
+    """Fixed margins for the labels; the right one sized to the legend, the left one to
+    the tick labels of an axis without a title (the per-layer chart's layer names).
 
     A layout engine (constrained or tight layout) would lay the text out again on
-    every save; measuring the legend once keeps writing three formats cheap.
+    every save; measuring the legend and labels once keeps writing the files cheap.
     """
+    width, height = fig.get_size_inches()
+    renderer = fig.canvas.get_renderer()
     left, bottom, top, gap = 0.8, 0.5, 0.1, 0.15  # inches
-    if any("\n" in t.get_text() for t in ax.get_xticklabels()):
-        bottom += 0.15
-    if ax.xaxis.get_ticklabels() and ax.xaxis.get_ticklabels()[0].get_rotation():
-        bottom += 0.5
+    if not ax.get_ylabel():
+        labels = [t.get_window_extent(renderer).width for t in ax.get_yticklabels()]
+        left = max(labels or [0.0]) / fig.dpi + gap
     legend = ax.get_legend()
     right = 0.15
     if legend is not None:
-        right = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + gap + 0.1
-    right = min(right, WIDTH / 2)
+        right = legend.get_window_extent(renderer).width / fig.dpi + gap + 0.1
+    left, right = min(left, width / 2.5), min(right, width / 2.5)
     fig.subplots_adjust(
-        left=left / WIDTH, right=1 - right / WIDTH, bottom=bottom / HEIGHT, top=1 - top / HEIGHT
+        left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height
     )
 
 
@@ -203,45 +209,52 @@ def _density(ax: Any, report: dict[str, Any]) -> None:
 
 
 def _layers(ax: Any, report: dict[str, Any]) -> None:
+    """Horizontal bars, one pair per layer (the names stay readable for deep models)."""
     layers = report["layers"]
-    names = [f"{lay['layer']} ({lay['type']})\n{lay['num_parameters']:,} params" for lay in layers]
-    x = list(range(len(layers)))
+    ax.figure.set_size_inches(WIDTH, min(max(HEIGHT, 0.9 + 0.3 * len(layers)), MAX_HEIGHT))
+    names = [f"{lay['layer']} ({lay['type']}, {lay['num_parameters']:,})" for lay in layers]
+    y = list(range(len(layers)))
     traces = [lay["trace"]["value"] for lay in layers]
     below = [lay["trace"]["value"] - lay["trace"]["ci95"][0] for lay in layers]
     above = [lay["trace"]["ci95"][1] - lay["trace"]["value"] for lay in layers]
     tops = [lay["top_eigenvalue"] for lay in layers]
-    width = 0.38
-    ax.bar(
-        [i - width / 2 for i in x],
+    height = 0.38
+    ax.barh(
+        [i - height / 2 for i in y],
         traces,
-        width,
-        yerr=[below, above],
+        height,
+        xerr=[below, above],
         capsize=2,
         error_kw={"linewidth": 0.8},
         label="trace (95 % CI)",
     )
-    ax.bar([i + width / 2 for i in x], tops, width, label="top eigenvalue")
-    ax.set_xticks(x, names)
-    if len(layers) > 6:
-        ax.tick_params(axis="x", labelrotation=60)
-    _symlog(ax, "y", [*traces, *tops, *(t + a for t, a in zip(traces, above))])
-    ax.axhline(0.0, color="0.5", linewidth=0.5)
-    ax.set_ylabel("curvature of the layer's block")
+    ax.barh([i + height / 2 for i in y], tops, height, label="top eigenvalue")
+    ax.set_yticks(y, names)
+    ax.set_ylim(len(layers) - 0.5, -0.5)  # first layer on top
+    _symlog(ax, "x", [*traces, *tops, *(t + a for t, a in zip(traces, above))])
+    ax.axvline(0.0, color="0.5", linewidth=0.5)
+    ax.set_xlabel("curvature of the layer's block of the Hessian (symmetric log scale)")
     _legend_outside(ax)
 
 
 def _layer_slices(report: dict[str, Any]) -> list[tuple[str, int, int]]:
-    """``(label, start, stop)`` of each layer in the flat parameter vector."""
+    """``(label, start, stop)`` of each layer in the flat parameter vector.
+
+    The label is the layer (``0 (Linear)``), or its module type when there are more
+    than :data:`MAX_LAYER_COLOURS` layers (a legend of 50 colours says nothing).
+    """
     sizes = {name: math.prod(shape) for name, shape in report["model"]["parameters"].items()}
     offsets, start = {}, 0
     for name, size in sizes.items():
         offsets[name] = (start, start + size)
         start += size
     out = []
+    by_type = len(report["layers"]) > MAX_LAYER_COLOURS
     for lay in report["layers"]:
+        label = f"{lay['type']} layers" if by_type else f"{lay['layer']} ({lay['type']})"
         for name in lay["parameters"]:
             a, b = offsets[name]
-            out.append((f"{lay['layer']} ({lay['type']})", a, b))
+            out.append((label, a, b))
     return out
 
 

@@ -188,7 +188,7 @@ def provenance_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("device", p["device"]),
         ("dtype", p["dtype"]),
         ("CPU threads", str(p["threads"])),
-        ("data", f"{p['samples']:,} samples in {p['batches']:,} batches"),
+        ("data", _data_size(p)),
     ]
     if p["world_size"] > 1:
         rows.append(("processes", str(p["world_size"])))
@@ -201,13 +201,18 @@ def provenance_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _data_size(p: dict[str, Any]) -> str:
+    samples = f"{p['samples']:,} sample" + ("s" if p["samples"] != 1 else "")
+    return f"{samples} in {p['batches']:,} batch" + ("es" if p["batches"] != 1 else "")
+
+
 def _provenance_line(report: dict[str, Any]) -> str:
     p = report["provenance"]
     threads = f"{p['threads']} thread" + ("s" if p["threads"] != 1 else "")
     wall = f", {p['wall_time_s']:.1f} s" if "wall_time_s" in p else ""
     return (
         f"hesse {p['hesse']}, torch {p['torch']}, Python {p['python']}; {p['device']}, "
-        f"{p['dtype']}, {threads}; {p['samples']:,} samples in {p['batches']:,} batches; "
+        f"{p['dtype']}, {threads}; {_data_size(p)}; "
         f"started {p.get('started_utc', '-')}{wall}"
     )
 
