@@ -67,7 +67,7 @@ def test_provenance_fields_are_present_and_correct(default_run):
 def test_html_settings_show_the_dtype_that_ran(default_run):
     _, out, _ = _report(default_run)
     page = (out / "report.html").read_text()
-    assert "<th>dtype</th><td>not given (kept the model&#x27;s float64)</td>" in page
+    assert "<th>--dtype</th><td>not given (kept the model&#x27;s float64)</td>" in page
 
 
 def test_layers_csv_is_the_per_layer_table(default_run):
@@ -169,6 +169,7 @@ def test_help_texts_say_what_each_flag_does(capsys):
         assert f"{flag(name)} N" in text
         assert f"(default {full}, {quick} with --quick)" in text
     assert "--version" in " ".join(build_parser().format_help().split())
+    assert "%" not in text.replace("95 % confidence", "")  # no unexpanded argparse escapes
     for words in (
         "(X, y) pair",
         "DataLoader without shuffling",

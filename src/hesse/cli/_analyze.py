@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> None:
         "analyze",
         help="a curvature report for a model (report.json, figures, layers.csv, report.html)",
         description="Curvature report for a model: loss, top Hessian and GGN eigenvalues, trace "
-        "with a 95%% confidence interval, spectral density, per-layer curvature and diagonals, "
+        "with a 95 % confidence interval, spectral density, per-layer curvature and diagonals, "
         "with the versions and settings that produced them. Without --model it trains a small "
         "MLP on scikit-learn's digits data and reports on it.",
     )
@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         settings = _settings(args)
-        steps = Steps(progress_mode(not args.no_progress), total=len(STEP_NAMES) + 2, timings={})
+        shown = not args.no_progress and os.environ.get("RANK", "0") == "0"  # rank 0 speaks
+        steps = Steps(progress_mode(shown), total=len(STEP_NAMES) + 2, timings={})
         with steps.step("load model"):
             model, loss_fn, data, source = load(args)
         report = analyze(model, loss_fn, data, settings, source=source, steps=steps)

@@ -50,13 +50,13 @@ STYLE = {
 
 
 def figures() -> dict[str, tuple[str, Callable[[Any, dict[str, Any]], None]]]:
-    """File stem -> (caption title, drawing function) for every figure, in page order."""
+    """File stem -> (caption title, drawing function): figure N of the page is page N of the PDF."""
     return {
         "eigenvalue_convergence": ("Top Hessian eigenvalues vs. products spent", _convergence),
         "spectral_density": ("Spectral density of the Hessian", _density),
-        "layers": ("Per-layer curvature", _layers),
         "diagonal_scatter": ("Exact GGN diagonal vs. estimated Hessian diagonal", _scatter),
         "diagonal_histogram": ("Distribution of the diagonal entries", _histogram),
+        "layers": ("Per-layer curvature", _layers),
     }
 
 

@@ -197,7 +197,7 @@ def provenance_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("started (UTC)", p.get("started_utc", "-")),
         ("wall time", f"{p['wall_time_s']:.2f} s" if "wall_time_s" in p else "-"),
     ]
-    rows += [(f"  {step}", f"{seconds:.2f} s") for step, seconds in report["timings_s"].items()]
+    rows += [(f"time: {step}", f"{seconds:.2f} s") for step, seconds in report["timings_s"].items()]
     return rows
 
 
@@ -304,7 +304,8 @@ def _rows_html(rows: list[tuple[str, str]]) -> str:
     return "".join(f"<tr><th>{_esc(a)}</th><td>{_esc(b)}</td></tr>" for a, b in rows)
 
 
-def _figure(out: Path, stem: str, number: int, caption: str) -> str:
+def _figure(out: Path, stem: str, caption: str) -> str:
+    """Figure N of the page (N = its page of figures.pdf), the PNG inline, links to the files."""
     title = _figures.figures()[stem][0]
     page = list(_figures.figures()).index(stem) + 1
     data = base64.b64encode((out / f"{stem}.png").read_bytes()).decode("ascii")
@@ -312,7 +313,7 @@ def _figure(out: Path, stem: str, number: int, caption: str) -> str:
     links.append(f'<a href="{_figures.PDF}#page={page}">PDF</a> (page {page} of {_figures.PDF})')
     return (
         f'<figure id="{stem}"><img alt="{html.escape(title)}" '
-        f'src="data:image/png;base64,{data}"><figcaption><b>Figure {number}.</b> '
+        f'src="data:image/png;base64,{data}"><figcaption><b>Figure {page}.</b> '
         f"{html.escape(title)}. {caption} Files: {' &middot; '.join(links)}.</figcaption></figure>"
     )
 
@@ -375,6 +376,11 @@ def _gap_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _settings_rows(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """The settings under the flags that set them (``eig_matvecs`` -> ``--eig-matvecs``)."""
+    return [("--" + k.replace("_", "-"), _g(v)) for k, v in settings.items()]
+
+
 def render_html(report: dict[str, Any], out: Path) -> str:
     """A self-contained page: summary, one section per quantity, provenance and settings."""
     settings = dict(report["settings"])
@@ -400,7 +406,6 @@ def render_html(report: dict[str, Any], out: Path) -> str:
             + _figure(
                 out,
                 "eigenvalue_convergence",
-                1,
                 "Lanczos stopped after fewer products, same seed: the estimates it had at that point.",
             ),
         ),
@@ -412,17 +417,16 @@ def render_html(report: dict[str, Any], out: Path) -> str:
         (
             "Spectral density",
             EXPLAIN["density"],
-            _figure(out, "spectral_density", 2, _density_caption(report)),
+            _figure(out, "spectral_density", _density_caption(report)),
         ),
         (
             "GGN versus Hessian",
             EXPLAIN["gap"],
             f"<div class='scroll'><table>{_rows_html(_gap_rows(report))}</table></div>"
-            + _figure(out, "diagonal_scatter", 3, scatter_caption)
+            + _figure(out, "diagonal_scatter", scatter_caption)
             + _figure(
                 out,
                 "diagonal_histogram",
-                4,
                 "Histogram over parameters, symmetric logarithmic axis.",
             ),
         ),
@@ -434,7 +438,6 @@ def render_html(report: dict[str, Any], out: Path) -> str:
             + _figure(
                 out,
                 "layers",
-                5,
                 "Trace with its 95 % confidence interval and top eigenvalue of each layer's Hessian block; symmetric logarithmic axis.",
             ),
         ),
@@ -463,7 +466,7 @@ def render_html(report: dict[str, Any], out: Path) -> str:
         f"<h2>Summary</h2><div class='scroll'><table>{_rows_html(summary_rows(report))}</table></div>"
         f"{body}{warnings_html}"
         f"<h2>Provenance</h2><div class='scroll'><table>{_rows_html(provenance_rows(report))}</table></div>"
-        f"<h2>Settings</h2><div class='scroll'><table>{_rows_html([(k, _g(v)) for k, v in settings.items()])}</table></div>"
+        f"<h2>Settings</h2><div class='scroll'><table>{_rows_html(_settings_rows(settings))}</table></div>"
         "<p>Every number, with the settings that produced it, is in "
         "<a href='report.json'>report.json</a>.</p></body></html>"
     )
