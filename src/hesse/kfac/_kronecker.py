@@ -244,8 +244,10 @@ class KroneckerOperator(_ModelOperator):
 
     def _check_regular(self, call: str, name: str, values: torch.Tensor, damping: float) -> None:
         """Raise if ``values`` (eigenvalues after damping) make the block singular."""
+        # Numerical rank as in numpy.linalg.matrix_rank, per factor dimension: the grid's
+        # eigenvalues are exact products of the factors' (each accurate to ~dim * eps).
         top = values.abs().max()
-        tol = values.numel() * torch.finfo(values.dtype).eps * top
+        tol = max(values.shape) * torch.finfo(values.dtype).eps * top
         if bool(values.min() <= tol) or bool(top == 0):
             fail(
                 call,
