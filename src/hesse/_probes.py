@@ -25,8 +25,13 @@ def rademacher(
     n: int, k: int, *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``(n, k)`` independent random signs (+1 or -1)."""
-    signs = torch.randint(0, 2, (n, k), generator=generator, device=generator.device)
-    return (2 * signs - 1).to(dtype=dtype, device=device)
+    # Drawn directly in a float dtype (the same bits as an int64 draw) and mapped to
+    # +-1 in place: no n x k int64 temporaries on large operators.
+    draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    signs = torch.randint(
+        0, 2, (n, k), generator=generator, device=generator.device, dtype=draw_dtype
+    )
+    return signs.mul_(2).sub_(1).to(dtype=dtype, device=device)
 
 
 def gaussian(

@@ -36,7 +36,8 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from hesse._chunking import map_chunks
+from hesse._attention import math_attention, raise_if_no_derivative
+from hesse._chunking import default_memory_budget, map_chunks, saved_bytes
 from hesse._flat import Flat
 from hesse._hvp import batched_grad, tensor_rows
 from hesse._probes import keyed_generator
@@ -44,14 +45,14 @@ from hesse._validation import (
     check_choice,
     check_differentiable_leaves,
     check_generator,
+    check_memory_budget,
     describe,
     fail,
 )
 from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
-from hesse.operators._losses import OutputCurvature, PlainLoss, output_curvature, reduction_of
+from hesse.operators._data import Batch, as_batches, model_arguments
+from hesse.operators._losses import OutputCurvature, output_curvature
 from hesse.operators._squares import batch_factor_squares
-
-Batch = tuple[Any, Any]
 
 
 def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
@@ -102,6 +103,58 @@ def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.
     )
 
 
+def _batch_size(inputs: Any) -> int:
+    return int(tree_flatten(inputs)[0][0].shape[0])
+
+
+def _same_batch(a: Any, b: Any) -> bool:
+    """Whether two batches hold the same values (identical tensors compare in O(1))."""
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    if sa != sb:
+        return False
+    for s, t in zip(la, lb):
+        if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
+            if s is not t and (s.shape != t.shape or s.dtype != t.dtype or not torch.equal(s, t)):
+                return False
+        elif s is not t and s != t:
+            return False
+    return True
+
+
+class _GraphCache:
+    """Per-batch gradient graphs kept within a byte budget (NOTE [graph cache])."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.entries: dict[int, tuple[Any, Any, tuple[torch.Tensor, torch.Tensor], int]] = {}
+        self.too_large: set[int] = set()
+
+    def get(
+        self, index: int, inputs: Any, targets: Any
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.entries.get(index)
+        if entry is None:
+            return None
+        if _same_batch((entry[0], entry[1]), (inputs, targets)):
+            return entry[2]
+        self.used -= entry[3]  # the pass yields a different batch here: drop the stale graph
+        del self.entries[index]
+        return None
+
+    def may_fit(self, index: int) -> bool:
+        """Whether building batch ``index``'s graph is worth measuring for the cache."""
+        return self.budget > 0 and index not in self.too_large and self.used < self.budget
+
+    def offer(self, index, inputs, targets, graph, size: int) -> None:
+        if self.used + size <= self.budget:
+            self.entries[index] = (inputs, targets, graph, size)
+            self.used += size
+        else:
+            self.too_large.add(index)
+
+
 class _ModelOperator(LinearOperator):
     """Shared machinery: parameter selection, batch iteration, aggregation."""
 
@@ -116,32 +169,19 @@ class _ModelOperator(LinearOperator):
         params: Any,
         progress: bool,
         check_deterministic: bool,
-        curvature: OutputCurvature | None,
+        curvature: OutputCurvature,
     ) -> None:
         call = self._call = f"hesse.{self._title}(model, loss_fn, data)"
         if not isinstance(model, nn.Module):
             fail(call, f"expected model to be a torch.nn.Module, got {describe(model)}.", TypeError)
         if not callable(loss_fn):
             fail(call, f"expected loss_fn to be callable, got {describe(loss_fn)}.", TypeError)
-        try:
-            is_iterator = iter(data) is data
-        except TypeError:
-            fail(
-                call,
-                f"expected data to be an iterable of (inputs, targets) batches, got {describe(data)}.",
-                TypeError,
-            )
-        if is_iterator:
-            fail(
-                call,
-                "data is a one-shot iterator, but every product re-iterates the data. Pass a "
-                "list of batches or a DataLoader.",
-                TypeError,
-            )
-        self.model, self.loss_fn, self.data = model, loss_fn, data
+        # NOTE [data forms]: one place accepts and checks every form of data.
+        self.data = as_batches(call, data, check_deterministic=check_deterministic)
+        self.model, self.loss_fn = model, loss_fn
         self.progress = progress
-        self.reduction = reduction_of(call, loss_fn)
-        self.curvature = curvature if curvature is not None else PlainLoss(loss_fn, self.reduction)
+        self.curvature = curvature
+        self.reduction = curvature.reduction
         selected = _select_params(call, model, params)
         check_differentiable_leaves(call, selected, "parameters")
         self.param_names = list(selected)
@@ -164,22 +204,20 @@ class _ModelOperator(LinearOperator):
         return {**self._fixed, **buffers, **params}
 
     def _forward(self, x: torch.Tensor, inputs: Any) -> torch.Tensor:
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args)
+        args, kwargs = model_arguments(inputs)
+        with math_attention():  # NOTE [math attention]
+            return functional_call(
+                self.model, self._tensors(self.layout.unflatten(x)), args, kwargs
+            )
 
     def _sum_loss(self, x: torch.Tensor, inputs: Any, targets: Any) -> torch.Tensor:
         return self.curvature.sum_form(self._forward(x, inputs), targets)
 
-    def _count(self, inputs: Any, targets: Any) -> int:
-        return self.curvature.count(targets, int(tree_flatten(inputs)[0][0].shape[0]))
+    def _count(self, inputs: Any, targets: Any) -> float:
+        """``M_b`` of one batch: see NOTE [loss normalisation] in ``_normalization.py``."""
+        return self.curvature.count(targets, _batch_size(inputs))
 
-    def _unpack(self, batch: Any) -> Batch:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            fail(
-                self._call,
-                f"expected each batch to be an (inputs, targets) pair, got {describe(batch)}.",
-                TypeError,
-            )
+    def _unpack(self, batch: Batch) -> Batch:
         dev = self.device
 
         def move(t: Any) -> Any:
@@ -192,17 +230,14 @@ class _ModelOperator(LinearOperator):
         if self.progress:
             from tqdm import tqdm
 
-            total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+            total = len(self.data) if self.data.has_len() else None
             data = tqdm(data, total=total, desc=self._title, leave=False)
         for batch in data:
             yield self._unpack(batch)
 
     def _validate_first_batch(self, check_deterministic: bool) -> None:
         call = self._call
-        first = next(iter(self.data), None)
-        if first is None:
-            fail(call, "data yielded no batches. Pass at least one (inputs, targets) batch.")
-        inputs, targets = self._unpack(first)
+        inputs, targets = self._unpack(next(iter(self.data)))
         with torch.no_grad():
             out = self._forward(self._x, inputs)
         if not isinstance(out, torch.Tensor):
@@ -212,6 +247,7 @@ class _ModelOperator(LinearOperator):
                 "that it returns the output tensor the loss takes.",
                 TypeError,
             )
+        self.curvature.normalization.check(call, out, targets, _batch_size(inputs))
         self.curvature.check(call, out, targets)
         with torch.no_grad():
             loss = self.loss_fn(out, targets)
@@ -220,20 +256,7 @@ class _ModelOperator(LinearOperator):
                 call,
                 f"expected loss_fn(output, targets) to return a scalar tensor, got {describe(loss)}.",
             )
-        if check_deterministic:
-            again = next(iter(self.data))
-            a, b = tree_flatten(first)[0], tree_flatten(again)[0]
-            same = len(a) == len(b) and all(
-                not isinstance(s, torch.Tensor) or (s.shape == t.shape and torch.equal(s, t))
-                for s, t in zip(a, b)
-            )
-            if not same:
-                fail(
-                    call,
-                    "data yields a different first batch on each pass (a shuffling DataLoader?), "
-                    "so products would not be of one fixed operator. Use shuffle=False or a list "
-                    "of batches.",
-                )
+        if check_deterministic:  # (the data itself was checked by as_batches)
             with torch.no_grad():
                 out2 = self._forward(self._x, inputs)
             if not torch.equal(out, out2):
@@ -297,9 +320,13 @@ class _ModelOperator(LinearOperator):
         )
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(
-            lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
-        ).T
+        try:
+            return self._accumulate(
+                lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
+            ).T
+        except (RuntimeError, NotImplementedError) as err:
+            raise_if_no_derivative(self._call, err)
+            raise
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Any, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -312,9 +339,13 @@ class HessianOperator(_ModelOperator):
 
     for ``reduction="mean"`` (``M_b`` the number of terms the batch loss averages,
     ``M`` their total, so a short last batch is weighted exactly) and
-    :math:`\\sum_b \\ell(f_\\theta(X_b), Y_b)` for ``"sum"``. A plain callable loss
-    (without a ``reduction`` attribute) is taken to be a mean over the batch's
-    samples.
+    :math:`\\sum_b \\ell(f_\\theta(X_b), Y_b)` for ``"sum"``. ``M_b`` is read from
+    the loss and the targets (NOTE [loss normalisation] in ``_normalization.py``):
+    output entries for element-wise losses, non-ignored (weighted) targets for
+    cross-entropy in any layout (``(N, C)``, ``(N, C, d1, ...)``, tokens flattened to
+    ``(B*T, V)``), samples for a plain callable (a loss without a ``reduction``
+    attribute), which must then return outputs with the inputs' batch size unless
+    ``loss_count`` states the count.
 
     Products go batch by batch through the whole of ``data`` (re-iterated every
     time): per batch, the gradient graph of the loss (through
@@ -327,29 +358,47 @@ class HessianOperator(_ModelOperator):
         model: a ``torch.nn.Module`` returning a tensor.
         loss_fn: ``loss_fn(output, targets) -> scalar`` (an ``nn`` loss or any
             callable); ``reduction="none"`` is rejected.
-        data: a re-iterable collection of ``(inputs, targets)`` batches (a list, a
-            ``DataLoader`` without shuffling); ``inputs`` may be a tensor or a tuple
-            of tensors passed as positional arguments.
+        data: ``(inputs, targets)`` batches: a list of them, a single ``(X, y)``
+            pair, a ``DataLoader`` that does not shuffle, or any re-iterable of
+            batches; ``inputs`` is a tensor, a tuple of tensors (positional
+            arguments) or a dict of tensors (keyword arguments, e.g.
+            ``input_ids``/``attention_mask``). See NOTE [data forms] in
+            ``hesse/operators/_data.py`` for the rule that tells one pair from two
+            batches.
         params: ``None`` (every parameter that requires grad), a list of parameter
             names (a block of the Hessian), or a dict name -> tensor (the point at
             which to evaluate; other parameters keep their values).
+        loss_count: ``fn(targets) -> M_b``, the number of terms ``loss_fn`` averages
+            over in a batch; needed only where it cannot be read from the loss (a
+            plain callable on flattened token or pixel outputs, a masked mean).
         progress: show a tqdm progress bar over batches on every pass.
-        check_deterministic: run the first batch twice (and iterate the data twice)
-            at construction and raise if anything differs.
+        check_deterministic: at construction, walk the data twice and run the
+            first batch twice, and raise if any batch or the output differs.
+        cache_graphs: keep each batch's gradient graph after its first product
+            while the kept graphs fit ``memory_budget`` (NOTE [graph cache]), so that
+            later products skip the forward pass and the first backward. Kept graphs
+            hold the parameter values and buffers of the first product.
+        memory_budget: bytes the kept graphs may hold in total (counted as the
+            tensors autograd saves downstream of the parameters); default half of
+            the memory free on the device at construction.
 
     Attributes:
         layout: the :class:`hesse._flat.Flat` of the selected parameters, so
             ``op @ {name: tensor}`` works; ``param_names`` lists them in order.
 
     Raises:
-        TypeError, ValueError: for a non-module model, a one-shot iterator or empty
-            data, unknown or frozen parameter names, a model that returns a
-            non-tensor, a non-scalar loss (messages name the fix).
+        TypeError, ValueError: for a non-module model, data in a refused form (a
+            bare tensor, a one-shot iterator, a shuffling DataLoader, no batches),
+            unknown or frozen parameter names, a model that returns a non-tensor, a
+            non-scalar loss, a loss whose count cannot be determined, a bad
+            ``cache_graphs`` or ``memory_budget`` (messages name the fix).
 
     Cost: one product with ``k`` columns is one pass over the data; per batch one
     gradient with ``create_graph`` plus one double-backward per column
     (measured: one product ~2.7 gradients of the same data on a 784-100-100-10
-    MLP). Memory: one batch's gradient graph plus the chunk.
+    MLP); with ``cache_graphs`` a batch whose graph is kept costs only the
+    double backward. Memory: one batch's gradient graph plus the chunk, plus the
+    kept graphs (at most ``memory_budget``).
 
     Example:
         >>> model = torch.nn.Linear(3, 2).double()
@@ -368,12 +417,21 @@ class HessianOperator(_ModelOperator):
         data: Iterable[Batch],
         *,
         params: Any = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
+        cache_graphs: bool = False,
+        memory_budget: int | float | None = None,
     ) -> None:
-        curvature = output_curvature(
-            f"hesse.{self._title}(model, loss_fn, data)", loss_fn, required=False
-        )
+        call = f"hesse.{self._title}(model, loss_fn, data)"
+        if not isinstance(cache_graphs, bool):
+            fail(
+                call,
+                f"expected cache_graphs to be True or False, got {describe(cache_graphs)}.",
+                TypeError,
+            )
+        check_memory_budget(call, memory_budget)
+        curvature = output_curvature(call, loss_fn, required=False, loss_count=loss_count)
         super().__init__(
             model,
             loss_fn,
@@ -384,15 +442,50 @@ class HessianOperator(_ModelOperator):
             curvature=curvature,
         )
         self.tags = frozenset({SYMMETRIC})
+        self.cache_graphs = cache_graphs
+        self.memory_budget = (
+            int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
+        )
+        self._graphs = _GraphCache(self.memory_budget if cache_graphs else 0)
+
+    def _batch_graph(
+        self, index: int, inputs: Any, targets: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The leaf ``x`` and the gradient ``g`` (with its graph) of batch ``index``'s loss.
+
+        # NOTE [graph cache]
+        With ``cache_graphs=True`` a batch's gradient graph is kept after its first
+        product when the bytes autograd saved for it (downstream of the parameters,
+        counted while it is built) still fit ``memory_budget`` together with the
+        graphs already kept; a later product through a kept graph is one batched
+        double backward, with no forward pass and no first backward. A batch whose
+        graph does not fit is rebuilt on every product (the uncached cost). A kept
+        graph is used only while the pass yields the same batch (the same tensors, or
+        equal ones), so a changed batch is rebuilt, never answered from a stale graph.
+        """
+        hit = self._graphs.get(index, inputs, targets)
+        if hit is not None:
+            return hit
+        x = self._x.detach().requires_grad_(True)
+
+        def build() -> torch.Tensor:
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self._sum_loss(x, inputs, targets), x, create_graph=True)
+            return g
+
+        if not self._graphs.may_fit(index):
+            return x, build()
+        g, used = saved_bytes(build, x)
+        self._graphs.offer(index, inputs, targets, (x, g), used)
+        return x, g
 
     def _batch_matmat(self, index, inputs, targets, X):
         # Reverse-over-reverse with plain autograd: the batch's gradient graph is built
-        # once, then every chunk of columns is one batched double-backward through it
-        # (measured ~1.6x faster than vmapped forward-over-reverse on an MLP, and the
-        # forward pass is never batched, so any model works).
-        x = self._x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self._sum_loss(x, inputs, targets), x, create_graph=True)
+        # once (or kept: NOTE [graph cache]), then every chunk of columns is one batched
+        # double-backward through it (measured ~1.6x faster than vmapped
+        # forward-over-reverse on an MLP, and the forward pass is never batched, so any
+        # model works).
+        x, g = self._batch_graph(index, inputs, targets)
         if not g.requires_grad:  # the loss is at most linear in the parameters
             return X.new_zeros(X.shape[1], X.shape[0])
 
@@ -413,6 +506,7 @@ class _OuterProductOperator(_ModelOperator):
     """
 
     _linear_plan: dict | None = None
+    _rows_independent: bool | None = None  # NOTE [coupled rows] in _squares.py
 
     def _factor(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -525,8 +619,8 @@ class GGNOperator(_OuterProductOperator):
     Symmetric and positive semi-definite.
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
-            :class:`HessianOperator`.
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as
+            in :class:`HessianOperator`.
         output_hessian: for a loss without a closed form, a callable
             ``(output, targets) -> (N, D, D)`` returning the per-sample blocks of
             the Hessian of ``loss_fn(output, targets)`` with respect to each
@@ -560,11 +654,15 @@ class GGNOperator(_OuterProductOperator):
         *,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
         curvature = output_curvature(
-            f"hesse.{self._title}(model, loss_fn, data)", loss_fn, output_hessian
+            f"hesse.{self._title}(model, loss_fn, data)",
+            loss_fn,
+            output_hessian,
+            loss_count=loss_count,
         )
         super().__init__(
             model,
@@ -598,8 +696,8 @@ class FisherOperator(_OuterProductOperator):
     ``s_n`` is the output gradient at the true target (any loss works).
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
-            :class:`HessianOperator`.
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as
+            in :class:`HessianOperator`.
         kind: ``"mc"`` or ``"empirical"``.
         mc_samples: labels sampled per sample (``kind="mc"``).
         generator: the ``torch.Generator`` the MC samples come from (default: a
@@ -636,6 +734,7 @@ class FisherOperator(_OuterProductOperator):
         generator: torch.Generator | None = None,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
@@ -645,7 +744,9 @@ class FisherOperator(_OuterProductOperator):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             fail(call, f"mc_samples should be a positive int, got {mc_samples!r}.")
         self.kind, self.mc_samples = kind, mc_samples
-        curvature = output_curvature(call, loss_fn, output_hessian, required=kind == "mc")
+        curvature = output_curvature(
+            call, loss_fn, output_hessian, required=kind == "mc", loss_count=loss_count
+        )
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self._seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         super().__init__(

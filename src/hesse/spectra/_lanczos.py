@@ -17,10 +17,19 @@ with the ``p`` best Ritz vectors plus the next block (thick restart; Wu & Simon,
 2000): ``T`` becomes ``[[diag(theta), E^T], [E, .]]`` and the recurrence goes on.
 A block that loses rank (an invariant subspace was found, or the space is
 exhausted) is refilled with fresh random vectors from the caller's generator.
+
+The basis vectors are stored as the contiguous *rows* of an ``m x n`` tensor: the
+block handed to the operator is an ``(n, b)`` view whose columns are contiguous,
+and each Gram-Schmidt pass and the Ritz rotation at a restart are single matrix
+products (BLAS-3 for blocks). Per step the linear algebra costs four passes over
+the basis (``O(n m b)`` flops, ``O(n m)`` memory, no ``n x n`` or ``n x m^2``
+temporaries); the new block's singular values come from a QR of the tall block
+and an SVD of its small triangular factor.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +40,7 @@ from hesse._probes import gaussian, resolve_generator
 from hesse._validation import check_choice, check_generator, fail
 from hesse.operators._base import LinearOperator
 from hesse.spectra._input import check_int, check_positive_float, symmetric_operator
+from hesse.spectra._timing import TimedOperator
 
 WHICH = ("LA", "SA", "LM")
 
@@ -45,6 +55,9 @@ class EigshResult:
         num_matvecs: operator-vector products spent (a block of ``b`` counts ``b``).
         residuals: ``(k,)`` residual norms ``||A v_i - lambda_i v_i||``.
         converged: ``(k,)`` bool, whether each pair met the tolerance.
+        product_seconds: wall time spent in operator products.
+        total_seconds: wall time of the whole call; the difference is Lanczos's own
+            linear algebra (see NOTE [time split] in ``_timing.py``).
     """
 
     eigenvalues: torch.Tensor
@@ -52,6 +65,8 @@ class EigshResult:
     num_matvecs: int
     residuals: torch.Tensor
     converged: torch.Tensor
+    product_seconds: float = 0.0
+    total_seconds: float = 0.0
 
     def __iter__(self) -> Any:
         return iter((self.eigenvalues, self.eigenvectors))
@@ -67,11 +82,15 @@ def _wanted(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def _orthogonalise(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Coefficients ``C`` with ``W <- W - V C`` orthogonal to ``V`` (two passes, in place)."""
-    C = V.T @ W
-    W -= V @ C
-    C2 = V.T @ W
-    W -= V @ C2
+    """Coefficients ``C`` (``m x b``) with rows ``W <- W - C^T V`` orthogonal to ``V``'s rows.
+
+    Classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005), in place:
+    four matrix-matrix products over the basis, no Python loop over its vectors.
+    """
+    C = V @ W.T
+    W.addmm_(C.T, V, alpha=-1)
+    C2 = V @ W.T
+    W.addmm_(C2.T, V, alpha=-1)
     return C + C2
 
 
@@ -82,25 +101,30 @@ def _next_block(
     threshold: float,
     draw: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal ``Q`` (``n x width``) and ``B`` with ``W = Q B`` (up to dropped noise).
+    """Orthonormal rows ``Q`` (``width x n``) and ``B`` with ``W^T = Q^T B`` (up to noise).
 
-    ``W`` is already orthogonal to ``V``. Directions of ``W`` with singular value
+    ``W``'s rows are already orthogonal to ``V``'s (two Gram-Schmidt passes). Its
+    singular values come from a Householder QR of ``W^T`` and an SVD of the small
+    ``R``, never from an SVD of the tall matrix. Directions with singular value
     below ``threshold`` are noise (an invariant subspace was reached): they are
     replaced by random vectors orthogonal to everything so far, with no coupling.
     """
-    U, sig, Zh = torch.linalg.svd(W, full_matrices=False)
-    Q = U[:, :width]
+    Qt, R = torch.linalg.qr(W.T)
+    U, sig, Zh = torch.linalg.svd(R)
     weak = sig[:width] <= threshold
+    # After two passes the rows of W overlap V by ~eps ||W||, so the normalised
+    # directions overlap it by ~eps sigma_max / sigma_min: one more pass is needed
+    # only for badly conditioned blocks (never for a single vector) and refills.
+    if not bool(weak.any()) and float(sig[width - 1]) * 1e2 >= float(sig[0]):
+        Q = (Qt @ U[:, :width]).T.contiguous()
+        return Q, sig[:width, None] * Zh[:width]
+    Q = (Qt @ U[:, :width]).T[~weak]
     if bool(weak.any()):
-        fresh = draw(int(weak.sum()))
-        Q = torch.cat([Q[:, ~weak], fresh], dim=1)
-    # One more pass against V and within the block: directions with small singular
-    # values amplify W's rounding-level overlap with V.
-    _orthogonalise(V, Q)
-    Q = torch.linalg.qr(Q).Q
-    _orthogonalise(V, Q)
-    Q = torch.linalg.qr(Q).Q
-    B = Q.T @ W
+        Q = torch.cat([Q, draw(int(weak.sum())).T])
+    for _ in range(2):
+        _orthogonalise(V, Q)
+        Q = torch.linalg.qr(Q.T).Q.T.contiguous()
+    B = Q @ W.T
     if bool(weak.any()):
         B[-int(weak.sum()) :] = 0
     return Q, B
@@ -181,6 +205,7 @@ def eigsh(
         eigenvalue problems. SIAM J. Matrix Anal. Appl. 22(2).
     """
     call = "hesse.eigsh(A, k)"
+    started = time.perf_counter()
     op = symmetric_operator(call, A)
     n = op.shape[0]
     check_int(call, "k", k, 1)
@@ -219,33 +244,33 @@ def eigsh(
     keep = max(k, min(m - b, k + (m - k - b) // 2))
 
     gen = resolve_generator(generator)
+    clock = TimedOperator(op)
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps
-    V = torch.zeros(n, m, dtype=dtype, device=device)
+    V = torch.zeros(m, n, dtype=dtype, device=device)  # rows: NOTE [block Lanczos]
     T = torch.zeros(m, m, dtype=dtype, device=device)
 
     def draw(count: int) -> torch.Tensor:
         return gaussian(n, count, generator=gen, dtype=dtype, device=device)
 
-    V[:, :b] = torch.linalg.qr(draw(b)).Q
+    V[:b] = torch.linalg.qr(draw(b)).Q.T
     s, e = 0, b
     matvecs = 0
     anorm = 0.0
     while True:
-        raw = op._matmat(V[:, s:e])
+        W = clock._matmat(V[s:e].T).T.contiguous()
         matvecs += e - s
-        W = raw.clone()
-        C = _orthogonalise(V[:, :e], W)
+        anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=1).max()))
+        C = _orthogonalise(V[:e], W)
         T[:e, s:e] = C
         T[s:e, :e] = C.T
         T[s:e, s:e] = (C[s:e] + C[s:e].T) / 2
-        anorm = max(anorm, float(raw.norm(dim=0).max()))
         width = min(b, n - e)
         threshold = 100 * eps * anorm
         if width > 0:
-            Q, B = _next_block(V[:, :e], W, width, threshold, draw)
+            Q, B = _next_block(V[:e], W, width, threshold, draw)
         else:  # the basis spans the whole space: the Ritz pairs are exact
-            Q, B = W[:, :0], W.new_zeros(0, e - s)
+            Q, B = W[:0], W.new_zeros(0, e - s)
         theta, S = torch.linalg.eigh(T[:e, :e])
         anorm = max(anorm, float(theta.abs().max()))
         residuals = torch.linalg.vector_norm(B @ S[s:e], dim=0)
@@ -253,25 +278,25 @@ def eigsh(
         top = order[:k]
         floor = 100 * eps * anorm
         converged = residuals[top] <= torch.clamp(tol * theta[top].abs(), min=floor)
-        next_width = Q.shape[1]
+        next_width = Q.shape[0]
         if (e >= k and bool(converged.all())) or next_width == 0 or matvecs + next_width > budget:
             break
         if e + next_width <= m:
-            V[:, e : e + next_width] = Q
+            V[e : e + next_width] = Q
             s, e = e, e + next_width
             continue
-        # Thick restart: the best `keep` Ritz vectors, then the next block.
+        # Thick restart: the best `keep` Ritz vectors (one matrix product), then the next block.
         kept = order[:keep]
         coupling = B @ S[s:e, kept]
-        V[:, :keep] = V[:, :e] @ S[:, kept]
-        V[:, keep : keep + next_width] = Q
+        V[:keep] = S[:, kept].T @ V[:e]
+        V[keep : keep + next_width] = Q
         T.zero_()
         T[:keep, :keep] = torch.diag(theta[kept])
         T[keep : keep + next_width, :keep] = coupling
         T[:keep, keep : keep + next_width] = coupling.T
         s, e = keep, keep + next_width
 
-    vectors = V[:, :e] @ S[:, top]
+    vectors = V[:e].T @ S[:, top]
     if not bool(converged.all()):
         warnings.warn(
             f"{call}: {int(converged.sum())} of {k} eigenpairs reached tol={tol:g} within "
@@ -286,4 +311,6 @@ def eigsh(
         num_matvecs=matvecs,
         residuals=residuals[top].clone(),
         converged=converged,
+        product_seconds=clock.seconds,
+        total_seconds=time.perf_counter() - started,
     )

@@ -15,6 +15,7 @@ measure ``(1/n) sum_i delta(lambda_i)``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from hesse._probes import rademacher, resolve_generator
 from hesse._validation import check_generator, describe, fail
 from hesse.operators._base import LinearOperator
 from hesse.spectra._input import check_int, check_positive_float, symmetric_operator
+from hesse.spectra._timing import TimedOperator
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class SpectralDensity:
             normalisation (close to 1 when the grid covers the spectrum and is fine
             enough for ``sigma``; small when it misses part of it).
         num_matvecs: operator-vector products spent.
+        product_seconds: wall time spent in operator products.
+        total_seconds: wall time of the whole call (NOTE [time split] in ``_timing.py``).
     """
 
     grid: torch.Tensor
@@ -50,51 +54,101 @@ class SpectralDensity:
     sigma: float
     mass: float
     num_matvecs: int
+    product_seconds: float = 0.0
+    total_seconds: float = 0.0
 
     def __iter__(self) -> Any:
         return iter((self.grid, self.density))
 
 
+#: Bytes the probes' Lanczos bases may hold at once (NOTE [SLQ memory]).
+BASIS_BYTES = 512 * 1024**2
+
+
+def _probe_groups(n: int, p: int, steps: int, itemsize: int) -> int:
+    """Probes per group: all of them if their bases fit :data:`BASIS_BYTES`, else fewer.
+
+    # NOTE [SLQ memory]
+    Full reorthogonalisation needs each probe's whole basis (``n x steps``). Running
+    every probe at once makes each step one batched product of ``p`` vectors, but
+    holds ``n p steps`` numbers (15 GB for 4.7M float32 parameters, 10 probes and 80
+    steps). So probes run in groups whose bases fit the bound, at least one probe
+    at a time: memory ``O(n steps)`` per probe, with products batched within a group.
+    """
+    per_probe = n * steps * itemsize
+    return max(1, min(p, BASIS_BYTES // max(per_probe, 1)))
+
+
 def _batched_lanczos(
     op: LinearOperator, V: torch.Tensor, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
-    """``steps`` Lanczos steps from every column of ``V`` at once (full reorthogonalisation).
+    """``steps`` Lanczos steps from every column of ``V`` (full reorthogonalisation).
 
-    Returns ``alpha (steps, p)``, ``beta (steps, p)``, the length of each probe's
-    recurrence (shorter where it found an invariant subspace) and the products spent.
+    Probes run together in groups (NOTE [SLQ memory]); within a group each step is
+    one batched product. Returns ``alpha (steps, p)``, ``beta (steps, p)``, the
+    length of each probe's recurrence (shorter where it found an invariant
+    subspace) and the products spent.
     """
     n, p = V.shape
-    eps = torch.finfo(V.dtype).eps
-    basis = V.new_zeros(steps, n, p)
     alpha = V.new_zeros(steps, p)
     beta = V.new_zeros(steps, p)
     lengths = [steps] * p
-    active = torch.ones(p, dtype=torch.bool, device=V.device)
-    v = V
+    group = _probe_groups(n, p, steps, V.element_size())
+    matvecs = 0
+    for start in range(0, p, group):
+        stop = min(p, start + group)
+        a, b, used, spent = _group_lanczos(op, V[:, start:stop], steps)
+        alpha[:, start:stop], beta[:, start:stop] = a.T, b.T
+        lengths[start:stop] = used
+        matvecs += spent
+    return alpha, beta, lengths, matvecs
+
+
+def _group_lanczos(
+    op: LinearOperator, V: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+    """Lanczos from the ``g`` columns of ``V`` at once: ``alpha, beta`` are ``(g, steps)``.
+
+    Each probe's basis is the contiguous rows of ``basis[i]`` (``steps x n``), so its
+    reorthogonalisation is two matrix-vector products per pass (two passes).
+    """
+    n, g = V.shape
+    eps = torch.finfo(V.dtype).eps
+    basis = V.new_zeros(g, steps, n)
+    alpha = V.new_zeros(g, steps)
+    beta = V.new_zeros(g, steps)
+    lengths = [steps] * g
+    active = torch.ones(g, dtype=torch.bool, device=V.device)
+    v = V.T.contiguous()  # (g, n): one row per probe
     anorm = 0.0
     matvecs = 0
     for j in range(steps):
-        basis[j] = v
-        cols = active.nonzero().squeeze(1)
-        w = v.new_zeros(n, p)
-        w[:, cols] = op._matmat(v[:, cols])
-        matvecs += cols.numel()
-        alpha[j] = (v * w).sum(0)
-        # Full reorthogonalisation of each probe's vector against its own basis, twice.
-        for _ in range(2):
-            coeff = torch.einsum("jnp,np->jp", basis[: j + 1], w)
-            w -= torch.einsum("jnp,jp->np", basis[: j + 1], coeff)
-        b = torch.linalg.vector_norm(w, dim=0)
-        anorm = max(anorm, float(alpha[j].abs().max()), float(b.max()))
+        basis[:, j] = v
+        rows = active.nonzero().squeeze(1)
+        if rows.numel() == g:
+            w = op._matmat(v.T).T.contiguous()
+        else:
+            w = v.new_zeros(g, n)
+            w[rows] = op._matmat(v[rows].T).T
+        matvecs += rows.numel()
+        alpha[:, j] = (v * w).sum(1)
+        # Full reorthogonalisation of each probe's vector against its own basis, twice
+        # (per probe: a batched bmm over such thin matrices runs ~5x slower than BLAS-2).
+        for i in range(g):
+            for _ in range(2):
+                w[i].addmv_(basis[i, : j + 1].T, basis[i, : j + 1] @ w[i], alpha=-1)
+        b = torch.linalg.vector_norm(w, dim=1)
+        anorm = max(anorm, float(alpha[:, j].abs().max()), float(b.max()))
         # Below this the next vector is rounding noise: the probe found an invariant subspace.
         stopped = active & (b <= 1e3 * eps * anorm)
-        for col in stopped.nonzero().squeeze(1).tolist():
-            lengths[col] = j + 1
+        for row in stopped.nonzero().squeeze(1).tolist():
+            lengths[row] = j + 1
         active &= ~stopped
-        beta[j] = torch.where(active, b, torch.zeros_like(b))
+        beta[:, j] = torch.where(active, b, torch.zeros_like(b))
         if not bool(active.any()):
             break
-        v = torch.where(active, w / torch.where(active, b, torch.ones_like(b)), torch.zeros_like(w))
+        scale = torch.where(active, b, torch.ones_like(b))[:, None]
+        v = torch.where(active[:, None], w / scale, torch.zeros_like(w))
     return alpha, beta, lengths, matvecs
 
 
@@ -117,7 +171,9 @@ def spectral_density(
     Ritz values of ``m`` Lanczos steps from the ``j``-th unit Rademacher probe and
     ``tau_jl`` the squared first components of the tridiagonal's eigenvectors (see
     the note at the top of this module). The ``p`` recurrences run together, one
-    batched product of ``p`` vectors per step, each with full reorthogonalisation.
+    batched product of ``p`` vectors per step, each with full reorthogonalisation
+    (in groups of fewer probes when their bases would exceed 512 MiB: NOTE [SLQ
+    memory]).
     The quadrature measure (``nodes``, ``weights``) reproduces the moments
     ``v^T A^j v`` (``j < 2m``) of each probe exactly, so its moments estimate
     ``tr(A^j) / n``; smoothing adds ``sigma^2`` to the second central moment.
@@ -142,8 +198,10 @@ def spectral_density(
         ValueError: a non-square or non-symmetric ``A``, non-positive counts or
             ``sigma``, a grid that is not 1-D and increasing or misses the spectrum.
 
-    Cost: ``p * m`` products in ``m`` batched calls; memory ``n * p * m`` for the
-    bases (full reorthogonalisation) plus ``G * p * m`` for the smoothing.
+    Cost: ``p * m`` products in ``m`` batched calls per group of probes; memory
+    ``n * m`` per probe of a group for its basis (full reorthogonalisation), at most
+    512 MiB unless one probe needs more, plus ``G * p * m`` for the smoothing; the
+    reorthogonalisation costs ``O(n m^2)`` flops per probe.
 
     Example:
         >>> A = torch.diag(torch.linspace(-1.0, 1.0, 50, dtype=torch.float64))
@@ -160,6 +218,7 @@ def spectral_density(
         optimization via Hessian eigenvalue density. ICML.
     """
     call = "hesse.spectral_density(A)"
+    started = time.perf_counter()
     op = symmetric_operator(call, A)
     n = op.shape[0]
     p = check_int(call, "num_probes", num_probes, 1)
@@ -188,7 +247,8 @@ def spectral_density(
     gen = resolve_generator(generator)
 
     V = rademacher(n, p, generator=gen, dtype=op.dtype, device=op.device) / math.sqrt(n)
-    alpha, beta, lengths, matvecs = _batched_lanczos(op, V, steps)
+    clock = TimedOperator(op)
+    alpha, beta, lengths, matvecs = _batched_lanczos(clock, V, steps)
     nodes, weights = [], []
     for j, length in enumerate(lengths):
         a, b = alpha[:length, j], beta[: length - 1, j]
@@ -223,4 +283,6 @@ def spectral_density(
         sigma=sigma,
         mass=mass,
         num_matvecs=matvecs,
+        product_seconds=clock.seconds,
+        total_seconds=time.perf_counter() - started,
     )
