@@ -129,7 +129,7 @@ def _hesse_calls(f, x) -> tuple[dict[str, Callable[[], Any]], int]:
     reused(x)  # prepares the plan, as an optimisation loop's first step would
     n = x.numel()
     P = _sparse._symmetric(_sparse._from_torch("bench", pattern, (n, n)))
-    k = _sparse._plan("acyclic", P).coloring.num_colors  # cached by the call above
+    k = _sparse._plan(_sparse._kind("auto", P), P).coloring.num_colors  # cached above
     return {
         DETECT: _fresh(lambda: hesse.hessian_sparsity(f)(x)),
         ONE_SHOT: _fresh(lambda: hesse.sparse_hessian(f)(x)),
