@@ -62,6 +62,9 @@ class Plan:
         """The entries (CSR order) and, with ``estimate``, the largest estimated relative
         rounding error of substitution (NOTE [substitution]; ``0.0`` otherwise)."""
         flat = B.reshape(-1)
+        index = self.direct if self.direct is not None else self.gather
+        if index is not None and index.device != B.device:
+            self.to(B.device)  # a plan follows the products to their device, once
         if self.direct is not None:
             return flat[self.direct], 0.0
         assert self.visit_src is not None and self.gather is not None
@@ -104,7 +107,8 @@ class Plan:
     def diag_index(self) -> torch.Tensor:
         if not hasattr(self, "_diag"):
             c = torch.from_numpy(self.coloring.colors)
-            self._diag = c * self.n + torch.arange(self.n)
+            device = self.gather.device if self.gather is not None else None
+            self._diag = (c * self.n + torch.arange(self.n)).to(device)
         return self._diag
 
     def to(self, device: torch.device) -> Plan:
