@@ -158,12 +158,18 @@ def _asdex_calls(f, x: np.ndarray) -> tuple[dict[str, Callable], int | None, str
     return (
         {
             ASDEX_DETECT: lambda: asdex.hessian_sparsity(fj, xj),
-            ASDEX_ONE_SHOT: lambda: asdex.hessian(fj, xj)(xj).data.block_until_ready(),
+            ASDEX_ONE_SHOT: lambda: _ready(asdex.hessian(fj, xj)(xj)),
             ASDEX_JIT: lambda: jitted(xj).data.block_until_ready(),
         },
         colors,
         "",
     )
+
+
+def _ready(H: Any) -> Any:
+    """A JAX sparse result once its values are computed (JAX runs asynchronously)."""
+    H.data.block_until_ready()
+    return H
 
 
 def _dense_of(result: Any) -> torch.Tensor | None:
