@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from hesse._attention import math_attention
 from hesse._chunking import (
     allocated_bytes,
     chunk_size_for,
@@ -48,6 +49,9 @@ RowSource = Callable[[int, int], torch.Tensor]
 
 #: products expected to take less than this run without a strategy race (NOTE [strategy race]).
 RACE_MIN_SECONDS = 0.25
+#: forward-over-reverse takes over only when this much faster than reverse-over-reverse
+#: (one timed chunk each: a small difference is within the noise of a loaded machine).
+RACE_MARGIN = 0.8
 
 
 class FlatHVP:
@@ -85,7 +89,8 @@ class FlatHVP:
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
-        out = check_scalar_output(self.call, self.inputs.call(self.f, x))
+        with math_attention():  # NOTE [math attention]
+            out = check_scalar_output(self.call, self.inputs.call(self.f, x))
         return out.reshape(())
 
     @property
@@ -213,16 +218,19 @@ class FlatHVP:
         rest of the job: only when the remaining products would take longer than
         :data:`RACE_MIN_SECONDS` and span at least three more chunks (so that a
         losing racer's chunk is a small share) does the second chunk run
-        forward-over-reverse, timed, and the faster does the rest. Small jobs pay
+        forward-over-reverse, timed (CPU time of the process on the CPU, steadier
+        than wall time on a loaded machine), and forward-over-reverse does the rest
+        only if it was faster by a clear margin (:data:`RACE_MARGIN`). Small jobs pay
         nothing for the race. It spends no extra products: both chunks are part of
         the result. Any failure of one strategy hands over to the other (NOTE
         [strategies]).
         """
+        clock = time.process_time if self.x.device.type == "cpu" else time.perf_counter
         try:
             self._revrev_graph()
-            start = time.perf_counter()
+            start = clock()
             head = self._revrev_batched(rows(0, first))
-            rev_time = time.perf_counter() - start
+            rev_time = clock() - start
         except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
             self.mode = "forward-over-reverse"
             return self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
@@ -231,12 +239,12 @@ class FlatHVP:
         if rest < 3 * first or rev_time * rest / first < RACE_MIN_SECONDS:
             return head
         try:
-            start = time.perf_counter()
+            start = clock()
             tail = self._fwdrev_batched(rows(first, 2 * first))
-            fwd_time = time.perf_counter() - start
+            fwd_time = clock() - start
         except Exception:  # noqa: BLE001 - forward-over-reverse unavailable: keep reverse
             return head
-        if fwd_time < rev_time:
+        if fwd_time < RACE_MARGIN * rev_time:
             self.mode = "forward-over-reverse"
         return torch.cat([head, tail])
 

@@ -12,7 +12,7 @@ laplace = pytest.importorskip("laplace")
 pytest.importorskip("backpack")
 
 from laplace import Laplace  # noqa: E402
-from laplace.curvature import BackPackEF, BackPackGGN  # noqa: E402
+from laplace.curvature import BackPackEF, BackPackGGN, CurvlinopsEF, CurvlinopsGGN  # noqa: E402
 
 from hesse.integrations.laplace import (  # noqa: E402
     HesseEF,
@@ -75,7 +75,7 @@ def _assert_same_laplace(ours, theirs, X):
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
-@pytest.mark.parametrize("structure", ["full", "diag"])
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_ggn_matches_backpack(likelihood, structure, subset):
     ours, X = _fit(HesseGGN, likelihood, subset, structure)
@@ -84,11 +84,38 @@ def test_ggn_matches_backpack(likelihood, structure, subset):
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
-@pytest.mark.parametrize("structure", ["full", "diag"])
-def test_empirical_fisher_matches_backpack(likelihood, structure):
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_empirical_fisher_matches_peers(likelihood, structure):
     ours, X = _fit(HesseEF, likelihood, "all", structure)
-    theirs, _ = _fit(BackPackEF, likelihood, "all", structure)
+    # BackPACK has no empirical KFAC; curvlinops' (through laplace) is the same quantity.
+    theirs, _ = _fit(
+        CurvlinopsEF if structure == "kron" else BackPackEF, likelihood, "all", structure
+    )
     _assert_same_laplace(ours, theirs, X)
+    ggn, _ = _fit(HesseGGN, likelihood, "all", structure)
+    assert not torch.allclose(_precision(ours), _precision(ggn))  # a different matrix
+
+
+def _cnn() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(32, 3)
+    ).to(DT)
+
+
+@pytest.mark.parametrize(("structure", "peer"), [("kron", CurvlinopsGGN), ("diag", BackPackGGN)])
+def test_cnn_matches_peer(structure, peer):
+    # For convolutions laplace's BackPACK KFLR factors use another convention than the
+    # Grosse & Martens (2016) "expand" KFAC that hesse and curvlinops compute.
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(12, 1, 6, 6, generator=g, dtype=DT), torch.randint(0, 3, (12,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=5)
+    fitted = []
+    for backend in (HesseGGN, peer):
+        la = Laplace(_cnn(), "classification", hessian_structure=structure, backend=backend)
+        la.fit(loader)
+        fitted.append(la)
+    _assert_same_laplace(*fitted, X)
 
 
 def test_subnetwork_matches_backpack():

@@ -198,6 +198,10 @@ def test_products_with_matrices_dicts_and_parameter_subsets():
     torch.testing.assert_close(K.layout.flatten(K @ tree), D @ V[:, 0])
     sub = hesse.KFACOperator(model, ce, data, params=["2.weight", "2.bias"])
     torch.testing.assert_close(sub.to_dense(), D[25:, 25:], rtol=1e-13, atol=1e-15)
+    # a bias alone is the block G (x) [1], the bias-bias part of the augmented block.
+    bias = hesse.KFACOperator(model, ce, data, params=["0.bias", "2.weight"])
+    ref = D[[*range(20, 25), *range(25, 40)]][:, [*range(20, 25), *range(25, 40)]]
+    torch.testing.assert_close(bias.to_dense(), ref, rtol=1e-13, atol=1e-15)
     with pytest.raises(ValueError, match=r"KFACOperator.*expected a tensor of shape \(43,\)"):
         K @ torch.zeros(5, dtype=DT)
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hesse.sparsity._tracing import CURVATURE_DECOMPOSITIONS as DECOMPOSITIONS
@@ -49,7 +50,15 @@ def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
     """Trace ``fn(*args)`` to an ATen graph (fake tensors, composite ops decomposed) with
     the one tracer of :mod:`hesse.sparsity._tracing` and the curvature decompositions."""
     try:
-        gm = make_graph(fn, *args, decompositions=DECOMPOSITIONS)
+        try:
+            gm = make_graph(fn, *args, decompositions=DECOMPOSITIONS)
+        except GuardOnDataDependentSymNode as err:
+            # Some libraries (transformers' mask builders) skip value-dependent checks
+            # only when they see fake tensors, which functionalisation wraps; a graph
+            # without in-place ops needs no functionalisation, so trace it plainly.
+            gm = make_graph(fn, *args, decompositions=DECOMPOSITIONS, functional=False)
+            if any(_mutates(node) for node in gm.graph.nodes):
+                raise err from None
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported with its cause
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UnsupportedGraph(f"tracing failed ({type(err).__name__}: {first})") from err
@@ -57,6 +66,11 @@ def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def _drop_overwrites(graph: fx.Graph) -> None:

@@ -185,7 +185,7 @@ class HessianOperator(_DataParallel, _model.HessianOperator):
     operator.
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as in
             :class:`hesse.HessianOperator`. ``data`` must hold at least one batch
             per rank.
         process_group: the ranks to spread over (default: the default group).
@@ -228,6 +228,7 @@ class HessianOperator(_DataParallel, _model.HessianOperator):
         data: Iterable[Any],
         *,
         params: Any = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
         process_group: Any = None,
@@ -241,6 +242,7 @@ class HessianOperator(_DataParallel, _model.HessianOperator):
                 loss_fn,
                 local,
                 params=params,
+                loss_count=loss_count,
                 progress=progress,
                 check_deterministic=check_deterministic,
             )
@@ -275,6 +277,7 @@ class GGNOperator(_DataParallel, _model.GGNOperator):
         *,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
         process_group: Any = None,
@@ -289,6 +292,7 @@ class GGNOperator(_DataParallel, _model.GGNOperator):
                 local,
                 params=params,
                 output_hessian=output_hessian,
+                loss_count=loss_count,
                 progress=progress,
                 check_deterministic=check_deterministic,
             )
@@ -329,6 +333,7 @@ class FisherOperator(_DataParallel, _model.FisherOperator):
         generator: torch.Generator | None = None,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
         process_group: Any = None,
@@ -346,6 +351,7 @@ class FisherOperator(_DataParallel, _model.FisherOperator):
                 generator=generator,
                 params=params,
                 output_hessian=output_hessian,
+                loss_count=loss_count,
                 progress=progress,
                 check_deterministic=check_deterministic,
             )

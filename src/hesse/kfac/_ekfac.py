@@ -87,6 +87,7 @@ class EKFACOperator(KroneckerOperator):
         generator: torch.Generator | None = None,
         separate_bias: bool = False,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
@@ -108,6 +109,7 @@ class EKFACOperator(KroneckerOperator):
             generator=generator,
             separate_bias=separate_bias,
             output_hessian=output_hessian,
+            loss_count=loss_count,
             progress=progress,
             check_deterministic=check_deterministic,
         )

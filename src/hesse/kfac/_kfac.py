@@ -47,7 +47,7 @@ class KFACOperator(KroneckerOperator):
     * :attr:`factors`: block name -> ``(A, G)``.
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as in
             :class:`hesse.GGNOperator` (the same data handling and parameter subsets).
             Every selected parameter must belong to a supported layer.
         fisher_type: ``"type-2"`` (the GGN: ``g`` from the columns of the loss
@@ -111,6 +111,7 @@ class KFACOperator(KroneckerOperator):
         generator: torch.Generator | None = None,
         separate_bias: bool = False,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
@@ -125,6 +126,7 @@ class KFACOperator(KroneckerOperator):
             generator=generator,
             separate_bias=separate_bias,
             output_hessian=output_hessian,
+            loss_count=loss_count,
             progress=progress,
             check_deterministic=check_deterministic,
         )

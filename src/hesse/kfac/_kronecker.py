@@ -44,7 +44,7 @@ from hesse.kfac._capture import capture
 from hesse.kfac._kron import Eigen, diagonal_of
 from hesse.kfac._layers import LayerSpec, Piece, apply_blocks, find_blocks
 from hesse.operators._base import PSD, SYMMETRIC
-from hesse.operators._losses import output_curvature
+from hesse.operators._losses import PlainLoss, output_curvature
 from hesse.operators._model import Batch, _ModelOperator
 from hesse.solvers._solve import check_damping
 
@@ -82,6 +82,7 @@ class KroneckerOperator(_ModelOperator):
         output_hessian: Callable | None,
         progress: bool,
         check_deterministic: bool,
+        loss_count: Callable | None = None,
     ) -> None:
         call = f"hesse.{self._title}(model, loss_fn, data)"
         check_choice(call, "fisher_type", fisher_type, FISHER_TYPES)
@@ -101,8 +102,10 @@ class KroneckerOperator(_ModelOperator):
                 f"expected separate_bias to be a bool, got {describe(separate_bias)}.",
                 TypeError,
             )
-        curvature = output_curvature(call, loss_fn, output_hessian, required=False)
-        if curvature is None and fisher_type in ("type-2", "mc"):
+        curvature = output_curvature(
+            call, loss_fn, output_hessian, required=False, loss_count=loss_count
+        )
+        if isinstance(curvature, PlainLoss) and fisher_type in ("type-2", "mc"):
             fail(
                 call,
                 f"fisher_type={fisher_type!r} needs the output Hessian of the loss, and none is "

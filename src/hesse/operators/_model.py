@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from hesse._attention import math_attention, raise_if_no_derivative
 from hesse._chunking import default_memory_budget, map_chunks, saved_bytes
 from hesse._flat import Flat
 from hesse._hvp import batched_grad, tensor_rows
@@ -204,7 +205,10 @@ class _ModelOperator(LinearOperator):
 
     def _forward(self, x: torch.Tensor, inputs: Any) -> torch.Tensor:
         args, kwargs = model_arguments(inputs)
-        return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args, kwargs)
+        with math_attention():  # NOTE [math attention]
+            return functional_call(
+                self.model, self._tensors(self.layout.unflatten(x)), args, kwargs
+            )
 
     def _sum_loss(self, x: torch.Tensor, inputs: Any, targets: Any) -> torch.Tensor:
         return self.curvature.sum_form(self._forward(x, inputs), targets)
@@ -316,9 +320,13 @@ class _ModelOperator(LinearOperator):
         )
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(
-            lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
-        ).T
+        try:
+            return self._accumulate(
+                lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
+            ).T
+        except (RuntimeError, NotImplementedError) as err:
+            raise_if_no_derivative(self._call, err)
+            raise
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Any, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -350,9 +358,13 @@ class HessianOperator(_ModelOperator):
         model: a ``torch.nn.Module`` returning a tensor.
         loss_fn: ``loss_fn(output, targets) -> scalar`` (an ``nn`` loss or any
             callable); ``reduction="none"`` is rejected.
-        data: a re-iterable collection of ``(inputs, targets)`` batches (a list, a
-            ``DataLoader`` without shuffling); ``inputs`` may be a tensor or a tuple
-            of tensors passed as positional arguments.
+        data: ``(inputs, targets)`` batches: a list of them, a single ``(X, y)``
+            pair, a ``DataLoader`` that does not shuffle, or any re-iterable of
+            batches; ``inputs`` is a tensor, a tuple of tensors (positional
+            arguments) or a dict of tensors (keyword arguments, e.g.
+            ``input_ids``/``attention_mask``). See NOTE [data forms] in
+            ``hesse/operators/_data.py`` for the rule that tells one pair from two
+            batches.
         params: ``None`` (every parameter that requires grad), a list of parameter
             names (a block of the Hessian), or a dict name -> tensor (the point at
             which to evaluate; other parameters keep their values).
@@ -360,8 +372,8 @@ class HessianOperator(_ModelOperator):
             over in a batch; needed only where it cannot be read from the loss (a
             plain callable on flattened token or pixel outputs, a masked mean).
         progress: show a tqdm progress bar over batches on every pass.
-        check_deterministic: run the first batch twice (and iterate the data twice)
-            at construction and raise if anything differs.
+        check_deterministic: at construction, walk the data twice and run the
+            first batch twice, and raise if any batch or the output differs.
         cache_graphs: keep each batch's gradient graph after its first product
             while the kept graphs fit ``memory_budget`` (NOTE [graph cache]), so that
             later products skip the forward pass and the first backward. Kept graphs
@@ -375,10 +387,11 @@ class HessianOperator(_ModelOperator):
             ``op @ {name: tensor}`` works; ``param_names`` lists them in order.
 
     Raises:
-        TypeError, ValueError: for a non-module model, a one-shot iterator or empty
-            data, unknown or frozen parameter names, a model that returns a
-            non-tensor, a non-scalar loss, a loss whose count cannot be determined,
-            a bad ``cache_graphs`` or ``memory_budget`` (messages name the fix).
+        TypeError, ValueError: for a non-module model, data in a refused form (a
+            bare tensor, a one-shot iterator, a shuffling DataLoader, no batches),
+            unknown or frozen parameter names, a model that returns a non-tensor, a
+            non-scalar loss, a loss whose count cannot be determined, a bad
+            ``cache_graphs`` or ``memory_budget`` (messages name the fix).
 
     Cost: one product with ``k`` columns is one pass over the data; per batch one
     gradient with ``create_graph`` plus one double-backward per column

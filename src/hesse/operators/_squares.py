@@ -104,7 +104,7 @@ def _rows_are_samples(op: Any, inputs: Any, out: torch.Tensor) -> bool:
         except Exception:  # noqa: BLE001 - a model that cannot run one sample couples them
             return False
         if alone.shape != out[i : i + 1].shape or not torch.allclose(
-            alone, out[i : i + 1].detach(), rtol=1e-5, atol=1e-6 * float(out.abs().max())
+            alone, out[i : i + 1].detach(), rtol=1e-5, atol=1e-6 * float(out.detach().abs().max())
         ):
             return False
     return True

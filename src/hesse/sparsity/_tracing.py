@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_leaves
 
+from hesse._attention import math_attention
 from hesse._validation import fail
 
 aten = torch.ops.aten
@@ -32,19 +33,25 @@ aten = torch.ops.aten
 # -- the one tracer (sparsity detection and curvature backpropagation) ----------------------
 
 
-def make_graph(fn: Callable[..., Any], *args: Any, decompositions: dict) -> GraphModule:
+def make_graph(
+    fn: Callable[..., Any], *args: Any, decompositions: dict, functional: bool = True
+) -> GraphModule:
     """``fn(*args)`` as a functional ATen graph, traced with fake tensors (NOTE [tracing]).
 
     The one tracer of hesse: sparsity detection (:func:`trace`) and curvature
     backpropagation (``hesse.curvprop``) both call it, each with its decomposition
     table. Exceptions of the tracing pass through; the callers report them.
+    ``functional=False`` traces without functionalisation (the caller then checks
+    that the graph has no in-place ops). Attention is traced on its math path
+    (NOTE [math attention] in ``hesse/_attention.py``): matmul and softmax nodes.
     """
-    return make_fx(
-        functionalize(fn, remove="mutations"),
-        decomposition_table=decompositions,
-        tracing_mode="fake",
-        _allow_non_fake_inputs=True,
-    )(*args)
+    with math_attention():
+        return make_fx(
+            functionalize(fn, remove="mutations") if functional else fn,
+            decomposition_table=decompositions,
+            tracing_mode="fake",
+            _allow_non_fake_inputs=True,
+        )(*args)
 
 
 def _core() -> dict:

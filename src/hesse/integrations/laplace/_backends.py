@@ -111,16 +111,52 @@ class _HesseCurvature:
             d = d[self.subnetwork_indices.to(d.device)]
         return self._loss(x, y), self.factor * d.detach()
 
+    _fisher_type = "type-2"
+
     def kron(self, x: Any, y: torch.Tensor, N: int, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        """``(loss, Kron)``: hesse's KFAC factors in laplace's layout (NOTE [laplace conventions])."""
+        """``(loss, Kron)``: hesse's KFAC factors in laplace's layout (NOTE [laplace conventions]).
+
+        Cost: one :class:`hesse.KFACOperator` factor pass over the batch.
+        """
+        from laplace.utils import Kron
+
         call = self._call("kron")
-        fail(
-            call,
-            "hesse's Kronecker-factored curvature (hesse.KFACOperator) is not available in "
-            "this build. Use hessian_structure='diag' or 'full', or laplace's CurvlinopsGGN "
-            "backend for 'kron'.",
-            NotImplementedError,
+        module, data, names = self._problem(call, x, y)
+        if self.subnetwork_indices is not None:
+            fail(
+                call,
+                "Kronecker factors of a subnetwork are not defined. Use hessian_structure='full' "
+                "(laplace's SubnetLaplace does).",
+                NotImplementedError,
+            )
+        K = hesse.KFACOperator(
+            module,
+            self.lossfunc,
+            data,
+            params=names,
+            fisher_type=self._fisher_type,
+            separate_bias=True,
+            **self._kfac_options(),
         )
+        # laplace's Kron holds one entry per parameter, in the model's parameter order.
+        blocks = sorted(K.blocks, key=lambda b: b.pieces[0].offset)
+        factors = K.factors
+        kfacs = []
+        for block in blocks:
+            if isinstance(block.module, nn.Embedding):
+                fail(
+                    call,
+                    f"the embedding {block.module_name!r} has a diagonal input factor, which "
+                    "laplace's Kron layout does not take. Use hessian_structure='diag'.",
+                    NotImplementedError,
+                )
+            A, G = factors[block.name]
+            # The input factor averages over the batch; laplace sums batches, so 1/N overall.
+            kfacs.append([G, A * (len(y) / N)] if block.weight is not None else [G])
+        return self._loss(x, y), Kron(kfacs) * self.factor
+
+    def _kfac_options(self) -> dict:
+        return {}
 
 
 class HesseGGN(_HesseCurvature, GGNInterface):
@@ -175,6 +211,15 @@ class HesseGGN(_HesseCurvature, GGNInterface):
         )
         self._generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
+    @property
+    def _fisher_type(self) -> str:  # type: ignore[override]
+        return "mc" if self.stochastic else "type-2"
+
+    def _kfac_options(self) -> dict:
+        if not self.stochastic:
+            return {}
+        return {"mc_samples": self.num_samples, "generator": self._generator}
+
     def _operator(self, call, module, data, names) -> LinearOperator:
         if self.stochastic:
             return hesse.FisherOperator(
@@ -200,6 +245,7 @@ class HesseEF(_HesseCurvature, EFInterface):
     """
 
     _title = "HesseEF"
+    _fisher_type = "empirical"
 
     def _operator(self, call, module, data, names) -> LinearOperator:
         return hesse.FisherOperator(module, self.lossfunc, data, params=names, kind="empirical")
