@@ -16,8 +16,8 @@ Workloads (scikit-learn's bundled digits data, no download):
   1e-3 (relative to a GGN whose largest eigenvalue is ~1): ``curvature="ekfac",
   method="ekfac"`` and ``curvature="ggn", method="cg"`` (rtol 1e-6); against
   pyDVL's ``CgInfluence`` (block CG on the Hessian, same regularisation) and
-  ``EkfacInfluence`` (they need dask's ``distributed``; a note where it is
-  missing), and kronfluence's EK-FAC (``Analyzer``, factors written to a
+  ``EkfacInfluence`` (pyDVL 0.9.2 needs dask's ``distributed`` and ``zarr`` and
+  then fails under NumPy 2: a note where it does not import), and kronfluence's EK-FAC (``Analyzer``, factors written to a
   temporary folder). ``pearson``: correlation of the scores with hesse's GGN-CG
   scores (the same quantity for CG up to Hessian vs GGN; EK-FAC approximates it).
 """

@@ -129,7 +129,7 @@ def _hesse_calls(f, x) -> tuple[dict[str, Callable[[], Any]], int]:
     reused(x)  # prepares the plan, as an optimisation loop's first step would
     n = x.numel()
     P = _sparse._symmetric(_sparse._from_torch("bench", pattern, (n, n)))
-    k = _sparse._plan("acyclic", P).coloring.num_colors  # cached by the call above
+    k = _sparse._plan(_sparse._kind("auto", P), P).coloring.num_colors  # cached above
     return {
         DETECT: _fresh(lambda: hesse.hessian_sparsity(f)(x)),
         ONE_SHOT: _fresh(lambda: hesse.sparse_hessian(f)(x)),
@@ -158,12 +158,18 @@ def _asdex_calls(f, x: np.ndarray) -> tuple[dict[str, Callable], int | None, str
     return (
         {
             ASDEX_DETECT: lambda: asdex.hessian_sparsity(fj, xj),
-            ASDEX_ONE_SHOT: lambda: asdex.hessian(fj, xj)(xj).data.block_until_ready(),
+            ASDEX_ONE_SHOT: lambda: _ready(asdex.hessian(fj, xj)(xj)),
             ASDEX_JIT: lambda: jitted(xj).data.block_until_ready(),
         },
         colors,
         "",
     )
+
+
+def _ready(H: Any) -> Any:
+    """A JAX sparse result once its values are computed (JAX runs asynchronously)."""
+    H.data.block_until_ready()
+    return H
 
 
 def _dense_of(result: Any) -> torch.Tensor | None:

@@ -49,6 +49,12 @@ def main() -> None:
         ops[name + " time"] = time.perf_counter() - t
 
     evals_G, evecs_G = torch.linalg.eigh(G)
+    quantiles = [float(evals_G[int(q * (n - 1))] / evals_G[-1]) for q in (0.5, 0.9, 0.99)]
+    print(
+        "GGN eigenvalues / largest at the 50th, 90th, 99th percentile: "
+        + ", ".join(f"{v:.1e}" for v in quantiles)
+        + "\n"
+    )
     print(
         "| approximation | build | rel. error (Frobenius) | rel. error (diagonal) "
         "| top-10 overlap | top-50 overlap | lambda_max / GGN's |"

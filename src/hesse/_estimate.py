@@ -155,9 +155,12 @@ def from_draws(
 ) -> Estimate:
     """The Estimate ``offset + mean`` of ``(m, ...)`` independent unbiased draws."""
     mean = draws.mean(0)
-    dev = draws - mean
-    m2, m3, m4 = (dev**p for p in (2, 3, 4))
-    est = from_moments(mean, m2.sum(0), m3.sum(0), m4.sum(0), draws.shape[0], num_matvecs)
+    if draws.shape[0] < 2:  # one draw has no spread (NaN error bars): skip the moments
+        est = from_moments(mean, mean, mean, mean, draws.shape[0], num_matvecs)
+    else:
+        dev = draws - mean
+        m2, m3, m4 = (dev**p for p in (2, 3, 4))
+        est = from_moments(mean, m2.sum(0), m3.sum(0), m4.sum(0), draws.shape[0], num_matvecs)
     return Estimate(
         est.value + offset, est.stderr, num_matvecs, est.dof, False, est.skewness, est.kurtosis
     )

@@ -175,3 +175,18 @@ def test_errors():
         HesseGGN(_model(3), "classification").diag({"input_ids": X}, y)
     with pytest.raises(TypeError, match="expected generator to be a torch.Generator"):
         HesseGGN(_model(3), "classification", stochastic=True, generator=0)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_monte_carlo_fisher_approaches_the_ggn(structure):
+    def fit(**backend_kwargs):
+        la, _ = _fit(HesseGGN, "classification", "all", structure, backend_kwargs=backend_kwargs)
+        return _precision(la)
+
+    ggn = fit()
+    mc = fit(stochastic=True, num_samples=400, generator=torch.Generator().manual_seed(0))
+    again = fit(stochastic=True, num_samples=400, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mc, again)  # the samples come from the generator only
+    assert not torch.equal(mc, ggn)
+    # E[MC Fisher] = GGN; with 400 labels per point the sampling error is a few per cent.
+    assert float((mc - ggn).norm() / (ggn - 0.7 * torch.eye(len(ggn), dtype=DT)).norm()) < 0.1

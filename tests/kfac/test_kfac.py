@@ -317,3 +317,14 @@ def test_embedding_equals_a_linear_layer_on_one_hot_inputs(cls):
     # the embedding's rows are the linear weight's columns: permute (V, d) <-> (d, V).
     perm = torch.arange(V * 3).reshape(3, V).T.reshape(-1)
     torch.testing.assert_close(ke, kl.to_dense()[perm][:, perm], rtol=1e-12, atol=1e-14)
+
+
+def test_float32_inverse_with_small_damping():
+    model = mlp().float()
+    data = [(x.float(), y) for x, y in ce_data()]
+    K = hesse.KFACOperator(model, nn.CrossEntropyLoss(), data)
+    D = K.to_dense().double()
+    lam = 1e-4 * float(D.diagonal().max())
+    inv = K.inverse(lam, exact_damping=True).to_dense().double()
+    n = D.shape[0]
+    torch.testing.assert_close(inv @ (D + lam * _eye(n)), _eye(n), rtol=0, atol=1e-3)

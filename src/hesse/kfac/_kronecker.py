@@ -246,14 +246,23 @@ class KroneckerOperator(_ModelOperator):
         """The block's ``(p, q)`` eigenvalues in its Kronecker eigenbasis."""
 
     def _check_regular(self, call: str, name: str, values: torch.Tensor, damping: float) -> None:
-        """Raise if ``values`` (eigenvalues after damping) make the block singular."""
+        """Raise if ``values + damping`` is singular: no damping and ``values`` (the block's
+        or a factor's eigenvalues, ``>= 0``) numerically rank-deficient.
+
+        With ``damping > 0`` every damped eigenvalue is at least ``damping``: the inverse
+        is what was asked for, however ill-conditioned.
+        """
+        if damping > 0:
+            return
+        # Numerical rank as in numpy.linalg.matrix_rank, per factor dimension: the grid's
+        # eigenvalues are products of the factors' (each accurate to ~dim * eps * max).
         top = values.abs().max()
-        tol = values.numel() * torch.finfo(values.dtype).eps * top
-        if bool(values.min() <= tol) or bool(top == 0):
+        tol = max(values.shape) * torch.finfo(values.dtype).eps * top
+        if bool(top == 0) or bool(values.min() <= tol):
             fail(
                 call,
                 f"block {name} is singular (smallest eigenvalue {float(values.min()):.3g}, "
-                f"largest {float(top):.3g}) at damping={damping}. Pass damping > 0.",
+                f"largest {float(top):.3g}) at damping=0. Pass damping > 0.",
             )
 
     # -- queries -----------------------------------------------------------------------------
@@ -269,14 +278,17 @@ class KroneckerOperator(_ModelOperator):
         damping = check_damping(call, damping)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks:
-            values = self._grid(b) + damping
+            values = self._grid(b)
             self._check_regular(call, repr(b.name), values, damping)
-            total = total + values.log().sum()
+            total = total + (values + damping).log().sum()
         return total
 
     def trace(self) -> torch.Tensor:
         """``tr(K)``, exactly (the sum of the blocks' eigenvalues)."""
-        return sum((self._grid(b).sum() for b in self.blocks), torch.zeros((), dtype=self.dtype))
+        return sum(
+            (self._grid(b).sum() for b in self.blocks),
+            torch.zeros((), dtype=self.dtype, device=self.device),
+        )
 
     def diagonal(self) -> torch.Tensor:
         """``diag(K)`` as a flat ``(n,)`` vector in the parameters' order.

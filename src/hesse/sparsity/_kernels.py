@@ -32,7 +32,7 @@ def _numba() -> Any:
             import numba
 
             _NUMBA = numba
-        except ImportError:
+        except Exception:  # noqa: BLE001 - not installed, or broken: the Python kernels run
             _NUMBA = False
     return _NUMBA
 

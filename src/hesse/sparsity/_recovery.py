@@ -62,26 +62,35 @@ class Plan:
         """The entries (CSR order) and, with ``estimate``, the largest estimated relative
         rounding error of substitution (NOTE [substitution]; ``0.0`` otherwise)."""
         flat = B.reshape(-1)
+        index = self.direct if self.direct is not None else self.gather
+        if index is not None and index.device != B.device:
+            self.to(B.device)  # a plan follows the products to their device, once
         if self.direct is not None:
             return flat[self.direct], 0.0
         assert self.visit_src is not None and self.gather is not None
-        diag = flat[self.diag_index()]
         if len(self.visit_src) == 0:
-            return diag[self.gather], 0.0
+            return flat[self.diag_index()][self.gather], 0.0
         wide = (
             torch.float64 if B.dtype in (torch.float16, torch.bfloat16, torch.float32) else B.dtype
         )
-        b = flat[self.visit_src].to(wide) * self.visit_sign
-        C = torch.nn.functional.pad(torch.cumsum(b, 0), (1, 0))
-        edge = (C[self.visit_end] - C[:-1]) * self.visit_sign
-        values = torch.cat([diag, edge.to(B.dtype)])[self.gather]
+        m, n = len(self.visit_src), self.n
+        b = flat.index_select(0, self.visit_src).to(wide).mul_(self.visit_sign)
+        C = b.new_empty(m + 1)  # C[k]: the signed sum of the visits before k
+        C[0] = 0
+        torch.cumsum(b, 0, out=C[1:])
+        # one buffer holds the diagonal and the edge values; one gather orders them
+        both = flat.new_empty(n + m)
+        torch.index_select(flat, 0, self.diag_index(), out=both[:n])
+        edge = C.index_select(0, self.visit_end).sub_(C[:-1]).mul_(self.visit_sign)
+        both[n:] = edge
+        values = both.index_select(0, self.gather)
         if not estimate:
             return values, 0.0
         A = torch.nn.functional.pad(torch.cumsum(b.abs(), 0), (1, 0))
         mass = A[self.visit_end] - A[:-1]  # what each substituted entry summed
         # error relative to the entry's own scale |H_uv| + sqrt(|H_uu H_vv|), which
         # diagonal rescaling of the variables leaves unchanged
-        d = diag.to(wide).abs()
+        d = both[:n].to(wide).abs()
         scale = edge.abs() + (d[self.visit_vertex] * d[self.visit_parent]).sqrt()
         ratio = mass * torch.finfo(B.dtype).eps / scale.clamp_min(torch.finfo(wide).tiny)
         return values, float(ratio.max())
@@ -98,7 +107,8 @@ class Plan:
     def diag_index(self) -> torch.Tensor:
         if not hasattr(self, "_diag"):
             c = torch.from_numpy(self.coloring.colors)
-            self._diag = c * self.n + torch.arange(self.n)
+            device = self.gather.device if self.gather is not None else None
+            self._diag = (c * self.n + torch.arange(self.n)).to(device)
         return self._diag
 
     def to(self, device: torch.device) -> Plan:

@@ -365,6 +365,14 @@ def _substitution_safe(worst: float, dtype: torch.dtype) -> bool:
     return worst <= torch.finfo(dtype).eps ** 0.5
 
 
+def _kind(coloring: str, P: sp.csr_matrix) -> str:
+    """The colouring that runs for ``coloring=`` on ``P`` (NOTE [colouring choice])."""
+    if coloring != "auto":
+        return coloring
+    star, acyclic = _coloured("star", P).num_colors, _coloured("acyclic", P).num_colors
+    return "star" if star <= acyclic else "acyclic"  # a tie: direct recovery
+
+
 def _plan(kind: str, P: sp.csr_matrix) -> Plan:
     """The colouring and recovery plan of ``P`` (cached on the pattern's content)."""
     if kind == "acyclic":
@@ -424,10 +432,10 @@ def sparse_hessian(
     along two-coloured trees. ``coloring="star"``: a star colouring and direct
     recovery, :math:`H_{ij} = B_{i, c(j)}` when ``j`` is the only neighbour of ``i``
     with colour ``c(j)``, else :math:`B_{j, c(i)}` (more products, each entry read
-    once: no error growth). ``coloring="auto"`` (default): acyclic, unless the
-    estimated rounding error of substitution exceeds ``sqrt(eps)`` relative to an
-    entry (badly scaled Hessians), in which case the star products are computed and
-    used instead.
+    once: no error growth). ``coloring="auto"`` (default): the colouring with fewer
+    colours, star on a tie; and when substitution runs but its estimated rounding
+    error exceeds ``sqrt(eps)`` relative to an entry (badly scaled Hessians), the star
+    products are computed and used instead.
 
     # NOTE [prepared reuse]
     The transform returned with ``pattern=`` is a prepared evaluator: its first call
@@ -507,8 +515,9 @@ def sparse_hessian(
         return _compute(engine, P)[0]
 
     def _compute(engine: FlatHVP, P: sp.csr_matrix) -> tuple[torch.Tensor, Plan]:
-        plan = _plan("star" if coloring == "star" else "acyclic", P)
-        values, worst = _evaluate(engine, plan, estimate=coloring == "auto")
+        kind = _kind(coloring, P)
+        plan = _plan(kind, P)
+        values, worst = _evaluate(engine, plan, estimate=kind == "acyclic" and coloring == "auto")
         if not _substitution_safe(worst, engine.x.dtype):
             # "auto": substitution is not accurate here; direct recovery instead
             plan = _plan("star", P)

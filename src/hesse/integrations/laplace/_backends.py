@@ -139,7 +139,7 @@ class _HesseCurvature:
             **self._kfac_options(),
         )
         # laplace's Kron holds one entry per parameter, in the model's parameter order.
-        blocks = sorted(K.blocks, key=lambda b: b.pieces[0].offset)
+        blocks = sorted(K.blocks, key=lambda b: (b.weight or b.bias).offset)
         factors = K.factors
         kfacs = []
         for block in blocks:
