@@ -439,8 +439,9 @@ def run_sweep(
     threads: list[int],
     families: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    match: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows per family: every cell at every thread count in ``threads``."""
+    """Rows per family: every cell (whose name contains ``match``) at every thread count."""
     prepare_process(threads=None)
     _warm_up()
     out: dict[str, list[dict[str, Any]]] = {}
@@ -448,7 +449,7 @@ def run_sweep(
     for fam in families or list(FAMILIES):
         rows = out.setdefault(fam, [])
         for cell in FAMILIES[fam]():
-            if quick and not cell.quick:
+            if (quick and not cell.quick) or (match is not None and match not in cell.name):
                 continue
             for t in threads:
                 if progress is not None:
