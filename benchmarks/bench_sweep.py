@@ -71,9 +71,9 @@ class Cell:
     dense: Callable[[Any], torch.Tensor] = lambda r: r  # any answer -> one comparable tensor
     check: bool = True  # MC estimates are random: no agreement check
     # One untimed call per method first: one-time costs (hesse traces a new model once
-    # per architecture, NOTE [trace cache]) would otherwise count in slow cells, which
-    # are timed on a single run.
-    warm: bool = False
+    # per architecture, NOTE [trace cache]; functorch's first vmap of a function) would
+    # otherwise count in slow cells, which are timed on a single run.
+    warm: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -203,7 +203,7 @@ def param_cells() -> Iterator[Cell]:
         n = sum(a * b + b for a, b in (PARAM_MLPS[size], (PARAM_MLPS[size][1], 10)))
         yield Cell("dense parameter Hessian", f"tanh MLP n={n} f32",
                    lambda s=size: _param_hessian(s), quick=size == 1_000,
-                   dense=_blocks_to_dense)  # fmt: skip
+                   dense=_blocks_to_dense, warm=False)  # seconds to minutes a call  # fmt: skip
 
 
 # -- diagonals against BackPACK ------------------------------------------------------------
@@ -337,11 +337,11 @@ def diagonal_cells() -> Iterator[Cell]:
         quick = quick or (mname == "CNN" and b == 32 and dn == "f32" and kind == "DiagHessian")
         yield Cell("diagonals", f"{kind} {mname} B={b} {dn}",
                    lambda k=kind, m=mname, b=b, dt=dt: _diagonal_calls(k, m, b, dt),
-                   quick=quick, check=kind != "DiagGGNMC", warm=True)  # fmt: skip
+                   quick=quick, check=kind != "DiagGGNMC")  # fmt: skip
     for which, b in itertools.product(("residual+LayerNorm", "attention T=8 d=16"), (8, 32)):
         yield Cell("diagonals", f"exact Hessian diagonal {which} B={b} f64",
                    lambda w=which, b=b: _structured_calls(w, b),
-                   quick=b == 8 and which == "residual+LayerNorm", warm=True)  # fmt: skip
+                   quick=b == 8 and which == "residual+LayerNorm")  # fmt: skip
 
 
 # -- operator products against curvlinops --------------------------------------------------
@@ -372,7 +372,7 @@ def matvec_cells() -> Iterator[Cell]:
     for kind, mname, b in itertools.product(("Hessian", "GGN"), ("tanh MLP", "CNN"), (32, 128)):
         yield Cell("operator matvec", f"{kind}Operator @ v {mname} B={b} f32",
                    lambda k=kind, m=mname, b=b: _matvec_calls(k, m, b),
-                   quick=mname == "tanh MLP" and b == 128, warm=True)  # fmt: skip
+                   quick=mname == "tanh MLP" and b == 128)  # fmt: skip
 
 
 FAMILIES: dict[str, Callable[[], Iterator[Cell]]] = {
