@@ -7,7 +7,13 @@ wins. Every cell runs at one thread and at PyTorch's default thread count. Every
 answer is checked against the first peer that ran (``max_abs_err``); a peer that
 crashes or runs out of memory is reported in the cell (``note``), never dropped.
 
-Families (issue 11); ``--quick`` runs the cells marked ``quick`` (under 3 minutes):
+Each method runs once untimed first (except the dense parameter Hessians, seconds to
+minutes a call), so that one-time costs (tracing, functorch's first ``vmap``) never
+count; calls slower than ``max_seconds / repeats`` are timed once. ``--match TEXT``
+reruns the cells whose name contains ``TEXT``.
+
+Families (issue 11); ``--quick`` runs the cells marked ``quick`` (under 3 minutes on
+a quiet machine):
 
 - ``dense input Hessian``: NLL of ``log_softmax(MLP n-h-10)`` w.r.t. the input (the
   forum question), ``n`` in {64, 784, 3072} x ``h`` in {32, 128, 512};
