@@ -470,7 +470,7 @@ def run_sweep(
             for t in threads:
                 if progress is not None:
                     progress(f"{fam}: {cell.name}, threads={t}")
-                rows.append(run_cell(cell, t, repeats=repeats, max_seconds=4 if quick else 10))
+                rows.append(run_cell(cell, t, repeats=repeats, max_seconds=4 if quick else 6))
     return out
 
 
