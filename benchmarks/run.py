@@ -225,6 +225,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --sweep: comma-separated families (default: all)",
     )
+    parser.add_argument(
+        "--match",
+        default=None,
+        help="with --sweep: only cells whose name contains this text (e.g. 'B=512')",
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -335,6 +340,7 @@ def execute_sweep(args: argparse.Namespace) -> int:
         bool(args.quick),
         threads,
         families,
+        match=getattr(args, "match", None),
         progress=lambda text: print(f"[hesse bench --sweep] {text}", file=sys.stderr, flush=True),
     )
     elapsed = time.perf_counter() - started

@@ -373,7 +373,7 @@ def basis_rows(n: int, like: torch.Tensor, capacity: int = 0) -> RowSource:
     ``capacity`` preallocates that many rows.
     """
     buffer = torch.zeros(min(n, capacity), n, dtype=like.dtype, device=like.device)
-    ones: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ones: list[tuple[int, int]] = []  # (rows, offset) of the ones now in the buffer
 
     def rows(start: int, stop: int) -> torch.Tensor:
         nonlocal buffer
@@ -381,12 +381,10 @@ def basis_rows(n: int, like: torch.Tensor, capacity: int = 0) -> RowSource:
         if buffer.shape[0] < m:
             buffer = torch.zeros(m, n, dtype=like.dtype, device=like.device)
             ones.clear()
-        for r, c in ones:
-            buffer[r, c] = 0
-        r = torch.arange(m, device=like.device)
-        c = torch.arange(start, stop, device=like.device)
-        buffer[r, c] = 1
-        ones[:] = [(r, c)]
+        for r, offset in ones:
+            buffer[:r].diagonal(offset).fill_(0)
+        buffer[:m].diagonal(start).fill_(1)  # row i has its one in column start + i
+        ones[:] = [(m, start)]
         return buffer[:m]
 
     return rows
