@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import hesse
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SMALL_BUDGETS = (
     "--quick",
@@ -97,6 +99,14 @@ def _check_report(factory: Path, out: Path) -> None:
     # The math kernel of scaled_dot_product_attention has a double backward.
     with sdpa_kernel(SDPBackend.MATH):
         _check_eigenvalues(report, mean_loss, theta)
+    # The Becker-LeCun check: its measured error, as the library computes it directly.
+    bl = report["diagonal"]["becker_lecun"]
+    H = hesse.HessianOperator(model, loss_fn, data)
+    exact = hesse.diagonal(H, method="exact").double()
+    approx = hesse.diagonal(H, method="becker-lecun").double()
+    expected = float((approx - exact).norm() / exact.norm())
+    assert bl["relative_error"] == pytest.approx(expected, rel=1e-4)
+    assert bl["num_parameters"] == H.shape[0]
 
 
 def _check_eigenvalues(report, mean_loss, theta) -> None:
@@ -117,7 +127,7 @@ def _check_eigenvalues(report, mean_loss, theta) -> None:
 
 def test_torchvision_resnet_factory(tmp_path):
     _require("torchvision")
-    factory = _wrapper(tmp_path, "resnet_factory", "width=2, batches=1, batch_size=4, size=8")
+    factory = _wrapper(tmp_path, "resnet_factory", "width=2, batches=1, batch_size=2, size=8")
     out = tmp_path / "report"
     proc = _analyze(factory, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
