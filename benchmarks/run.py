@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(ROOT))
 
-SUITES = ("core", "sparse", "operators", "spectra", "distributed", "curvprop")
+SUITES = ("core", "sparse", "operators", "spectra", "distributed", "curvprop", "scale")
 BASE_COLUMNS = ("workload", "method", "time_s", "ratio", "peak_mem_bytes")
 HIDDEN = {"reference", "suite", "repeats"}
 HEADER = (
