@@ -93,6 +93,7 @@ def measure(
     repeats: int,
     max_seconds: float,
     summarize: Callable[[str, Any], dict[str, Any]] | None = None,
+    tolerate_errors: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Median wall time and peak memory of each call, timed side by side.
 
@@ -102,6 +103,10 @@ def measure(
     alike; a call whose first run took more than ``max_seconds / repeats`` is not
     repeated and its first run is its time (slow baselines are timed once).
 
+    With ``tolerate_errors``, a call whose first run raises (a crash, running out
+    of memory) is not repeated; its entry is ``{"time_s": None, "error": "Type:
+    message"}``.
+
     Returns:
         ``{name: {"time_s", "peak_mem_bytes", "cpu_s", "repeats", **summarize(name, first result)}}``:
         medians of wall time and of this process's CPU time (the CPU time is the
@@ -110,11 +115,21 @@ def measure(
     first: dict[str, tuple[float, float]] = {}
     peaks: dict[str, int | None] = {}
     extra: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     for name, fn in calls.items():
-        result, wall, cpu, peaks[name] = peak_memory(fn)
+        try:
+            result, wall, cpu, peaks[name] = peak_memory(fn)
+        except (Exception, MemoryError) as err:  # noqa: BLE001 - reported, never dropped
+            if not tolerate_errors:
+                raise
+            text = str(err).strip().splitlines()
+            failed[name] = f"{type(err).__name__}: {text[0][:120] if text else ''}"
+            gc.collect()
+            continue
         first[name] = (wall, cpu)
         extra[name] = summarize(name, result) if summarize is not None else {}
         del result
+    calls = {name: fn for name, fn in calls.items() if name not in failed}
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     slow = {name for name, (wall, _) in first.items() if wall * repeats > max_seconds}
     for _ in range(repeats):
@@ -135,4 +150,6 @@ def measure(
             "repeats": len(taken),
             **extra[name],
         }
+    for name, reason in failed.items():
+        out[name] = {"time_s": None, "peak_mem_bytes": None, "cpu_s": None, "error": reason}
     return out

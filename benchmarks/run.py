@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.run [--quick] [--only core,sparse] [--json out.json]
     hesse bench [--quick] [--only ...] [--json ...]      # the same runner
+    hesse bench --sweep [--quick] [--families ...]        # grids: benchmarks/bench_sweep.py
 
 Each suite is a module ``benchmarks/bench_<name>.py`` exposing
 ``run(quick: bool) -> list[dict]``; a row has the keys ``workload``, ``method``,
@@ -33,7 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(ROOT))
 
-SUITES = ("core", "sparse", "operators", "spectra", "distributed", "curvprop", "scale")
+SUITES = (
+    "core",
+    "sparse",
+    "operators",
+    "spectra",
+    "distributed",
+    "curvprop",
+    "kfac",
+    "applications",
+    "scale",
+)
 BASE_COLUMNS = ("workload", "method", "time_s", "ratio", "peak_mem_bytes")
 HIDDEN = {"reference", "suite", "repeats"}
 HEADER = (
@@ -125,7 +136,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], titles: dict[str, str] | None = None) -> str:
     """One text table: the base columns, then every extra key in order of appearance."""
     extras: list[str] = [c for c in ("cpu_s", "cpu_ratio") if any(c in row for row in rows)]
     for row in rows:
@@ -138,13 +149,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             ):
                 extras.append(key)
     columns = [*BASE_COLUMNS, *extras, "note"]
-    titles = {"time_s": "time", "peak_mem_bytes": "peak mem"}
+    titles = {"time_s": "time", "peak_mem_bytes": "peak mem", **(titles or {})}
     cells = [[titles.get(c, c) for c in columns]]
     for row in rows:
         line = []
         for c in columns:
             v = row.get(c)
-            if c in ("time_s", "cpu_s"):
+            if c in ("time_s", "cpu_s") or c.endswith("_time_s"):
                 line.append(_fmt_time(v))
             elif c in ("ratio", "cpu_ratio"):
                 line.append("-" if v is None else f"{v:.2f}x")
@@ -152,11 +163,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 line.append(
                     _fmt_bytes(v) if "time_s" in row and row.get("time_s") is not None else "-"
                 )
+            elif c.endswith("_mem_bytes"):
+                line.append("-" if v is None else _fmt_bytes(v))
             else:
                 line.append(_fmt(v))
         cells.append(line)
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    right = {"time_s", "ratio", "peak_mem_bytes", "cpu_s", "cpu_ratio"}
+    right = {"time_s", "ratio", "peak_mem_bytes", "cpu_s", "cpu_ratio", "peer_time_s"}
+    right |= {c for c in columns if c.endswith("_mem_bytes")}
 
     def render(r: list[str]) -> str:
         parts = [
@@ -201,6 +215,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", dest="json_path", default=None, help="also write the rows to this JSON file"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run every family over its grid instead of the suites: one ratio (hesse / best "
+        "peer) per cell, at 1 thread and at PyTorch's default; --quick: a subset",
+    )
+    parser.add_argument(
+        "--families",
+        default=None,
+        help="with --sweep: comma-separated families (default: all)",
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -211,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def execute(args: argparse.Namespace) -> int:
     from benchmarks._measure import prepare_process
+
+    if getattr(args, "sweep", False):
+        return execute_sweep(args)
 
     if args.only:
         suites = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -272,6 +300,66 @@ def execute(args: argparse.Namespace) -> int:
     print(f"total {elapsed:.1f} s" + (f" ({ran})" if ran else ""))
     if args.json_path:
         payload = {"settings": settings, "skipped": skipped, "rows": rows}
+        Path(args.json_path).write_text(json.dumps(payload, indent=2, default=str))
+    return 0
+
+
+SWEEP_HEADER = (
+    "one row per cell and thread count | time: hesse's median wall time over interleaved "
+    "repeats | ratio: hesse's time / the best peer's time in the same run (below 1.00x hesse "
+    "wins) | cpu_ratio: the same with this process's CPU time (steadier on a loaded machine) | "
+    "peak mem: RSS growth during the first call (NOTE [peak memory]) | max_abs_err: "
+    "largest difference between the methods' answers | rows sorted by ratio, the worst last"
+)
+
+
+def execute_sweep(args: argparse.Namespace) -> int:
+    """``--sweep``: every family over its grid, both thread settings, one table per family."""
+    import torch
+    from benchmarks import bench_sweep
+
+    default_threads = torch.get_num_threads()  # PyTorch's default, before anyone sets it
+    threads = sorted({1, default_threads})
+    families = None
+    if getattr(args, "families", None):
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+        unknown = [f for f in families if f not in bench_sweep.FAMILIES]
+        if unknown:
+            print(
+                f"hesse bench --sweep: unknown families {unknown}; choose from "
+                f"{', '.join(bench_sweep.FAMILIES)}.",
+                file=sys.stderr,
+            )
+            return 2
+    started = time.perf_counter()
+    tables = bench_sweep.run_sweep(
+        bool(args.quick),
+        threads,
+        families,
+        progress=lambda text: print(f"[hesse bench --sweep] {text}", file=sys.stderr, flush=True),
+    )
+    elapsed = time.perf_counter() - started
+    mode = "quick" if args.quick else "full"
+    print(
+        f"hesse bench --sweep ({mode}; torch {torch.__version__}, threads {threads} "
+        f"(default {default_threads}), {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs)"
+    )
+    print(SWEEP_HEADER)
+    worst: list[tuple[float, str, dict[str, Any]]] = []
+    titles = {"peer_time_s": "peer time", "peer_mem_bytes": "peer mem", "best_peer": "best peer"}
+    for family, rows in tables.items():
+        rows.sort(key=lambda r: (r.get("ratio") is not None, r.get("ratio") or 0.0))
+        print(f"\n== {family} ==")
+        print(format_table(rows, titles) if rows else "(no cells)")
+        worst += [(r["ratio"], family, r) for r in rows if r.get("ratio") is not None]
+    losing = sorted(w for w in worst if w[0] > 1.0)
+    print(f"\n{len(worst)} cells with a ratio, {len(losing)} above 1.00x")
+    for ratio, family, r in losing:
+        print(f"  {ratio:.2f}x  {family}: {r['workload']} ({r['method']}) vs {r['best_peer']}")
+    print(f"total {elapsed:.1f} s")
+    if args.json_path:
+        payload = {"threads": threads, "elapsed_s": round(elapsed, 1), "tables": tables}
         Path(args.json_path).write_text(json.dumps(payload, indent=2, default=str))
     return 0
 

@@ -172,3 +172,24 @@ def test_small_job_runs_no_race(monkeypatch) -> None:
         FlatHVP, "_fwdrev_batched", lambda self, vs: pytest.fail("raced a millisecond job")
     )
     torch.testing.assert_close(hesse.hessian(f, chunk_size=5)(x), loop_hessian(f, x), **TOL)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse-over-reverse", "forward-over-reverse"])
+def test_per_sample_hessians_under_vmap(mode: str) -> None:
+    """NOTE [under a transform]: vmap(hesse.hessian(f)) gives one Hessian per sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(4, 6, generator=gen, dtype=DT)
+    T = torch.randint(0, 3, (4,), generator=gen)
+
+    def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x[None]), t[None])
+
+    ref = torch.stack([loop_hessian(lambda x, t=t: f(x, t), x) for x, t in zip(X, T)])
+    got = torch.vmap(hesse.hessian(f, mode=mode, chunk_size=4))(X, T)
+    torch.testing.assert_close(got, ref, **TOL)
+    V = torch.randn(4, 6, generator=gen, dtype=DT)
+    _, (hv,) = torch.vmap(lambda x, t, v: hesse.hvp(lambda x: f(x, t), (x,), (v,)))(X, T, V)
+    torch.testing.assert_close(hv, torch.einsum("bij,bj->bi", ref, V), **TOL)

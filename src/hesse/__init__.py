@@ -12,6 +12,7 @@ from hesse._estimate import Estimate
 from hesse._transforms import hessian, hvp
 from hesse.curvprop import CurvpropFallbackWarning, per_sample_diagonal
 from hesse.estimators import diagonal
+from hesse.influence import InfluenceInfo, influence, self_influence
 from hesse.kfac import EKFACOperator, KFACOperator
 from hesse.operators import (
     FisherOperator,
@@ -41,6 +42,7 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "InfluenceInfo",
     "KFACOperator",
     "LinearOperator",
     "LoopFallbackWarning",
@@ -57,10 +59,12 @@ __all__ = [
     "hessian_sparsity",
     "jacobian_sparsity",
     "per_sample_diagonal",
+    "self_influence",
     "sparse_hessian",
     "sparse_jacobian",
     "hessian_operator",
     "hvp",
+    "influence",
     "inverse",
     "solve",
     "solvers",

@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
+from hesse._attention import math_attention
 from hesse._chunking import (
     allocated_bytes,
     chunk_size_for,
@@ -48,6 +49,9 @@ RowSource = Callable[[int, int], torch.Tensor]
 
 #: products expected to take less than this run without a strategy race (NOTE [strategy race]).
 RACE_MIN_SECONDS = 0.25
+#: forward-over-reverse takes over only when this much faster than reverse-over-reverse
+#: (one timed chunk each: a small difference is within the noise of a loaded machine).
+RACE_MARGIN = 0.8
 
 
 class FlatHVP:
@@ -73,15 +77,20 @@ class FlatHVP:
         x = self.inputs.x()
         self.x = x.clone() if x.is_inference() else x  # inference tensors cannot require grad
         self.f = f
-        self.mode = mode
+        # NOTE [under a transform]: inside torch.func.vmap / grad, autograd graphs of the
+        # wrapped tensors cannot be built; reverse over reverse goes through torch.func.
+        transformed = torch._C._functorch.is_functorch_wrapped_tensor(self.x)
+        self.mode = "vjp-of-grad" if transformed and mode != "forward-over-reverse" else mode
+        self._pull: Callable | None = None
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
         self._row_bytes: int | None = None
-        self._leaf = self.x.detach().requires_grad_(True)  # reverse-over-reverse input
+        self._leaf = None if transformed else self.x.detach().requires_grad_(True)
 
     # -- the flat scalar function -------------------------------------------------
     def g(self, x: torch.Tensor) -> torch.Tensor:
-        out = check_scalar_output(self.call, self.inputs.call(self.f, x))
+        with math_attention():  # NOTE [math attention]
+            out = check_scalar_output(self.call, self.inputs.call(self.f, x))
         return out.reshape(())
 
     @property
@@ -131,10 +140,32 @@ class FlatHVP:
     def _revrev_single(self, v: torch.Tensor) -> torch.Tensor:
         return self._revrev(v, batched=False)
 
+    # -- reverse-over-reverse through torch.func ---------------------------------
+    def _vjp_of_grad_single(self, v: torch.Tensor) -> torch.Tensor:
+        """``vjp`` of ``grad``: composes with an enclosing transform.
+
+        # NOTE [under a transform]
+        Called inside ``torch.func.vmap`` (``vmap(hesse.hessian(f))(X)``: one Hessian per
+        sample), the input is a functorch-wrapped tensor: it cannot be made a leaf
+        of a plain autograd graph. Reverse over reverse then runs through
+        ``torch.func``: the gradient's VJP is built once and vmapped over the rows
+        (what ``jacrev(jacrev(f))`` does), with the same chunking and memory budget.
+        """
+        if self._pull is None:
+            gr, self._pull = vjp(grad(self.g), self.x)
+            self._gradient = gr
+        return self._pull(v)[0]
+
+    def _vjp_of_grad_batched(self, vs: torch.Tensor) -> torch.Tensor:
+        self._vjp_of_grad_single(vs[0])  # builds the VJP once, outside the row vmap
+        return vmap(self._vjp_of_grad_single)(vs)
+
     # -- strategy resolution ------------------------------------------------------
     def _paths(self) -> tuple[Callable, Callable]:
         if self.mode == "reverse-over-reverse":
             return self._revrev_batched, self._revrev_single
+        if self.mode == "vjp-of-grad":
+            return self._vjp_of_grad_batched, self._vjp_of_grad_single
         return self._fwdrev_batched, self._fwdrev_single
 
     def _per_row_bytes(self) -> int:
@@ -150,7 +181,8 @@ class FlatHVP:
         """
         if self._row_bytes is None:
             used = None
-            if self.mode != "forward-over-reverse" and self._graph is None:
+            revrev = self._leaf is not None and self.mode != "forward-over-reverse"
+            if revrev and self._graph is None:
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
                     _, used = saved_bytes(self._revrev_graph, self._leaf)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
@@ -186,16 +218,19 @@ class FlatHVP:
         rest of the job: only when the remaining products would take longer than
         :data:`RACE_MIN_SECONDS` and span at least three more chunks (so that a
         losing racer's chunk is a small share) does the second chunk run
-        forward-over-reverse, timed, and the faster does the rest. Small jobs pay
+        forward-over-reverse, timed (CPU time of the process on the CPU, steadier
+        than wall time on a loaded machine), and forward-over-reverse does the rest
+        only if it was faster by a clear margin (:data:`RACE_MARGIN`). Small jobs pay
         nothing for the race. It spends no extra products: both chunks are part of
         the result. Any failure of one strategy hands over to the other (NOTE
         [strategies]).
         """
+        clock = time.process_time if self.x.device.type == "cpu" else time.perf_counter
         try:
             self._revrev_graph()
-            start = time.perf_counter()
+            start = clock()
             head = self._revrev_batched(rows(0, first))
-            rev_time = time.perf_counter() - start
+            rev_time = clock() - start
         except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
             self.mode = "forward-over-reverse"
             return self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
@@ -204,12 +239,12 @@ class FlatHVP:
         if rest < 3 * first or rev_time * rest / first < RACE_MIN_SECONDS:
             return head
         try:
-            start = time.perf_counter()
+            start = clock()
             tail = self._fwdrev_batched(rows(first, 2 * first))
-            fwd_time = time.perf_counter() - start
+            fwd_time = clock() - start
         except Exception:  # noqa: BLE001 - forward-over-reverse unavailable: keep reverse
             return head
-        if fwd_time < rev_time:
+        if fwd_time < RACE_MARGIN * rev_time:
             self.mode = "forward-over-reverse"
         return torch.cat([head, tail])
 

@@ -20,6 +20,7 @@ __all__ = [
     "assert_symmetric",
     "autograd_hessian",
     "finite_difference_hessian",
+    "torchvision_cpu_shim",
 ]
 
 
@@ -97,3 +98,32 @@ def assert_hessian_close(
             f"Hessian block shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}"
         )
         torch.testing.assert_close(a, e.to(a.dtype), rtol=rtol, atol=atol)
+
+
+_TORCHVISION_LIBRARY: Any = None
+
+
+def torchvision_cpu_shim() -> None:
+    """Let torchvision's pure-Python parts import next to a torch it was not built for.
+
+    A torchvision wheel built for another torch (e.g. the CUDA build from PyPI
+    next to a CPU torch) fails to load its compiled ops, and its import then
+    fails registering fake kernels for ``torchvision::nms`` / ``qnms`` (``operator
+    torchvision::nms does not exist``). Libraries that import torchvision
+    indirectly (laplace-torch through torchmetrics) fail with it. Calling this
+    before that import defines the two missing op schemas (no kernels: calling
+    them still fails), so the models and transforms work. Does nothing when the
+    ops exist. For test and benchmark set-up; never change the torch pin instead.
+    """
+    global _TORCHVISION_LIBRARY
+    try:
+        torch.ops.torchvision.nms.default  # noqa: B018 - the probe
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    if _TORCHVISION_LIBRARY is None:
+        _TORCHVISION_LIBRARY = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
+        for op in ("nms", "qnms"):
+            _TORCHVISION_LIBRARY.define(
+                f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+            )

@@ -104,3 +104,45 @@ def test_bench_outside_a_checkout_says_where_the_benchmarks_are(monkeypatch, cap
     monkeypatch.setattr(_bench, "find_benchmarks", lambda: None)
     assert main(["bench", "--quick"]) == 2
     assert "the benchmarks/ folder was not found" in capsys.readouterr().err
+
+
+# -- sweeps ----------------------------------------------------------------------------------
+def test_sweep_cell_reports_ratio_and_a_crashing_peer():
+    import torch
+    from benchmarks import bench_sweep
+
+    x = torch.randn(6, dtype=torch.float64)
+    f = lambda x: (x.sin() * x.roll(1)).sum()  # noqa: E731
+
+    def crash():
+        raise MemoryError("out of memory")
+
+    def calls():
+        return {
+            "hesse": lambda: bench_sweep.hesse.hessian(f)(x),
+            "torch.func.hessian": lambda: torch.func.hessian(f)(x),
+            "crashing peer": crash,
+        }
+
+    cell = bench_sweep.Cell("family", "tiny", calls)
+    row = bench_sweep.run_cell(cell, 1, repeats=1, max_seconds=1.0)
+    assert row["best_peer"] == "torch.func.hessian"
+    assert row["ratio"] == pytest.approx(row["time_s"] / row["peer_time_s"])
+    assert "crashing peer failed (MemoryError: out of memory)" in row["note"]
+    assert row["max_abs_err"] < 1e-12  # answers compared, not only timed
+    table = runner.format_table([row], {"peer_time_s": "peer time"})
+    assert "peer time" in table.splitlines()[0]
+
+
+def test_sweep_grid_covers_the_issue_and_quick_is_a_subset():
+    from benchmarks import bench_sweep
+
+    cells = [c for fam in bench_sweep.FAMILIES.values() for c in fam()]
+    names = {c.name for c in cells}
+    for n, h in ((64, 32), (784, 128), (3072, 512)):
+        assert f"forum MLP n={n} h={h} f64" in names
+    assert {f"DiagHessian CNN B={b} f32" for b in (1, 8, 32, 128, 512)} <= names
+    assert "forum MLP 784-128 B=256 f32" in names
+    quick = [c for c in cells if c.quick]
+    assert 0 < len(quick) < len(cells) / 5
+    assert {c.family for c in quick} == set(bench_sweep.FAMILIES)

@@ -305,7 +305,9 @@ def test_errors(gen):
         per_sample_diagonal(lambda t: t, loss, x, y)
     with pytest.raises(TypeError, match="expected inputs to be a tensor"):
         per_sample_diagonal(model, loss, [x], y)
-    with pytest.raises(ValueError, match="one shared leading batch dimension"):
+    with pytest.raises(
+        ValueError, match="leading dimension is the inputs. batch size B \\(or a multiple"
+    ):
         per_sample_diagonal(model, loss, x, y[:3])
     with pytest.raises(ValueError, match="chunk_size should be a positive int"):
         per_sample_diagonal(model, loss, x, y, chunk_size=0)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import hessian
 
-from hesse.operators._losses import output_curvature
+from hesse.operators._losses import PlainLoss, output_curvature
 
 N, C = 4, 3
 
@@ -95,27 +95,13 @@ def test_errors(gen):
         NotImplementedError, match="no output Hessian is known for loss_fn of type HuberLoss"
     ):
         output_curvature("GGN", nn.HuberLoss())
-    assert output_curvature("H", nn.HuberLoss(), required=False) is None
+    assert isinstance(output_curvature("H", nn.HuberLoss(), required=False), PlainLoss)
     with pytest.raises(ValueError, match="reduction='none'"):
         output_curvature("GGN", nn.MSELoss(reduction="none"))
     with pytest.raises(TypeError, match="expected output_hessian to be callable"):
         output_curvature("GGN", nn.MSELoss(), 3)
-    with pytest.raises(NotImplementedError, match="class weights or label smoothing"):
-        output_curvature("c", nn.CrossEntropyLoss(label_smoothing=0.1)).check(
-            "c", f, torch.zeros(N, dtype=torch.long)
-        )
-    with pytest.raises(NotImplementedError, match="needs \\(N, C\\) model outputs"):
-        output_curvature("c", nn.CrossEntropyLoss()).check(
-            "c", f.reshape(N, C, 1), torch.zeros(N, 1, dtype=torch.long)
-        )
-    with pytest.raises(ValueError, match="class-index targets"):
-        output_curvature("c", nn.CrossEntropyLoss()).check("c", f, torch.zeros(N, C))
-    with pytest.raises(NotImplementedError, match="ignore_index=-100"):
-        output_curvature("c", nn.CrossEntropyLoss()).check("c", f, torch.full((N,), -100))
-    with pytest.raises(ValueError, match="MSELoss needs targets shaped like the output"):
-        output_curvature("c", nn.MSELoss()).check("c", f, torch.zeros(N))
-    with pytest.raises(NotImplementedError, match="pos_weight"):
-        output_curvature("c", nn.BCEWithLogitsLoss(pos_weight=torch.ones(C))).check("c", f, f)
+    with pytest.raises(ValueError, match="class-index targets of dtype torch.long"):
+        output_curvature("c", nn.CrossEntropyLoss()).check("c", f, torch.zeros(N, dtype=torch.int))
     bad = output_curvature("c", nn.MSELoss(), lambda o, y: torch.zeros(N, C))
     with pytest.raises(ValueError, match=r"expected a tensor of shape \(4, 3, 3\)"):
         bad.check("c", f, f)

@@ -32,7 +32,7 @@ def test_unbiased_and_stderr_honest(method: str) -> None:
     # Honest: the typical reported stderr matches the observed spread of the estimates.
     assert 0.6 <= float(stderrs.mean() / spread) <= 1.6
     # And the 95 % intervals cover the truth most of the time.
-    covered = [bool(lo <= exact <= hi) for lo, hi in (e.confidence_interval() for e in estimates)]
+    covered = [bool(lo <= exact <= hi) for lo, hi in (e.interval(0.95) for e in estimates)]
     # (few samples and, for XTrace, correlated leave-one-out terms: the normal interval is
     # slightly optimistic)
     assert sum(covered) / len(covered) >= 0.8

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from hesse.operators._data import as_batches
+
 
 class AnalyzeError(Exception):
     """Bad input: reported as one line on stderr with exit code 2 (NOTE [analyze errors])."""
@@ -84,12 +86,11 @@ def _from_factory(spec: str) -> tuple[nn.Module, Callable, Iterable]:
         raise AnalyzeError(
             f"--model: {name}() returned a non-callable loss_fn ({type(loss_fn).__name__})."
         )
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, torch.Tensor) for t in data)
-    ):
-        data = [tuple(data)]  # one (inputs, targets) batch
+    # NOTE [data forms]: the library's one check, so the command accepts what it accepts.
+    try:
+        data = as_batches(f"--model: the data {name}() returned", data)
+    except (TypeError, ValueError) as err:
+        raise AnalyzeError(first_line(err)) from err
     return model, loss_fn, data
 
 
@@ -108,21 +109,12 @@ def _place(
             t = t.to(cast)
         return t.to(device)
 
-    try:
-        one_shot = iter(data) is data
-    except TypeError:
-        raise AnalyzeError(
-            f"data must be an iterable of (inputs, targets) batches, got a {type(data).__name__}."
-        ) from None
-    if one_shot:
-        raise AnalyzeError(
-            "data is a one-shot iterator, but every product re-reads the data: return a list of batches or a DataLoader."
-        )
-    if isinstance(data, (list, tuple)):
-        data = [tree_map(move, batch) for batch in data]
-        if not data:
-            raise AnalyzeError("data holds no batches.")
-        return model, data
+    try:  # each batch's form is checked as it is read (NOTE [data forms])
+        data = as_batches("data", data)  # (the default model's data; a factory's is checked)
+        if isinstance(data.data, (list, tuple)):
+            return model, [tree_map(move, batch) for batch in data]
+    except (TypeError, ValueError) as err:
+        raise AnalyzeError(first_line(err)) from err
     return model, _Mapped(data, lambda batch: tree_map(move, batch))
 
 

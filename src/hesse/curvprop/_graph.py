@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._decomp import core_aten_decompositions, get_decompositions
-from torch.func import functionalize
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from hesse.sparsity._tracing import CURVATURE_DECOMPOSITIONS as DECOMPOSITIONS
+from hesse.sparsity._tracing import make_graph
 
 aten = torch.ops.aten
 
@@ -45,76 +46,55 @@ class UnsupportedGraph(RuntimeError):
     """The model could not be traced, or holds an op that curvature propagation cannot handle."""
 
 
-def _var_mean(x, dim=None, *, correction=None, keepdim=False):
-    # NOTE [curvature families]: written with sum/sub/mul/div so that the variance
-    # is made of pointwise and linear nodes (the stock decomposition emits prims).
-    dims = list(range(x.dim())) if dim is None or len(dim) == 0 else list(dim)
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    corr = 1 if correction is None else correction
-    mean = aten.sum.dim_IntList(x, dims, True) / n
-    centred = x - mean
-    var = aten.sum.dim_IntList(centred * centred, dims, keepdim) / max(n - corr, 0)
-    if not keepdim:
-        mean = aten.squeeze.dims(mean, dims)
-    return var, mean
-
-
-def _var(x, dim=None, *, correction=None, keepdim=False):
-    return _var_mean(x, dim, correction=correction, keepdim=keepdim)[0]
-
-
-def _decompositions() -> dict:
-    table = dict(core_aten_decompositions())
-    table.update(
-        get_decompositions(
-            [
-                aten._softmax,
-                aten._log_softmax,
-                aten.native_layer_norm,
-                aten.native_group_norm,
-                aten._native_batch_norm_legit_no_training,
-                aten.gelu,
-                aten.silu,
-                aten.mish,
-                aten.softplus,
-                aten.elu,
-                aten.logsumexp,
-                aten.mse_loss,
-                aten.nll_loss_forward,
-                aten.binary_cross_entropy,
-                aten.binary_cross_entropy_with_logits,
-                aten.huber_loss,
-                aten.smooth_l1_loss,
-                aten.linalg_vector_norm,
-            ]
-        )
-    )
-    # detach has zero derivative; its decomposition (alias) would pass curvature through.
-    table.pop(aten.detach.default, None)
-    table[aten.var_mean.correction] = _var_mean
-    table[aten.var.correction] = _var
-    return table
-
-
-DECOMPOSITIONS = _decompositions()
-
-
 def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
-    """Trace ``fn(*args)`` to an ATen graph (fake tensors, composite ops decomposed)."""
+    """Trace ``fn(*args)`` to an ATen graph (fake tensors, composite ops decomposed) with
+    the one tracer of :mod:`hesse.sparsity._tracing` and the curvature decompositions."""
     try:
-        gm = make_fx(
-            functionalize(fn, remove="mutations"),
-            decomposition_table=DECOMPOSITIONS,
-            tracing_mode="fake",
-        )(*args)
+        try:
+            gm = make_graph(fn, *args, decompositions=DECOMPOSITIONS)
+        except GuardOnDataDependentSymNode as err:
+            # Some libraries (transformers' mask builders) skip value-dependent checks
+            # only when they see fake tensors, which functionalisation wraps; a graph
+            # without in-place ops needs no functionalisation, so trace it plainly.
+            gm = make_graph(fn, *args, decompositions=DECOMPOSITIONS, functional=False)
+            if any(_mutates(node) for node in gm.graph.nodes):
+                raise err from None
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported with its cause
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UnsupportedGraph(f"tracing failed ({type(err).__name__}: {first})") from err
+    _drop_overwrites(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _drop_overwrites(graph: fx.Graph) -> None:
+    """Replace ``copy_(dst, src)`` on an intermediate ``dst`` by ``src``.
+
+    Some decompositions (``masked_fill_`` in label-smoothed cross-entropy) emit an
+    in-place ``copy_`` that functionalisation does not remove. When the copy
+    overwrites all of an intermediate that nothing reads afterwards, its value is
+    ``src`` (cast and broadcast), which keeps the graph functional.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.target is not aten.copy_.default:
+            continue
+        dst, src = node.args[0], node.args[1]
+        if not isinstance(dst, fx.Node) or dst.op != "call_function":
+            continue
+        if any(order[u] > order[node] for u in dst.users if u is not node):
+            continue
+        dv, sv = dst.meta.get("val"), getattr(src, "meta", {}).get("val")
+        if dv is None or sv is None or sv.shape != dv.shape or sv.dtype != dv.dtype:
+            continue
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
 
 
 def _names(*ops: Any) -> frozenset[str]:

@@ -26,7 +26,7 @@ probes come from identically seeded generators.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +45,7 @@ from hesse.distributed._context import (
 )
 from hesse.distributed._sharding import make_shard
 from hesse.operators import _model
+from hesse.operators._data import as_batches
 
 __all__ = ["FisherOperator", "GGNOperator", "HessianOperator"]
 
@@ -80,8 +81,10 @@ class _DataParallel:
         # A rank that never gets here (crashed, or took another code path) is named.
         check_alive(ctx, call)
         try:
+            # NOTE [data forms]: every form the single-process operators take.
+            data = as_batches(call, data)
             local = data if sharded else make_shard(data, ctx.rank, ctx.world_size, call=call)
-            if not sharded and isinstance(data, Sized) and len(data) < ctx.world_size:
+            if not sharded and data.has_len() and len(data) < ctx.world_size:
                 fail(
                     call,
                     f"data has {len(data)} batch(es) for {ctx.world_size} ranks, so some rank "
@@ -182,7 +185,7 @@ class HessianOperator(_DataParallel, _model.HessianOperator):
     operator.
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as in
             :class:`hesse.HessianOperator`. ``data`` must hold at least one batch
             per rank.
         process_group: the ranks to spread over (default: the default group).
@@ -225,6 +228,7 @@ class HessianOperator(_DataParallel, _model.HessianOperator):
         data: Iterable[Any],
         *,
         params: Any = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
         process_group: Any = None,
@@ -238,6 +242,7 @@ class HessianOperator(_DataParallel, _model.HessianOperator):
                 loss_fn,
                 local,
                 params=params,
+                loss_count=loss_count,
                 progress=progress,
                 check_deterministic=check_deterministic,
             )
@@ -272,6 +277,7 @@ class GGNOperator(_DataParallel, _model.GGNOperator):
         *,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
         process_group: Any = None,
@@ -286,6 +292,7 @@ class GGNOperator(_DataParallel, _model.GGNOperator):
                 local,
                 params=params,
                 output_hessian=output_hessian,
+                loss_count=loss_count,
                 progress=progress,
                 check_deterministic=check_deterministic,
             )
@@ -326,6 +333,7 @@ class FisherOperator(_DataParallel, _model.FisherOperator):
         generator: torch.Generator | None = None,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
         process_group: Any = None,
@@ -343,6 +351,7 @@ class FisherOperator(_DataParallel, _model.FisherOperator):
                 generator=generator,
                 params=params,
                 output_hessian=output_hessian,
+                loss_count=loss_count,
                 progress=progress,
                 check_deterministic=check_deterministic,
             )

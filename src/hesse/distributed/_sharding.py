@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from hesse._validation import describe, fail
 from hesse.distributed._context import resolve
+from hesse.operators._data import check_reiterable
 
 
 class Shard:
@@ -74,19 +74,6 @@ def shard(data: Iterable[Any], *, process_group: Any = None) -> Shard:
 
 def make_shard(data: Iterable[Any], rank: int, world_size: int, *, call: str) -> Shard:
     """Validate ``data`` and return the shard of ``rank`` among ``world_size``."""
-    if isinstance(data, Iterator):
-        fail(
-            call,
-            f"expected a re-iterable collection of batches (a list or a DataLoader), got a "
-            f"one-shot iterator ({describe(data)}): every product walks the data again. Pass "
-            "list(data) or the DataLoader itself.",
-            TypeError,
-        )
-    if not isinstance(data, Iterable):
-        fail(
-            call,
-            f"expected an iterable of (inputs, targets) batches, got {describe(data)}.",
-            TypeError,
-        )
+    check_reiterable(call, data)
     assert 0 <= rank < world_size, f"{call}: rank {rank} outside [0, {world_size})"
     return Shard(data, rank, world_size)

@@ -10,10 +10,11 @@ from torch import nn
 
 from hesse._validation import fail
 from hesse.kfac._inverse import KroneckerInverse
-from hesse.kfac._kron import grid_apply, grid_function, square_projections
+from hesse.kfac._kron import grid_apply, grid_function, sample_squares, sample_squares_onehot
 from hesse.kfac._kronecker import KroneckerOperator
 from hesse.kfac._layers import LayerSpec, apply_blocks
 from hesse.operators._model import Batch
+from hesse.solvers._solve import check_damping
 
 
 class EKFACOperator(KroneckerOperator):
@@ -21,20 +22,22 @@ class EKFACOperator(KroneckerOperator):
 
     KFAC's blocks ``G ⊗ A`` have the eigenbasis ``Q_G ⊗ Q_A``; EKFAC keeps that
     basis and replaces the eigenvalues ``g_i a_j`` by the second moments of the
-    examples' gradients in it:
+    per-sample gradients in it:
 
     .. math:: K = \\operatorname{blockdiag}_\\ell\\,(Q_G \\otimes Q_A)
         \\operatorname{diag}(\\Lambda) (Q_G \\otimes Q_A)^\\top, \\qquad
-        \\Lambda_{ij} = \\frac{1}{M} \\sum_{e,k} (Q_G^\\top g_{ek})_i^2 (Q_A^\\top a_e)_j^2
+        \\Lambda = \\frac{1}{M} \\sum_{n,k} (Q_G^\\top D_{nk} Q_A)^{\\circ 2}, \\quad
+        D_{nk} = \\sum_r g_{nrk} a_{nr}^\\top
 
-    where an example ``e`` is what KFAC's ``kfac_approx`` makes one: a shared
-    position (a token, a pixel) for ``"expand"``, a sample with reduced rows for
-    ``"reduce"``; each example's gradient for column ``k`` is ``g_ek a_e^T``. This
-    is the diagonal of the exact (expand/reduce) curvature in the Kronecker
-    eigenbasis, so EKFAC is at least as close to it as KFAC in Frobenius norm,
-    and equals KFAC when ``Λ`` is the Kronecker product of the factors'
-    eigenvalues (e.g. a single example). Loss scaling as in
-    :class:`hesse.KFACOperator` (NOTE [kfac scaling]).
+    with ``D_nk`` sample ``n``'s gradient of the block's parameter matrix for the
+    loss factor's column ``k`` (``g``, ``a``, ``M`` as in
+    :class:`hesse.KFACOperator`; a sample is an entry of the layer input's leading
+    dimension, e.g. a sequence). ``Λ`` is the diagonal, in the Kronecker
+    eigenbasis, of the curvature that KFAC approximates (the sum of the samples'
+    gradient outer products), so EKFAC is at least as close to it as KFAC in
+    Frobenius norm. ``kfac_approx`` only chooses the eigenbasis. Where every
+    ``D_nk`` has rank one and there is one sample (no shared positions), ``Λ`` is
+    the Kronecker product of the factors' eigenvalues and EKFAC equals KFAC.
 
     Args:
         model, loss_fn, data, fisher_type, kfac_approx, params, mc_samples,
@@ -53,7 +56,8 @@ class EKFACOperator(KroneckerOperator):
     Cost: two passes over the data (the factors, then the corrections with the
     same sampled labels), each one forward and one batched backward pass per
     batch; eigendecompositions of the factors between them; the corrections cost
-    ``O(K E (p^2 + p q) + E q^2)`` per block and batch. A product costs
+    ``O(K N R (p^2 + q^2))`` per block and batch, plus ``O(K N R p q)`` with shared
+    positions (``R > 1``: the rotated per-sample gradients are formed in chunks). A product costs
     ``O(p q (p + q))`` per block, the inverse the same.
 
     References:
@@ -83,6 +87,7 @@ class EKFACOperator(KroneckerOperator):
         generator: torch.Generator | None = None,
         separate_bias: bool = False,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
@@ -104,6 +109,7 @@ class EKFACOperator(KroneckerOperator):
             generator=generator,
             separate_bias=separate_bias,
             output_hessian=output_hessian,
+            loss_count=loss_count,
             progress=progress,
             check_deterministic=check_deterministic,
         )
@@ -120,12 +126,13 @@ class EKFACOperator(KroneckerOperator):
             captured = self._capture(index, inputs, targets)
             parts = []
             for b in blocks:
-                a, g = self._rows(b, *captured[b.module_name])
+                inp, grads = captured[b.module_name]
+                a, g = b.rows(inp), b.grad_rows(grads)
                 eg, ea = eigens[b.name]
                 if b.diagonal_input:
-                    sq = square_projections(g, None, eg, ea, idx=a)
+                    sq = sample_squares_onehot(g, a, b.embedding_mask(a), eg, b.q)
                 else:
-                    sq = square_projections(g, a, eg, ea)
+                    sq = sample_squares(g, a, eg, ea)
                 parts.append(sq.reshape(-1))
             return torch.cat(parts)
 
@@ -140,7 +147,9 @@ class EKFACOperator(KroneckerOperator):
         return self.corrections[block.name]
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return apply_blocks(X, self.blocks, lambda b, P: grid_apply(P, *self._eigen(b), self._grid(b)))
+        return apply_blocks(
+            X, self.blocks, lambda b, P: grid_apply(P, *self._eigen(b), self._grid(b))
+        )
 
     def inverse(self, damping: float) -> KroneckerInverse:
         """``(K + damping I)^{-1}``, exactly, as an operator.
@@ -151,10 +160,10 @@ class EKFACOperator(KroneckerOperator):
         Cost: ``O(p q (p + q))`` per block and product (the eigenbases exist).
         """
         call = f"{self._title}.inverse(damping)"
-        damping = self._check_damping(call, damping)
+        damping = check_damping(call, damping)
         fns = {}
         for b in self.blocks:
-            values = self._grid(b) + damping
-            self._check_regular(call, b.name, values, damping)
-            fns[b.name] = grid_function(*self._eigen(b), 1 / values)
+            values = self._grid(b)
+            self._check_regular(call, repr(b.name), values, damping)
+            fns[b.name] = grid_function(*self._eigen(b), 1 / (values + damping))
         return KroneckerInverse(f"{self._title}.inverse({damping})", self, self.blocks, fns)

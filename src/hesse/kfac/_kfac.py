@@ -15,6 +15,7 @@ from hesse.kfac._kron import grid_function, kron_apply
 from hesse.kfac._kronecker import KroneckerOperator
 from hesse.kfac._layers import LayerSpec, apply_blocks
 from hesse.operators._model import Batch
+from hesse.solvers._solve import check_damping
 
 
 class KFACOperator(KroneckerOperator):
@@ -46,7 +47,7 @@ class KFACOperator(KroneckerOperator):
     * :attr:`factors`: block name -> ``(A, G)``.
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as in
             :class:`hesse.GGNOperator` (the same data handling and parameter subsets).
             Every selected parameter must belong to a supported layer.
         fisher_type: ``"type-2"`` (the GGN: ``g`` from the columns of the loss
@@ -110,6 +111,7 @@ class KFACOperator(KroneckerOperator):
         generator: torch.Generator | None = None,
         separate_bias: bool = False,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
@@ -124,6 +126,7 @@ class KFACOperator(KroneckerOperator):
             generator=generator,
             separate_bias=separate_bias,
             output_hessian=output_hessian,
+            loss_count=loss_count,
             progress=progress,
             check_deterministic=check_deterministic,
         )
@@ -187,7 +190,7 @@ class KFACOperator(KroneckerOperator):
             influence functions (exact damping in the eigenbasis, Eq. 21).
         """
         call = f"{self._title}.inverse(damping)"
-        damping = self._check_damping(call, damping)
+        damping = check_damping(call, damping)
         if heuristic_damping and exact_damping:
             fail(
                 call,
@@ -197,18 +200,19 @@ class KFACOperator(KroneckerOperator):
         for b in self.blocks:
             eg, ea = self._eigen(b)
             if exact_damping:
-                values = torch.outer(eg.values, ea.values) + damping
-                self._check_regular(call, b.name, values, damping)
-                fns[b.name] = grid_function(eg, ea, 1 / values)
+                values = torch.outer(eg.values, ea.values)
+                self._check_regular(call, repr(b.name), values, damping)
+                fns[b.name] = grid_function(eg, ea, 1 / (values + damping))
                 continue
             dg, da = damping, damping
             if heuristic_damping:
                 pi = _pi(eg.values, ea.values)
                 dg, da = math.sqrt(damping) / pi, math.sqrt(damping) * pi
-            gv, av = eg.values + dg, ea.values + da
-            self._check_regular(call, f"{b.name} (G)", gv, dg)
-            self._check_regular(call, f"{b.name} (A)", av, da)
-            fns[b.name] = grid_function(eg, ea, torch.outer(1 / gv, 1 / av))
+            self._check_regular(call, f"{b.name!r} (G)", eg.values, dg)
+            self._check_regular(call, f"{b.name!r} (A)", ea.values, da)
+            fns[b.name] = grid_function(
+                eg, ea, torch.outer(1 / (eg.values + dg), 1 / (ea.values + da))
+            )
         return KroneckerInverse(f"{self._title}.inverse({damping})", self, self.blocks, fns)
 
 

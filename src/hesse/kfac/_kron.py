@@ -61,7 +61,9 @@ def grid_apply(P: torch.Tensor, eg: Eigen, ea: Eigen, grid: torch.Tensor) -> tor
     return from_eigenbasis(to_eigenbasis(P, eg, ea) * grid, eg, ea)
 
 
-def grid_function(eg: Eigen, ea: Eigen, grid: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def grid_function(
+    eg: Eigen, ea: Eigen, grid: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``P -> grid_apply(P, eg, ea, grid)`` (one block of an inverse operator)."""
     return lambda P: grid_apply(P, eg, ea, grid)
 
@@ -72,24 +74,50 @@ def diagonal_of(eg: Eigen, ea: Eigen, grid: torch.Tensor) -> torch.Tensor:
     return left if ea.vectors is None else left @ ea.vectors.square().T
 
 
-def square_projections(
-    g: torch.Tensor, a: torch.Tensor | None, eg: Eigen, ea: Eigen, idx: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``sum_e (Q_G^T g_e)^2 (Q_A^T a_e)^{2T}``: EKFAC's sum of squared rotated gradients.
+#: entries of the per-sample gradient stack formed at once by :func:`sample_squares`.
+_SQUARES_CHUNK = 2**22
 
-    ``g``: ``(K, E, p)`` output-gradient rows of ``E`` examples (``K`` columns each,
-    summed: the input row does not depend on the column); ``a``: ``(E, q)`` input
-    rows, or ``None`` with ``idx`` (``(E,)`` one-hot positions) for a diagonal input
-    factor. Returns ``(p, q)``.
 
-    Cost: ``O(K E p^2 + E q^2 + E p q)``.
+def sample_squares(g: torch.Tensor, a: torch.Tensor, eg: Eigen, ea: Eigen) -> torch.Tensor:
+    """``sum_{n,k} (Q_G^T D_nk Q_A)^2``, ``D_nk = sum_r g_nrk a_nr^T`` the per-sample gradients.
+
+    ``g``: ``(K, N, R, p)`` output-gradient rows, ``a``: ``(N, R, q)`` input rows.
+    Without shared positions (``R = 1``) every ``D_nk`` has rank one and the squares
+    are outer products of squared projections; otherwise the rotated per-sample
+    gradients are formed in chunks of samples. Returns ``(p, q)``.
+
+    Cost: ``O(K N R (p^2 + q^2))``, plus ``O(K N R p q)`` with shared positions.
     """
     u = g if eg.vectors is None else torch.matmul(g, eg.vectors)
-    u2 = u.square().sum(0)  # (E, p)
-    if idx is not None:
-        q = ea.values.shape[0]
-        out = u2.new_zeros(q, u2.shape[1])
-        out.index_add_(0, idx, u2)
-        return out.T
-    v = a if ea.vectors is None else a @ ea.vectors
-    return u2.T @ v.square()
+    v = a if ea.vectors is None else torch.matmul(a, ea.vectors)
+    K, N, R, p = u.shape
+    q = v.shape[-1]
+    if R == 1:
+        return u[:, :, 0].square().sum(0).T @ v[:, 0].square()
+    out = u.new_zeros(p, q)
+    step = max(1, _SQUARES_CHUNK // max(1, K * p * q))
+    for start in range(0, N, step):
+        d = torch.einsum("knrp,nrq->knpq", u[:, start : start + step], v[start : start + step])
+        out += d.square().sum((0, 1))
+    return out
+
+
+def sample_squares_onehot(
+    g: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None, eg: Eigen, q: int
+) -> torch.Tensor:
+    """:func:`sample_squares` for one-hot input rows (an embedding, ``Q_A = I``).
+
+    ``idx``: ``(N, R)`` token indices, ``keep``: rows that carry a gradient (or
+    ``None``). Rows of one sample with the same token add up before squaring.
+    Returns ``(p, q)``.
+    """
+    u = g if eg.vectors is None else torch.matmul(g, eg.vectors)  # (K, N, R, p)
+    K, N, R, p = u.shape
+    key = (torch.arange(N, device=idx.device).unsqueeze(1) * q + idx).reshape(-1)
+    u = u.reshape(K, N * R, p)
+    if keep is not None:
+        key, u = key[keep.reshape(-1)], u[:, keep.reshape(-1)]
+    keys, inverse = torch.unique(key, return_inverse=True)
+    summed = u.new_zeros(K, keys.numel(), p).index_add_(1, inverse, u)
+    out = u.new_zeros(q, p).index_add_(0, keys % q, summed.square().sum(0))
+    return out.T

@@ -44,8 +44,9 @@ from hesse.kfac._capture import capture
 from hesse.kfac._kron import Eigen, diagonal_of
 from hesse.kfac._layers import LayerSpec, Piece, apply_blocks, find_blocks
 from hesse.operators._base import PSD, SYMMETRIC
-from hesse.operators._losses import output_curvature
+from hesse.operators._losses import PlainLoss, output_curvature
 from hesse.operators._model import Batch, _ModelOperator
+from hesse.solvers._solve import check_damping
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROX = ("expand", "reduce")
@@ -81,6 +82,7 @@ class KroneckerOperator(_ModelOperator):
         output_hessian: Callable | None,
         progress: bool,
         check_deterministic: bool,
+        loss_count: Callable | None = None,
     ) -> None:
         call = f"hesse.{self._title}(model, loss_fn, data)"
         check_choice(call, "fisher_type", fisher_type, FISHER_TYPES)
@@ -95,9 +97,15 @@ class KroneckerOperator(_ModelOperator):
                 f"fisher_type={fisher_type!r}. Leave mc_samples at 1.",
             )
         if not isinstance(separate_bias, bool):
-            fail(call, f"expected separate_bias to be a bool, got {describe(separate_bias)}.", TypeError)
-        curvature = output_curvature(call, loss_fn, output_hessian, required=False)
-        if curvature is None and fisher_type in ("type-2", "mc"):
+            fail(
+                call,
+                f"expected separate_bias to be a bool, got {describe(separate_bias)}.",
+                TypeError,
+            )
+        curvature = output_curvature(
+            call, loss_fn, output_hessian, required=False, loss_count=loss_count
+        )
+        if isinstance(curvature, PlainLoss) and fisher_type in ("type-2", "mc"):
             fail(
                 call,
                 f"fisher_type={fisher_type!r} needs the output Hessian of the loss, and none is "
@@ -165,21 +173,28 @@ class KroneckerOperator(_ModelOperator):
         )
 
     def _rows(self, block: LayerSpec, inp: torch.Tensor, grads: torch.Tensor | None):
-        """``(a, g, mask)``: input rows ``(E, q)`` (or indices ``(E,)``), gradient rows
-        ``(K, E, p)`` (or ``None``) of the block's ``E`` examples after expand/reduce."""
+        """``(A_sum, rows, g)`` of one batch: the sum of the ``rows`` input outer products
+        after expand/reduce (for an embedding, expand only, the ``(q,)`` token counts:
+        padding tokens are zero input rows, as for a linear layer on one-hot inputs),
+        and the ``(K, rows, p)`` gradient rows (``None`` without a backward pass)."""
         a = block.rows(inp)
         g = None if grads is None else block.grad_rows(grads)
-        if block.diagonal_input:  # embedding (expand only): keep the rows with a gradient
+        if block.diagonal_input:
             idx = a.reshape(-1)
-            mask = block.embedding_mask(idx)
-            g = None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
-            if mask is not None:
-                idx = idx[mask]
-                g = None if g is None else g[:, mask]
-            return idx, g
+            keep = block.embedding_mask(idx)
+            weights = None if keep is None else keep.to(self.dtype)
+            counts = torch.bincount(idx, weights=weights, minlength=block.q).to(self.dtype)
+            return (
+                counts,
+                idx.numel(),
+                None if g is None else g.reshape(g.shape[0], -1, g.shape[-1]),
+            )
         if self.kfac_approx == "reduce":
-            return a.mean(1), None if g is None else g.sum(2)
-        return a.reshape(-1, a.shape[-1]), None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
+            a, g = a.mean(1), None if g is None else g.sum(2)
+        else:
+            a = a.reshape(-1, a.shape[-1])
+            g = None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
+        return a.T @ a, a.shape[0], g
 
     def _compute_factors(self) -> dict[str, Factors]:
         blocks = self.blocks
@@ -189,12 +204,8 @@ class KroneckerOperator(_ModelOperator):
             captured = self._capture(index, inputs, targets)
             parts = []
             for b in blocks:
-                a, g = self._rows(b, *captured[b.module_name])
-                if b.diagonal_input:
-                    A = torch.bincount(a, minlength=b.q).to(self.dtype)
-                else:
-                    A = a.T @ a
-                parts += [A.reshape(-1), A.new_full((1,), float(a.shape[0]))]
+                A, rows, g = self._rows(b, *captured[b.module_name])
+                parts += [A.reshape(-1), A.new_full((1,), float(rows))]
                 if with_g:
                     gf = g.reshape(-1, g.shape[-1])
                     parts.append((gf.T @ gf).reshape(-1))
@@ -234,22 +245,24 @@ class KroneckerOperator(_ModelOperator):
     def _grid(self, block: LayerSpec) -> torch.Tensor:
         """The block's ``(p, q)`` eigenvalues in its Kronecker eigenbasis."""
 
-    def _check_damping(self, call: str, damping: Any) -> float:
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-            fail(call, f"expected damping to be a float, got {describe(damping)}.", TypeError)
-        if not damping >= 0 or damping == float("inf"):
-            fail(call, f"expected a finite damping >= 0, got {damping!r}.")
-        return float(damping)
-
     def _check_regular(self, call: str, name: str, values: torch.Tensor, damping: float) -> None:
-        """Raise if ``values`` (eigenvalues after damping) make the block singular."""
+        """Raise if ``values + damping`` is singular: no damping and ``values`` (the block's
+        or a factor's eigenvalues, ``>= 0``) numerically rank-deficient.
+
+        With ``damping > 0`` every damped eigenvalue is at least ``damping``: the inverse
+        is what was asked for, however ill-conditioned.
+        """
+        if damping > 0:
+            return
+        # Numerical rank as in numpy.linalg.matrix_rank, per factor dimension: the grid's
+        # eigenvalues are products of the factors' (each accurate to ~dim * eps * max).
         top = values.abs().max()
-        tol = values.numel() * torch.finfo(values.dtype).eps * top
-        if bool(values.min() <= tol) or bool(top == 0):
+        tol = max(values.shape) * torch.finfo(values.dtype).eps * top
+        if bool(top == 0) or bool(values.min() <= tol):
             fail(
                 call,
-                f"block {name!r} is singular (smallest eigenvalue {float(values.min()):.3g}, "
-                f"largest {float(top):.3g}) at damping={damping}. Pass damping > 0.",
+                f"block {name} is singular (smallest eigenvalue {float(values.min()):.3g}, "
+                f"largest {float(top):.3g}) at damping=0. Pass damping > 0.",
             )
 
     # -- queries -----------------------------------------------------------------------------
@@ -262,17 +275,20 @@ class KroneckerOperator(_ModelOperator):
             ValueError: for a negative damping, or a singular block at this damping.
         """
         call = f"{self._title}.logdet(damping)"
-        damping = self._check_damping(call, damping)
+        damping = check_damping(call, damping)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks:
-            values = self._grid(b) + damping
-            self._check_regular(call, b.name, values, damping)
-            total = total + values.log().sum()
+            values = self._grid(b)
+            self._check_regular(call, repr(b.name), values, damping)
+            total = total + (values + damping).log().sum()
         return total
 
     def trace(self) -> torch.Tensor:
         """``tr(K)``, exactly (the sum of the blocks' eigenvalues)."""
-        return sum((self._grid(b).sum() for b in self.blocks), torch.zeros((), dtype=self.dtype))
+        return sum(
+            (self._grid(b).sum() for b in self.blocks),
+            torch.zeros((), dtype=self.dtype, device=self.device),
+        )
 
     def diagonal(self) -> torch.Tensor:
         """``diag(K)`` as a flat ``(n,)`` vector in the parameters' order.

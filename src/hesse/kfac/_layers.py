@@ -78,10 +78,6 @@ class LayerSpec:
     def q(self) -> int:
         return (self.q_weight if self.weight is not None else 0) + (self.bias is not None)
 
-    @property
-    def pieces(self) -> list[Piece]:
-        return [piece for piece in (self.weight, self.bias) if piece is not None]
-
     # -- the matrix P of a batch of flat vectors -------------------------------------
     def pack(self, X: torch.Tensor) -> torch.Tensor:
         """``(k, p, q)``: the block's parameters of the columns of ``X`` (``(n, k)``) as ``P``."""
@@ -115,10 +111,6 @@ class LayerSpec:
         m = self.module
         if isinstance(m, nn.Embedding):
             return inputs.reshape(inputs.shape[0], -1)
-        if self.weight is None:  # the bias alone: one column of ones per output row
-            R = inputs[0].numel() // self.q_weight if isinstance(m, nn.Linear) else None
-            if R is not None:
-                return inputs.new_ones(inputs.shape[0], R, 1)
         if isinstance(m, nn.Linear):
             a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
         else:
@@ -139,7 +131,7 @@ class LayerSpec:
         return grad_output.reshape(K, N, self.p, -1).transpose(2, 3)
 
     def embedding_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """Rows that carry a gradient (``idx != padding_idx``), or ``None`` for all."""
+        """Rows that are not padding (``idx != padding_idx``), or ``None`` for all."""
         pad = self.module.padding_idx  # type: ignore[union-attr]
         return None if pad is None else idx != pad
 

@@ -3,9 +3,8 @@
 # NOTE [loss conventions]
 A batch loss ``L_b = loss_fn(output, target)`` is handled in its *sum form*
 ``M_b * L_b`` for ``reduction="mean"`` (and ``L_b`` itself for ``"sum"``), where
-``M_b`` is the number of terms the mean divides by (``count``: the number of
-output entries for MSE and BCE, the number of samples for cross-entropy, the
-batch size for a plain callable). The sum form is a sum of per-sample losses
+``M_b`` is the number of terms the mean divides by (``count``, defined once in
+NOTE [loss normalisation] in ``_normalization.py``). The sum form is a sum of per-sample losses
 ``l_n(f_n)`` of the flattened per-sample outputs ``f_n`` (``D`` entries), so its
 output Hessian is block diagonal with ``D x D`` blocks ``H_n``. Every curvature
 returned here is of the sum form; the model operators divide by the total count
@@ -29,20 +28,9 @@ import torch
 from torch import nn
 
 from hesse._validation import describe, fail
+from hesse.operators._normalization import Normalization, class_weights
 
 KNOWN_LOSSES = "nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.BCELoss"
-
-
-def reduction_of(call: str, loss_fn: Callable) -> str:
-    """``"mean"`` or ``"sum"``; a plain callable without the attribute is a mean."""
-    reduction = getattr(loss_fn, "reduction", "mean")
-    if reduction not in ("mean", "sum"):
-        fail(
-            call,
-            f"expected loss_fn to reduce to a scalar with reduction='mean' or 'sum', got "
-            f"reduction={reduction!r}. Use reduction='mean' (or 'sum').",
-        )
-    return reduction
 
 
 class OutputCurvature(abc.ABC):
@@ -52,13 +40,15 @@ class OutputCurvature(abc.ABC):
     quantities are on the flattened output ``(N, D)``.
     """
 
-    def __init__(self, loss_fn: Callable, reduction: str) -> None:
+    def __init__(self, loss_fn: Callable, normalization: Normalization) -> None:
         self.loss_fn = loss_fn
-        self.reduction = reduction
+        self.normalization = normalization
+        self.reduction = normalization.reduction
 
-    def count(self, target: Any, batch_size: int) -> int:
-        """``M_b``: the number of terms a mean-reduced batch loss divides by."""
-        return batch_size
+    def count(self, target: Any, batch_size: int) -> float:
+        """``M_b``: the number of terms a mean-reduced batch loss divides by (NOTE [loss
+        normalisation] in ``_normalization.py``)."""
+        return self.normalization.count(target, batch_size)
 
     def check(self, call: str, output: torch.Tensor, target: torch.Tensor) -> None:  # noqa: B027
         """Validate one batch's output and target (first batch only); accepts all by default."""
@@ -106,16 +96,6 @@ def _flat(output: torch.Tensor) -> torch.Tensor:
 class MSECurvature(OutputCurvature):
     """``l_n = sum_d (f_nd - y_nd)^2``: ``H_n = 2 I``; Fisher samples ``sqrt(2) z``."""
 
-    def count(self, target: Any, batch_size: int) -> int:
-        return int(target.numel())
-
-    def check(self, call: str, output: torch.Tensor, target: torch.Tensor) -> None:
-        if not isinstance(target, torch.Tensor) or target.shape != output.shape:
-            fail(
-                call,
-                f"MSELoss needs targets shaped like the output {tuple(output.shape)}, got {describe(target)}.",
-            )
-
     def sum_form(self, output, target):
         # Written out rather than loss_fn(...) * count: the same function, and torch
         # 2.13's mse_loss(reduction="mean") fails under jvp(grad(...)).
@@ -136,135 +116,161 @@ class MSECurvature(OutputCurvature):
 
 
 class CrossEntropyCurvature(OutputCurvature):
-    """``l_n = -log softmax(f_n)_y``: ``H_n = diag(p) - p p^T``, ``S = diag(sqrt p) - p sqrt(p)^T``."""
+    """Cross-entropy on logits with classes in dimension 1 (``(N, C)`` or ``(N, C, d1, ...)``).
 
-    def check(self, call: str, output: torch.Tensor, target: torch.Tensor) -> None:
-        fn = self.loss_fn
-        if fn.weight is not None or fn.label_smoothing != 0:
+    At every position ``q`` the sum-form term is ``-sum_c w_c y'_c log softmax(f)_c``
+    with ``y'`` the (label-smoothed) target distribution, so its Hessian is
+    ``c_q (diag(p_q) - p_q p_q^T)`` with ``c_q = sum_c w_c y'_c`` (for a class
+    index ``y``: ``(1 - eps) w_y + eps * mean(w)``; 0 where ``y == ignore_index``):
+    weights and label smoothing scale the softmax Hessian, they do not change its
+    form. Positions do not interact, so ``H_n`` is block diagonal over them.
+    """
+
+    def check(self, call, output, target):
+        if not target.is_floating_point() and target.dtype != torch.long:
             fail(
                 call,
-                "CrossEntropyLoss with class weights or label smoothing has no closed-form output "
-                "Hessian here. Use weight=None, label_smoothing=0, or pass output_hessian=.",
-                NotImplementedError,
-            )
-        if output.dim() != 2:
-            fail(
-                call,
-                f"CrossEntropyLoss needs (N, C) model outputs, got shape {tuple(output.shape)}. "
-                "Reshape spatial outputs to (N * H * W, C) inside the model.",
-                NotImplementedError,
-            )
-        if (
-            not isinstance(target, torch.Tensor)
-            or target.dtype != torch.long
-            or target.shape != output.shape[:1]
-        ):
-            fail(
-                call,
-                f"CrossEntropyLoss needs class-index targets of shape ({output.shape[0]},) and "
-                f"dtype torch.long, got {describe(target)}.",
-            )
-        if bool((target == fn.ignore_index).any()):
-            fail(
-                call,
-                f"targets contain ignore_index={fn.ignore_index}, which changes the mean's "
-                "weighting; drop those samples from the data.",
-                NotImplementedError,
+                f"CrossEntropyLoss needs class-index targets of dtype torch.long, got "
+                f"{describe(target)}.",
             )
 
     def sum_form(self, output, target):
-        return nn.functional.cross_entropy(output, target, reduction="sum")
+        fn = self.loss_fn
+        return nn.functional.cross_entropy(
+            output,
+            target,
+            weight=fn.weight,
+            ignore_index=fn.ignore_index,
+            label_smoothing=fn.label_smoothing,
+            reduction="sum",
+        )
 
     def _p(self, output):
-        return torch.softmax(_flat(output), dim=1)
+        """Probabilities ``(N, C, P)`` (``P`` positions per sample)."""
+        f = output.detach()
+        return torch.softmax(f.reshape(f.shape[0], f.shape[1], -1), dim=1)
+
+    def _scale(self, p, target):
+        """``c`` of shape ``(N, 1, P)``: the weight of each position's softmax Hessian."""
+        fn, (N, C, P) = self.loss_fn, p.shape
+        eps = fn.label_smoothing
+        w = fn.weight
+        if target.is_floating_point():
+            y = target.detach().reshape(N, C, P).to(p.dtype)
+            y = (1 - eps) * y + eps / C
+            return (y if w is None else y * w.to(p.dtype).reshape(1, C, 1)).sum(1, keepdim=True)
+        t = target.reshape(N, P)
+        c = class_weights(fn, t).to(p.dtype) * (1 - eps)
+        if eps:
+            mean_w = 1.0 if w is None else w.to(p.dtype).mean()
+            c = c + (t != fn.ignore_index).to(p.dtype) * eps * mean_w
+        return c.unsqueeze(1)
 
     def hessian_vector(self, output, target, V):
         p = self._p(output)
-        return p * V - p * (p * V).sum(-1, keepdim=True)
+        Vr = V.reshape(p.shape)
+        hv = p * Vr - p * (p * Vr).sum(1, keepdim=True)
+        return (self._scale(p, target) * hv).reshape(V.shape)
 
     def factor(self, output, target):
         p = self._p(output)
         sq = p.sqrt()
-        return torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
+        c = self._scale(p, target).sqrt()  # (N, 1, P)
+        N, C, P = p.shape
+        # (N, P, C, C) per-position factors diag(sqrt p) - p sqrt(p)^T, times sqrt(c).
+        pt, sqt = p.transpose(1, 2), sq.transpose(1, 2)
+        blocks = (torch.diag_embed(sqt) - pt.unsqueeze(3) * sqt.unsqueeze(2)) * c.transpose(
+            1, 2
+        ).unsqueeze(3)
+        if P == 1:
+            return blocks[:, 0]
+        S = p.new_zeros(N, C, P, C, P)
+        torch.diagonal(S, dim1=2, dim2=4).copy_(blocks.permute(0, 2, 3, 1))
+        return S.reshape(N, C * P, C * P)
 
     def sample(self, output, target, generator, m):
         p = self._p(output)
-        labels = torch.multinomial(p, m, replacement=True, generator=generator)  # (N, m)
-        onehot = torch.zeros(*p.shape, m, dtype=p.dtype, device=p.device)
+        N, C, P = p.shape
+        rows = p.transpose(1, 2).reshape(N * P, C)
+        labels = torch.multinomial(rows, m, replacement=True, generator=generator)
+        onehot = torch.zeros(N * P, C, m, dtype=p.dtype, device=p.device)
         onehot.scatter_(1, labels.unsqueeze(1), 1.0)
-        return (p.unsqueeze(2) - onehot) / math.sqrt(m)
+        onehot = onehot.reshape(N, P, C, m).permute(0, 2, 1, 3)  # (N, C, P, m)
+        s = (p.unsqueeze(3) - onehot) * self._scale(p, target).sqrt().unsqueeze(3)
+        return s.reshape(N, C * P, m) / math.sqrt(m)
+
+
+def _elementwise_weight(weight: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor | float:
+    """A BCE ``weight`` broadcast to the flattened output ``(N, D)``, or 1."""
+    if weight is None:
+        return 1.0
+    return torch.broadcast_to(weight.detach().to(output.dtype), output.shape).reshape(
+        output.shape[0], -1
+    )
 
 
 class BCEWithLogitsCurvature(OutputCurvature):
-    """``H_n = diag(sigma(f)(1 - sigma(f)))``; Fisher samples ``sigma(f) - y``, ``y ~ Bernoulli``."""
+    """``H_n = diag(w sigma(f)(1 - sigma(f)) (pw y + 1 - y))`` (``w`` weight, ``pw`` pos_weight).
 
-    def count(self, target, batch_size):
-        return int(target.numel())
-
-    def check(self, call, output, target):
-        fn = self.loss_fn
-        if fn.weight is not None or fn.pos_weight is not None:
-            fail(
-                call,
-                "BCEWithLogitsLoss with weight or pos_weight is not supported; pass output_hessian=.",
-                NotImplementedError,
-            )
-        if not isinstance(target, torch.Tensor) or target.shape != output.shape:
-            fail(
-                call,
-                f"BCEWithLogitsLoss needs targets shaped like the output {tuple(output.shape)}, got {describe(target)}.",
-            )
+    Without ``pos_weight`` the Hessian does not depend on the target and Fisher
+    samples are ``sqrt(w) (sigma(f) - y)``, ``y ~ Bernoulli(sigma(f))``; with it,
+    the Gaussian samples of :meth:`OutputCurvature.sample`.
+    """
 
     def sum_form(self, output, target):
-        return nn.functional.binary_cross_entropy_with_logits(output, target, reduction="sum")
+        fn = self.loss_fn
+        return nn.functional.binary_cross_entropy_with_logits(
+            output, target, weight=fn.weight, pos_weight=fn.pos_weight, reduction="sum"
+        )
 
     def _p(self, output):
         return torch.sigmoid(_flat(output))
 
-    def hessian_vector(self, output, target, V):
+    def _h(self, output, target):
         p = self._p(output)
-        return p * (1 - p) * V
+        h = p * (1 - p) * _elementwise_weight(self.loss_fn.weight, output)
+        pw = self.loss_fn.pos_weight
+        if pw is not None:
+            y = target.detach().reshape(p.shape).to(p.dtype)
+            pwb = torch.broadcast_to(pw.detach().to(p.dtype), output.shape).reshape(p.shape)
+            h = h * (pwb * y + 1 - y)
+        return h
+
+    def hessian_vector(self, output, target, V):
+        return self._h(output, target) * V
 
     def factor(self, output, target):
-        p = self._p(output)
-        return torch.diag_embed((p * (1 - p)).sqrt())
+        return torch.diag_embed(self._h(output, target).sqrt())
 
     def sample(self, output, target, generator, m):
+        if self.loss_fn.pos_weight is not None:
+            return super().sample(output, target, generator, m)
         p = self._p(output).unsqueeze(2).expand(-1, -1, m)
         y = torch.bernoulli(p, generator=generator)
-        return (p - y) / math.sqrt(m)
+        w = _elementwise_weight(self.loss_fn.weight, output)
+        w = w.sqrt().unsqueeze(2) if isinstance(w, torch.Tensor) else w
+        return (p - y) * w / math.sqrt(m)
 
 
 class BCECurvature(OutputCurvature):
-    """BCE on probabilities: ``H_n = diag(y / p^2 + (1 - y) / (1 - p)^2)`` (depends on the target).
+    """BCE on probabilities: ``H_n = diag(w (y / p^2 + (1 - y) / (1 - p)^2))`` (target-dependent).
 
-    Fisher samples ``(p - y) / (p (1 - p))`` with ``y ~ Bernoulli(p)`` have covariance
-    ``diag(1 / (p (1 - p)))``, the expectation of ``H_n`` over the model's labels.
+    Fisher samples ``sqrt(w) (p - y) / (p (1 - p))`` with ``y ~ Bernoulli(p)`` have
+    covariance ``diag(w / (p (1 - p)))``, the expectation of ``H_n`` over the
+    model's labels.
     """
 
-    def count(self, target, batch_size):
-        return int(target.numel())
-
-    def check(self, call, output, target):
-        if self.loss_fn.weight is not None:
-            fail(
-                call,
-                "BCELoss with weight is not supported; pass output_hessian=.",
-                NotImplementedError,
-            )
-        if not isinstance(target, torch.Tensor) or target.shape != output.shape:
-            fail(
-                call,
-                f"BCELoss needs targets shaped like the output {tuple(output.shape)}, got {describe(target)}.",
-            )
-
     def sum_form(self, output, target):
-        return nn.functional.binary_cross_entropy(output, target, reduction="sum")
+        return nn.functional.binary_cross_entropy(
+            output, target, weight=self.loss_fn.weight, reduction="sum"
+        )
 
     def _h(self, output, target):
         p = _flat(output)
         y = target.reshape(p.shape).to(p.dtype)
-        return y / p**2 + (1 - y) / (1 - p) ** 2
+        return (y / p**2 + (1 - y) / (1 - p) ** 2) * _elementwise_weight(
+            self.loss_fn.weight, output
+        )
 
     def hessian_vector(self, output, target, V):
         return self._h(output, target) * V
@@ -275,7 +281,9 @@ class BCECurvature(OutputCurvature):
     def sample(self, output, target, generator, m):
         p = _flat(output).unsqueeze(2).expand(-1, -1, m)
         y = torch.bernoulli(p, generator=generator)
-        return (p - y) / (p * (1 - p)) / math.sqrt(m)
+        w = _elementwise_weight(self.loss_fn.weight, output)
+        w = w.sqrt().unsqueeze(2) if isinstance(w, torch.Tensor) else w
+        return (p - y) / (p * (1 - p)) * w / math.sqrt(m)
 
 
 class CustomCurvature(OutputCurvature):
@@ -286,8 +294,10 @@ class CustomCurvature(OutputCurvature):
     respect to each sample's flattened output.
     """
 
-    def __init__(self, loss_fn: Callable, reduction: str, output_hessian: Callable) -> None:
-        super().__init__(loss_fn, reduction)
+    def __init__(
+        self, loss_fn: Callable, normalization: Normalization, output_hessian: Callable
+    ) -> None:
+        super().__init__(loss_fn, normalization)
         self.output_hessian = output_hessian
 
     def _blocks(self, output, target):
@@ -323,10 +333,16 @@ class CustomCurvature(OutputCurvature):
 
 
 def output_curvature(
-    call: str, loss_fn: Callable, output_hessian: Callable | None = None, *, required: bool = True
-) -> OutputCurvature | None:
-    """The :class:`OutputCurvature` of ``loss_fn`` (``None`` if unknown and not ``required``)."""
-    reduction = reduction_of(call, loss_fn)
+    call: str,
+    loss_fn: Callable,
+    output_hessian: Callable | None = None,
+    *,
+    required: bool = True,
+    loss_count: Callable | None = None,
+) -> OutputCurvature:
+    """The :class:`OutputCurvature` of ``loss_fn`` (a :class:`PlainLoss` if unknown and
+    not ``required``), normalised by ``loss_count`` if given (NOTE [loss normalisation])."""
+    normalization = Normalization(call, loss_fn, loss_count)
     if output_hessian is not None:
         if not callable(output_hessian):
             fail(
@@ -334,7 +350,7 @@ def output_curvature(
                 f"expected output_hessian to be callable, got {describe(output_hessian)}.",
                 TypeError,
             )
-        return CustomCurvature(loss_fn, reduction, output_hessian)
+        return CustomCurvature(loss_fn, normalization, output_hessian)
     kinds = (
         (nn.MSELoss, MSECurvature),
         (nn.CrossEntropyLoss, CrossEntropyCurvature),
@@ -343,9 +359,9 @@ def output_curvature(
     )
     for cls, curvature in kinds:
         if type(loss_fn) is cls:
-            return curvature(loss_fn, reduction)
+            return curvature(loss_fn, normalization)
     if not required:
-        return None
+        return PlainLoss(loss_fn, normalization)
     fail(
         call,
         f"no output Hessian is known for loss_fn of type {type(loss_fn).__name__}. Use one of "

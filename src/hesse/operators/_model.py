@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from hesse._attention import math_attention, raise_if_no_derivative
 from hesse._chunking import default_memory_budget, map_chunks, saved_bytes
 from hesse._flat import Flat
 from hesse._hvp import batched_grad, tensor_rows
@@ -49,10 +50,9 @@ from hesse._validation import (
     fail,
 )
 from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
-from hesse.operators._losses import OutputCurvature, PlainLoss, output_curvature, reduction_of
+from hesse.operators._data import Batch, as_batches, model_arguments
+from hesse.operators._losses import OutputCurvature, output_curvature
 from hesse.operators._squares import batch_factor_squares
-
-Batch = tuple[Any, Any]
 
 
 def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
@@ -101,6 +101,10 @@ def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.
         f"got {describe(params)}.",
         TypeError,
     )
+
+
+def _batch_size(inputs: Any) -> int:
+    return int(tree_flatten(inputs)[0][0].shape[0])
 
 
 def _same_batch(a: Any, b: Any) -> bool:
@@ -165,32 +169,19 @@ class _ModelOperator(LinearOperator):
         params: Any,
         progress: bool,
         check_deterministic: bool,
-        curvature: OutputCurvature | None,
+        curvature: OutputCurvature,
     ) -> None:
         call = self._call = f"hesse.{self._title}(model, loss_fn, data)"
         if not isinstance(model, nn.Module):
             fail(call, f"expected model to be a torch.nn.Module, got {describe(model)}.", TypeError)
         if not callable(loss_fn):
             fail(call, f"expected loss_fn to be callable, got {describe(loss_fn)}.", TypeError)
-        try:
-            is_iterator = iter(data) is data
-        except TypeError:
-            fail(
-                call,
-                f"expected data to be an iterable of (inputs, targets) batches, got {describe(data)}.",
-                TypeError,
-            )
-        if is_iterator:
-            fail(
-                call,
-                "data is a one-shot iterator, but every product re-iterates the data. Pass a "
-                "list of batches or a DataLoader.",
-                TypeError,
-            )
-        self.model, self.loss_fn, self.data = model, loss_fn, data
+        # NOTE [data forms]: one place accepts and checks every form of data.
+        self.data = as_batches(call, data, check_deterministic=check_deterministic)
+        self.model, self.loss_fn = model, loss_fn
         self.progress = progress
-        self.reduction = reduction_of(call, loss_fn)
-        self.curvature = curvature if curvature is not None else PlainLoss(loss_fn, self.reduction)
+        self.curvature = curvature
+        self.reduction = curvature.reduction
         selected = _select_params(call, model, params)
         check_differentiable_leaves(call, selected, "parameters")
         self.param_names = list(selected)
@@ -213,22 +204,20 @@ class _ModelOperator(LinearOperator):
         return {**self._fixed, **buffers, **params}
 
     def _forward(self, x: torch.Tensor, inputs: Any) -> torch.Tensor:
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, self._tensors(self.layout.unflatten(x)), args)
+        args, kwargs = model_arguments(inputs)
+        with math_attention():  # NOTE [math attention]
+            return functional_call(
+                self.model, self._tensors(self.layout.unflatten(x)), args, kwargs
+            )
 
     def _sum_loss(self, x: torch.Tensor, inputs: Any, targets: Any) -> torch.Tensor:
         return self.curvature.sum_form(self._forward(x, inputs), targets)
 
-    def _count(self, inputs: Any, targets: Any) -> int:
-        return self.curvature.count(targets, int(tree_flatten(inputs)[0][0].shape[0]))
+    def _count(self, inputs: Any, targets: Any) -> float:
+        """``M_b`` of one batch: see NOTE [loss normalisation] in ``_normalization.py``."""
+        return self.curvature.count(targets, _batch_size(inputs))
 
-    def _unpack(self, batch: Any) -> Batch:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            fail(
-                self._call,
-                f"expected each batch to be an (inputs, targets) pair, got {describe(batch)}.",
-                TypeError,
-            )
+    def _unpack(self, batch: Batch) -> Batch:
         dev = self.device
 
         def move(t: Any) -> Any:
@@ -241,17 +230,14 @@ class _ModelOperator(LinearOperator):
         if self.progress:
             from tqdm import tqdm
 
-            total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+            total = len(self.data) if self.data.has_len() else None
             data = tqdm(data, total=total, desc=self._title, leave=False)
         for batch in data:
             yield self._unpack(batch)
 
     def _validate_first_batch(self, check_deterministic: bool) -> None:
         call = self._call
-        first = next(iter(self.data), None)
-        if first is None:
-            fail(call, "data yielded no batches. Pass at least one (inputs, targets) batch.")
-        inputs, targets = self._unpack(first)
+        inputs, targets = self._unpack(next(iter(self.data)))
         with torch.no_grad():
             out = self._forward(self._x, inputs)
         if not isinstance(out, torch.Tensor):
@@ -261,6 +247,7 @@ class _ModelOperator(LinearOperator):
                 "that it returns the output tensor the loss takes.",
                 TypeError,
             )
+        self.curvature.normalization.check(call, out, targets, _batch_size(inputs))
         self.curvature.check(call, out, targets)
         with torch.no_grad():
             loss = self.loss_fn(out, targets)
@@ -269,20 +256,7 @@ class _ModelOperator(LinearOperator):
                 call,
                 f"expected loss_fn(output, targets) to return a scalar tensor, got {describe(loss)}.",
             )
-        if check_deterministic:
-            again = next(iter(self.data))
-            a, b = tree_flatten(first)[0], tree_flatten(again)[0]
-            same = len(a) == len(b) and all(
-                not isinstance(s, torch.Tensor) or (s.shape == t.shape and torch.equal(s, t))
-                for s, t in zip(a, b)
-            )
-            if not same:
-                fail(
-                    call,
-                    "data yields a different first batch on each pass (a shuffling DataLoader?), "
-                    "so products would not be of one fixed operator. Use shuffle=False or a list "
-                    "of batches.",
-                )
+        if check_deterministic:  # (the data itself was checked by as_batches)
             with torch.no_grad():
                 out2 = self._forward(self._x, inputs)
             if not torch.equal(out, out2):
@@ -346,9 +320,13 @@ class _ModelOperator(LinearOperator):
         )
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(
-            lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
-        ).T
+        try:
+            return self._accumulate(
+                lambda index, inputs, targets: self._batch_matmat(index, inputs, targets, X)
+            ).T
+        except (RuntimeError, NotImplementedError) as err:
+            raise_if_no_derivative(self._call, err)
+            raise
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Any, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -361,9 +339,13 @@ class HessianOperator(_ModelOperator):
 
     for ``reduction="mean"`` (``M_b`` the number of terms the batch loss averages,
     ``M`` their total, so a short last batch is weighted exactly) and
-    :math:`\\sum_b \\ell(f_\\theta(X_b), Y_b)` for ``"sum"``. A plain callable loss
-    (without a ``reduction`` attribute) is taken to be a mean over the batch's
-    samples.
+    :math:`\\sum_b \\ell(f_\\theta(X_b), Y_b)` for ``"sum"``. ``M_b`` is read from
+    the loss and the targets (NOTE [loss normalisation] in ``_normalization.py``):
+    output entries for element-wise losses, non-ignored (weighted) targets for
+    cross-entropy in any layout (``(N, C)``, ``(N, C, d1, ...)``, tokens flattened to
+    ``(B*T, V)``), samples for a plain callable (a loss without a ``reduction``
+    attribute), which must then return outputs with the inputs' batch size unless
+    ``loss_count`` states the count.
 
     Products go batch by batch through the whole of ``data`` (re-iterated every
     time): per batch, the gradient graph of the loss (through
@@ -376,15 +358,22 @@ class HessianOperator(_ModelOperator):
         model: a ``torch.nn.Module`` returning a tensor.
         loss_fn: ``loss_fn(output, targets) -> scalar`` (an ``nn`` loss or any
             callable); ``reduction="none"`` is rejected.
-        data: a re-iterable collection of ``(inputs, targets)`` batches (a list, a
-            ``DataLoader`` without shuffling); ``inputs`` may be a tensor or a tuple
-            of tensors passed as positional arguments.
+        data: ``(inputs, targets)`` batches: a list of them, a single ``(X, y)``
+            pair, a ``DataLoader`` that does not shuffle, or any re-iterable of
+            batches; ``inputs`` is a tensor, a tuple of tensors (positional
+            arguments) or a dict of tensors (keyword arguments, e.g.
+            ``input_ids``/``attention_mask``). See NOTE [data forms] in
+            ``hesse/operators/_data.py`` for the rule that tells one pair from two
+            batches.
         params: ``None`` (every parameter that requires grad), a list of parameter
             names (a block of the Hessian), or a dict name -> tensor (the point at
             which to evaluate; other parameters keep their values).
+        loss_count: ``fn(targets) -> M_b``, the number of terms ``loss_fn`` averages
+            over in a batch; needed only where it cannot be read from the loss (a
+            plain callable on flattened token or pixel outputs, a masked mean).
         progress: show a tqdm progress bar over batches on every pass.
-        check_deterministic: run the first batch twice (and iterate the data twice)
-            at construction and raise if anything differs.
+        check_deterministic: at construction, walk the data twice and run the
+            first batch twice, and raise if any batch or the output differs.
         cache_graphs: keep each batch's gradient graph after its first product
             while the kept graphs fit ``memory_budget`` (NOTE [graph cache]), so that
             later products skip the forward pass and the first backward. Kept graphs
@@ -398,10 +387,11 @@ class HessianOperator(_ModelOperator):
             ``op @ {name: tensor}`` works; ``param_names`` lists them in order.
 
     Raises:
-        TypeError, ValueError: for a non-module model, a one-shot iterator or empty
-            data, unknown or frozen parameter names, a model that returns a
-            non-tensor, a non-scalar loss, a bad ``cache_graphs`` or
-            ``memory_budget`` (messages name the fix).
+        TypeError, ValueError: for a non-module model, data in a refused form (a
+            bare tensor, a one-shot iterator, a shuffling DataLoader, no batches),
+            unknown or frozen parameter names, a model that returns a non-tensor, a
+            non-scalar loss, a loss whose count cannot be determined, a bad
+            ``cache_graphs`` or ``memory_budget`` (messages name the fix).
 
     Cost: one product with ``k`` columns is one pass over the data; per batch one
     gradient with ``create_graph`` plus one double-backward per column
@@ -427,6 +417,7 @@ class HessianOperator(_ModelOperator):
         data: Iterable[Batch],
         *,
         params: Any = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
         cache_graphs: bool = False,
@@ -440,7 +431,7 @@ class HessianOperator(_ModelOperator):
                 TypeError,
             )
         check_memory_budget(call, memory_budget)
-        curvature = output_curvature(call, loss_fn, required=False)
+        curvature = output_curvature(call, loss_fn, required=False, loss_count=loss_count)
         super().__init__(
             model,
             loss_fn,
@@ -515,6 +506,7 @@ class _OuterProductOperator(_ModelOperator):
     """
 
     _linear_plan: dict | None = None
+    _rows_independent: bool | None = None  # NOTE [coupled rows] in _squares.py
 
     def _factor(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -627,8 +619,8 @@ class GGNOperator(_OuterProductOperator):
     Symmetric and positive semi-definite.
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
-            :class:`HessianOperator`.
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as
+            in :class:`HessianOperator`.
         output_hessian: for a loss without a closed form, a callable
             ``(output, targets) -> (N, D, D)`` returning the per-sample blocks of
             the Hessian of ``loss_fn(output, targets)`` with respect to each
@@ -662,11 +654,15 @@ class GGNOperator(_OuterProductOperator):
         *,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
         curvature = output_curvature(
-            f"hesse.{self._title}(model, loss_fn, data)", loss_fn, output_hessian
+            f"hesse.{self._title}(model, loss_fn, data)",
+            loss_fn,
+            output_hessian,
+            loss_count=loss_count,
         )
         super().__init__(
             model,
@@ -700,8 +696,8 @@ class FisherOperator(_OuterProductOperator):
     ``s_n`` is the output gradient at the true target (any loss works).
 
     Args:
-        model, loss_fn, data, params, progress, check_deterministic: as in
-            :class:`HessianOperator`.
+        model, loss_fn, data, params, loss_count, progress, check_deterministic: as
+            in :class:`HessianOperator`.
         kind: ``"mc"`` or ``"empirical"``.
         mc_samples: labels sampled per sample (``kind="mc"``).
         generator: the ``torch.Generator`` the MC samples come from (default: a
@@ -738,6 +734,7 @@ class FisherOperator(_OuterProductOperator):
         generator: torch.Generator | None = None,
         params: Any = None,
         output_hessian: Callable | None = None,
+        loss_count: Callable | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
     ) -> None:
@@ -747,7 +744,9 @@ class FisherOperator(_OuterProductOperator):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             fail(call, f"mc_samples should be a positive int, got {mc_samples!r}.")
         self.kind, self.mc_samples = kind, mc_samples
-        curvature = output_curvature(call, loss_fn, output_hessian, required=kind == "mc")
+        curvature = output_curvature(
+            call, loss_fn, output_hessian, required=kind == "mc", loss_count=loss_count
+        )
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self._seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         super().__init__(

@@ -23,7 +23,18 @@ Every other parameter takes the generic path: per-sample VJPs
 (``torch.func.vjp`` of the model on one sample, vmapped over the ``K`` columns
 and over groups of samples) with respect to those parameters only.
 
-Both paths assume that samples do not interact (no BatchNorm in train mode).
+Both paths assume that output row ``n`` is a function of input sample ``n`` alone.
+
+# NOTE [coupled rows]
+Where that is not so (outputs flattened to tokens, ``(B*T, V)``; BatchNorm in
+train mode, whose batch statistics couple all samples; any other mixing of
+samples), ``J_n`` is the Jacobian of output row ``n`` of the *whole batch*, and
+``J_n^T s_nk`` is one VJP of the batch output with cotangent ``s_nk`` in row
+``n`` and zeros elsewhere. These ``N * K`` VJPs go through one graph of the batch
+in batched backward passes (``is_grads_batched``), a few rows at a time. The
+first batch decides the path: rows are independent if the output has the
+inputs' batch size and running the first and last samples alone reproduces
+their rows.
 """
 
 from __future__ import annotations
@@ -34,11 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from hesse._chunking import map_chunks
 from hesse._hvp import batched_grad
-from hesse._validation import fail
 
 Factor = Callable[[int, torch.Tensor, Any], torch.Tensor]
 
@@ -76,15 +86,28 @@ def _linear_candidates(op: Any) -> dict[str, nn.Module]:
     return out
 
 
-def _check_independent_samples(op: Any, call: str) -> None:
-    for name, mod in op.model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            fail(
-                call,
-                f"module {name!r} is a BatchNorm layer in train mode, so samples interact and "
-                "per-sample Jacobians are not defined. Call model.eval() first.",
-                NotImplementedError,
-            )
+def _rows_are_samples(op: Any, inputs: Any, out: torch.Tensor) -> bool:
+    """NOTE [coupled rows]: does output row ``n`` depend on input sample ``n`` alone?"""
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    n = out.shape[0]
+    if not leaves or any(t.dim() == 0 or t.shape[0] != n for t in leaves):
+        return False
+    if any(
+        isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
+        for mod in op.model.modules()
+    ):
+        return False
+    for i in sorted({0, n - 1}):
+        try:
+            with torch.no_grad():
+                alone = op._forward(op._x, tree_map(lambda t, i=i: t[i : i + 1], inputs))
+        except Exception:  # noqa: BLE001 - a model that cannot run one sample couples them
+            return False
+        if alone.shape != out[i : i + 1].shape or not torch.allclose(
+            alone, out[i : i + 1].detach(), rtol=1e-5, atol=1e-6 * float(out.detach().abs().max())
+        ):
+            return False
+    return True
 
 
 def batch_factor_squares(
@@ -100,7 +123,6 @@ def batch_factor_squares(
 ) -> torch.Tensor:
     """One batch's ``sum_{n,k} (J_n^T s_nk)^2``: ``(n,)``, or ``(K, n)`` if ``per_column``."""
     call = f"hesse.diagonal({op._title})"
-    _check_independent_samples(op, call)
     layout = op.layout
     offsets = dict(zip(op.param_names, layout.offsets))
     numels = dict(zip(op.param_names, layout.numels))
@@ -121,12 +143,19 @@ def batch_factor_squares(
             h.remove()
     S = factor(index, out.detach(), targets).detach()
     N, _, K = S.shape
+    if op._rows_independent is None:  # decided on the first batch: NOTE [coupled rows]
+        op._rows_independent = _rows_are_samples(op, inputs, out)
+    if not op._rows_independent:
+        return _coupled(out, x, S, chunk_size=chunk_size, per_column=per_column, call=call)
     cot = S.permute(2, 0, 1).reshape(K, *out.shape)
     rules = {p: _rule(mod) for p, mod in candidates.items()}
     fast = {
         p: rec[0]
         for p, rec in records.items()
-        if len(rec) == 1 and rec[0][1].requires_grad and rules[p].accepts(candidates[p], *rec[0])
+        if len(rec) == 1
+        and rec[0][1].requires_grad
+        and rec[0][0].shape[:1] == (N,)
+        and rules[p].accepts(candidates[p], *rec[0])
     }
     if fast and verify:
         # A random combination of all K columns, so that no use of a weight outside
@@ -249,6 +278,54 @@ def _grads(
         return batched_grad(out, wrt, cot)
     grads = torch.autograd.grad(out, wrt, cot, retain_graph=True, allow_unused=True)
     return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
+
+
+def _coupled(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    chunk_size: int | None,
+    per_column: bool,
+    call: str,
+) -> torch.Tensor:
+    """NOTE [coupled rows]: ``sum_{n,k} (J_n^T s_nk)^2`` from whole-batch VJPs.
+
+    ``N * K`` VJPs, batched over groups of rows (all ``K`` columns of a row in one
+    pass); memory: one group's cotangents and gradients, ``O(rows * K * (n + out))``.
+    """
+    N, D, K = S.shape
+    n = x.numel()
+    per_row = K * (n + out.numel()) * x.element_size()
+    group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, per_row)))
+    num_groups = -(-N // group)
+    flat_out = out.reshape(N, D)
+
+    def cotangents(lo: int, hi: int) -> torch.Tensor:
+        rows = hi - lo
+        C = S.new_zeros(rows, K, N, D)
+        r = torch.arange(rows, device=S.device)
+        C[r, :, lo + r] = S[lo:hi].transpose(1, 2)  # (rows, K, D) into row lo + r
+        return C.reshape(rows * K, *out.shape)
+
+    def squares(gid: torch.Tensor) -> torch.Tensor:
+        lo = int(gid[0]) * group
+        hi = min(N, lo + group)
+        C = cotangents(lo, hi)
+        if C.shape[0] == 1:
+            (G,) = torch.autograd.grad(flat_out, x, C[0].reshape(N, D), retain_graph=True)
+            G = G.unsqueeze(0)
+        else:
+            (G,) = torch.autograd.grad(
+                flat_out, x, C.reshape(-1, N, D), retain_graph=True, is_grads_batched=True
+            )
+        G = G.square().reshape(hi - lo, K, n).sum(0)  # (K, n)
+        return (G if per_column else G.sum(0)).unsqueeze(0)
+
+    parts = map_chunks(
+        squares, None, num_groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
+    )
+    return parts.sum(0)
 
 
 def _generic(

@@ -64,7 +64,7 @@ def lissa(
         estimates.append(H)
     stack = torch.stack(estimates) / scale
     stderr = stack.std(0) / repeats**0.5 if repeats > 1 else None
-    return Outcome(stack.mean(0), depth * repeats, stderr=stderr)
+    return Outcome(stack.mean(0), depth * repeats, stderr=stderr, estimates=stack)
 
 
 def _mean(done: list[torch.Tensor], current: torch.Tensor) -> torch.Tensor:

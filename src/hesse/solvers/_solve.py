@@ -57,6 +57,8 @@ class SolveResult:
         method: the method used.
         stderr: for ``"lissa"`` with ``repeats > 1``, the standard error of every
             entry of ``x`` (shaped like ``x``); otherwise ``None``.
+        estimates: for ``"lissa"`` with a tensor ``b``, the ``repeats`` independent
+            estimates that ``x`` averages, ``(repeats, *b.shape)``; otherwise ``None``.
         message: why the solve stopped short (``None`` if it converged).
     """
 
@@ -67,6 +69,7 @@ class SolveResult:
     iterations: int
     method: str
     stderr: Any = None
+    estimates: torch.Tensor | None = None
     message: str | None = field(default=None)
 
 
@@ -210,10 +213,15 @@ def solve(
     message = None
     if not bool(converged.all()):
         worst = float((residual / column_norms(B).clamp(min=torch.finfo(B.dtype).tiny)).max())
-        reason = (
-            outcome.reason
-            or "the solver's residual estimate met the target but the true residual did not"
-        )
+        if outcome.reason is not None:
+            reason = outcome.reason
+        elif method == "lissa":
+            reason = (
+                "this is the residual of the LiSSA estimate (stochastic error plus truncation). "
+                "Raise repeats and depth for less, or set rtol to the accuracy you need"
+            )
+        else:
+            reason = "the solver's residual estimate met the target but the true residual did not"
         message = (
             f"{call}: {int(converged.sum())} of {k} right-hand sides reached the residual "
             f"target max(rtol={rtol:g} * ||b||, atol={atol:g}) after {system.num_matvecs} "
@@ -231,6 +239,9 @@ def solve(
         iterations=iterations,
         method=method,
         stderr=None if stderr is None else _restore(stderr, restore, squeeze),
+        estimates=None
+        if outcome.estimates is None or restore is not None
+        else (outcome.estimates[..., 0] if squeeze else outcome.estimates),
         message=message,
     )
 

@@ -63,12 +63,15 @@ class Outcome:
         reason: ``None`` if the solver's own estimate met the targets; otherwise a
             sentence for the failure message ("max_matvecs=... was exhausted", ...).
         stderr: ``(n, k)`` standard error of ``x`` for stochastic solvers, else ``None``.
+        estimates: ``(repeats, n, k)`` the independent estimates ``x`` averages
+            (stochastic solvers), else ``None``.
     """
 
     x: torch.Tensor
     iterations: int
     reason: str | None = None
     stderr: torch.Tensor | None = None
+    estimates: torch.Tensor | None = None
 
 
 def exhausted(system: System) -> str:
