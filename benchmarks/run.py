@@ -43,6 +43,7 @@ SUITES = (
     "curvprop",
     "kfac",
     "applications",
+    "scale",
 )
 BASE_COLUMNS = ("workload", "method", "time_s", "ratio", "peak_mem_bytes")
 HIDDEN = {"reference", "suite", "repeats"}

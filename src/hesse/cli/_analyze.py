@@ -28,6 +28,7 @@ ends with one line and exit code 1. ``--debug`` prints the traceback too.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -656,7 +657,41 @@ def _diagonals(
         a, b = exact.double(), est.value.double()
         if a.numel() > 1 and float(a.std()) > 0 and float(b.std()) > 0:
             out["correlation"] = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    out["becker_lecun"] = _becker_lecun_check(hesse, H)
     return out
+
+
+#: Largest model whose Becker-LeCun diagonal is checked against the exact one.
+BECKER_LECUN_CHECK_LIMIT = 20_000
+
+
+def _becker_lecun_check(hesse: Any, H: Any) -> dict[str, Any]:
+    """The measured error of the Becker-LeCun diagonal against the exact Hessian diagonal.
+
+    ``relative_error = ||d_BL - d|| / ||d||`` (1 means no information; the
+    approximation drops every off-diagonal block of the curvature it propagates).
+    Computed only where the exact diagonal is affordable (at most
+    :data:`BECKER_LECUN_CHECK_LIMIT` parameters) and both methods support the model.
+    """
+    n = H.shape[0]
+    if n > BECKER_LECUN_CHECK_LIMIT:
+        return {
+            "available": False,
+            "reason": f"{n} parameters, more than the {BECKER_LECUN_CHECK_LIMIT} checked",
+        }
+    try:
+        exact = hesse.diagonal(H, method="exact").double()
+        approx = hesse.diagonal(H, method="becker-lecun").double()
+    except (NotImplementedError, TypeError, ValueError, RuntimeError) as err:
+        return {"available": False, "reason": f"{type(err).__name__}: {first_line(err)}"}
+    scale = float(torch.linalg.vector_norm(exact))
+    error = float(torch.linalg.vector_norm(approx - exact))
+    return {
+        "relative_error": error / scale if scale > 0 else (0.0 if error == 0 else math.inf),
+        "max_abs_error": float((approx - exact).abs().max()),
+        "exact_norm": scale,
+        "num_parameters": n,
+    }
 
 
 def _gap(report: dict[str, Any]) -> dict[str, Any]:

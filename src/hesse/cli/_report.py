@@ -173,6 +173,14 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         if "correlation" in d:
             text += f", correlation {_g(d['correlation'])}"
     rows.append(("diagonal", text))
+    bl = d.get("becker_lecun")
+    if bl is not None:
+        text = (
+            f"relative error {_g(bl['relative_error'])} against the exact diagonal"
+            if "relative_error" in bl
+            else f"not checked ({bl['reason']})"
+        )
+        rows.append(("Becker-LeCun diagonal", text))
     return rows
 
 
