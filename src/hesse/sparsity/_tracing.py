@@ -22,6 +22,8 @@ from torch._decomp import core_aten_decompositions, get_decompositions
 from torch.func import functionalize
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
 from hesse._attention import math_attention
@@ -45,13 +47,42 @@ def make_graph(
     that the graph has no in-place ops). Attention is traced on its math path
     (NOTE [math attention] in ``hesse/_attention.py``): matmul and softmax nodes.
     """
-    with math_attention():
+    with math_attention(), _ConstantMasks():
         return make_fx(
             functionalize(fn, remove="mutations") if functional else fn,
             decomposition_table=decompositions,
             tracing_mode="fake",
             _allow_non_fake_inputs=True,
         )(*args)
+
+
+class _ConstantMasks(TorchFunctionMode):
+    """Indexing with a constant boolean mask (``x[m]``, ``x[m] = v``) as integer indices.
+
+    # NOTE [constant masks]
+    Fake tensors cannot count a mask's ``True`` entries, so ``x[m]`` would stop tracing
+    as value-dependent. A mask that ``f`` captured as a plain tensor is a constant: its
+    indices are computed here, on the real tensor, and the indexing is traced with them
+    (indices are structural, NOTE [constants]). A mask computed from the input stays a
+    traced tensor and still raises.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
+            index = args[1]
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(_is_constant_mask(p) for p in parts):
+                with _disable_current_modes():
+                    new = []
+                    for p in parts:
+                        new.extend(p.nonzero(as_tuple=True) if _is_constant_mask(p) else (p,))
+                args = (args[0], tuple(new), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _is_constant_mask(index: Any) -> bool:
+    return type(index) is torch.Tensor and index.dtype == torch.bool and index.dim() > 0
 
 
 def _core() -> dict:
