@@ -247,6 +247,8 @@ def _cg_rows(name: str, model: nn.Module, data: list, names: Any, quick: bool) -
             workload,
             method,
             m,
+            matvecs=m["matvecs"],
+            converged=m["converged"],
             reference=method.endswith("no preconditioner"),
             note=f"lambda = {lam:.2g}; float32",
         )

@@ -106,8 +106,13 @@ class LayerSpec:
             out[self.bias.offset : self.bias.offset + self.bias.numel] = P[:, :, -1].T
 
     # -- input rows ------------------------------------------------------------------
-    def rows(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``(N, R, q)`` input rows; for an embedding, the ``(N, R)`` token indices."""
+    def rows(self, inputs: torch.Tensor, *, augment: bool = True) -> torch.Tensor:
+        """``(N, R, q)`` input rows; for an embedding, the ``(N, R)`` token indices.
+
+        ``augment=False`` leaves out the bias column of ones (and returns the weight's
+        rows even if only the bias is selected): :func:`hesse.kfac._kronecker` adds its
+        moments without materialising the concatenation.
+        """
         m = self.module
         if isinstance(m, nn.Embedding):
             return inputs.reshape(inputs.shape[0], -1)
@@ -115,6 +120,8 @@ class LayerSpec:
             a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
         else:
             a = _patches(m, inputs)
+        if not augment:
+            return a
         parts = []
         if self.weight is not None:
             parts.append(a)
