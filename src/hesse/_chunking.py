@@ -47,8 +47,14 @@ def map_chunks(
     chunk_size: int,
     call: str,
     out: torch.Tensor | None = None,
+    total: bool = False,
 ) -> torch.Tensor:
     """Apply ``batched`` to ``rows`` in chunks of ``chunk_size``; stack into ``out``.
+
+    With ``total=True`` the chunks' results are summed instead of stacked: ``batched``
+    maps a chunk to one tensor (its contribution, e.g. a Gram matrix of the chunk's
+    rows), ``single`` one row to its contribution, and the sum is returned (the peak
+    is one sum and one chunk).
 
     Args:
         batched: maps a ``(c, ...)`` chunk to a ``(c, ...)`` result.
@@ -60,9 +66,10 @@ def map_chunks(
         chunk_size: rows per call of ``batched``.
         call: call form for the warning.
         out: optional preallocated ``(k, ...)`` output.
+        total: sum the chunks' results instead of stacking them.
 
     Returns:
-        ``(k, ...)``: the results, in order.
+        ``(k, ...)``: the results, in order (with ``total``, their sum).
     """
     looping = False
     for start in range(0, k, chunk_size):
@@ -84,8 +91,12 @@ def map_chunks(
                 )
         if looping:
             assert single is not None
-            result = torch.stack([single(r) for r in chunk])
+            parts = [single(r) for r in chunk]
+            result = torch.stack(parts).sum(0) if total else torch.stack(parts)
         assert result is not None
+        if total:
+            out = result if out is None else out.add_(result)
+            continue
         if out is None:
             out = result.new_empty((k, *result.shape[1:]))
         out[start : start + chunk.shape[0]] = result

@@ -52,7 +52,7 @@ from hesse._validation import (
 from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
 from hesse.operators._data import Batch, as_batches, model_arguments
 from hesse.operators._losses import OutputCurvature, output_curvature
-from hesse.operators._squares import batch_factor_squares
+from hesse.operators._squares import batch_factor_gram, batch_factor_squares
 
 
 def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
@@ -555,6 +555,37 @@ class _OuterProductOperator(_ModelOperator):
     def _output_product_fn(self, index, out, targets) -> Callable[[torch.Tensor], torch.Tensor]:
         S = self._factor(index, out, targets)
         return lambda V: torch.einsum("ndk,nk->nd", S, torch.einsum("ndk,nd->nk", S, V))
+
+    # -- the dense matrix --------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """The ``(n, n)`` matrix as a Gram product of per-sample VJPs (NOTE [factor Gram]).
+
+        Cost: per batch, ``N * K`` VJPs (``K`` the output factor's columns, e.g. the
+        classes), batched, and one ``(n x NK) (NK x n)`` matrix product; memory one
+        group of rows of the VJP matrix plus the result.
+        """
+        return self._dense_block(None)
+
+    def _dense_block(self, columns: torch.Tensor | None) -> torch.Tensor:
+        """Rows and columns ``columns`` (all if ``None``) of the dense matrix."""
+
+        def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
+            return batch_factor_gram(
+                self,
+                self._factor,
+                index,
+                inputs,
+                targets,
+                columns=columns,
+                chunk_size=None,
+                verify=self._linear_plan is None,
+            )
+
+        try:
+            return self._accumulate(per_batch)
+        except (RuntimeError, NotImplementedError) as err:
+            raise_if_no_derivative(f"{self._title}.to_dense()", err)
+            raise
 
     # -- structure used by hesse.diagonal -----------------------------------------------
     def _factor_squares(

@@ -56,7 +56,11 @@ class _HesseCurvature:
         return f"hesse.integrations.laplace.{self._title}.{method}(x, y)"
 
     def _problem(self, call: str, x: Any, y: torch.Tensor) -> tuple[nn.Module, list, list[str]]:
-        """The module, the one-batch data and the parameter names the curvature is of."""
+        """The module, the one-batch data and the parameter names the curvature is of.
+
+        Also records the batch loss ``factor * lossfunc`` (from the same forward pass
+        for last-layer Laplace) in ``self._batch_loss``.
+        """
         if isinstance(x, MutableMapping):
             fail(
                 call,
@@ -64,22 +68,42 @@ class _HesseCurvature:
                 "Use laplace's CurvlinopsGGN / AsdlGGN backends for such models.",
                 NotImplementedError,
             )
-        if self.last_layer:
-            with torch.no_grad():
-                _, features = self.model.forward_with_features(x)
-            module = self.model.last_layer
-            data = [(features.detach(), y)]
-        else:
-            module, data = self.model, [(x, y)]
+        with torch.no_grad():
+            if self.last_layer:
+                out, features = self.model.forward_with_features(x)
+                module = self.model.last_layer
+                data = [(features.detach(), y)]
+            else:
+                out = self.model(x)
+                module, data = self.model, [(x, y)]
+            self._batch_loss = self.factor * self.lossfunc(out, y)
         names = [k for k, p in module.named_parameters() if p.requires_grad]
         return module, data, names
 
     def _operator(self, call: str, module: nn.Module, data: list, names: list[str]):
         raise NotImplementedError
 
-    def _loss(self, x: Any, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.factor * self.lossfunc(self.model(x), y)
+    def _hesse_operator(self, call: str, module: nn.Module, data: list, names: list[str]):
+        """``_operator``, with the layer plan of the previous batch's operator carried over.
+
+        The exact diagonal and the dense GGN / Fisher decide per operator, on its
+        first batch, which layers take the closed-form rules and whether output rows
+        are independent samples (NOTE [linear fast path], NOTE [coupled rows]): a
+        property of the module and its modes, not of the batch, so one decision
+        serves every batch laplace passes.
+        """
+        op = self._operator(call, module, data, names)
+        key = (id(module), tuple(names), tuple(m.training for m in module.modules()))
+        plan = getattr(self, "_plans", {}).get(key)
+        if plan is not None and hasattr(op, "_linear_plan"):
+            op._linear_plan, op._rows_independent = plan
+        return op
+
+    def _keep_plan(self, op: LinearOperator, module: nn.Module, names: list[str]) -> None:
+        if getattr(op, "_linear_plan", None) is None or op._rows_independent is None:
+            return
+        key = (id(module), tuple(names), tuple(m.training for m in module.modules()))
+        self._plans = {key: (op._linear_plan, op._rows_independent)}
 
     # -- the curvature interface ----------------------------------------------------
     def full(self, x: Any, y: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +113,19 @@ class _HesseCurvature:
         vectorised in chunks.
         """
         call = self._call("full")
-        op = self._operator(call, *self._problem(call, x, y))
+        module, data, names = self._problem(call, x, y)
+        op = self._hesse_operator(call, module, data, names)
         if self.subnetwork_indices is None:
             H = op.to_dense()
+        elif hasattr(op, "_dense_block"):  # GGN / Fisher: NOTE [factor Gram]
+            H = op._dense_block(self.subnetwork_indices.to(op.device))
         else:
             idx = self.subnetwork_indices.to(op.device)
             E = torch.zeros(op.shape[1], len(idx), dtype=op.dtype, device=op.device)
             E[idx, torch.arange(len(idx), device=op.device)] = 1
             H = (op @ E)[idx]
-        return self._loss(x, y), self.factor * H.detach()
+        self._keep_plan(op, module, names)
+        return self._batch_loss, self.factor * H.detach()
 
     def diag(self, x: Any, y: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, d)``: the exact diagonal of the curvature (see NOTE [laplace conventions]).
@@ -105,11 +133,13 @@ class _HesseCurvature:
         Cost: one data pass of :func:`hesse.diagonal` with ``method="exact"``.
         """
         call = self._call("diag")
-        op = self._operator(call, *self._problem(call, x, y))
+        module, data, names = self._problem(call, x, y)
+        op = self._hesse_operator(call, module, data, names)
         d = hesse.diagonal(op, method="exact")
+        self._keep_plan(op, module, names)
         if self.subnetwork_indices is not None:
             d = d[self.subnetwork_indices.to(d.device)]
-        return self._loss(x, y), self.factor * d.detach()
+        return self._batch_loss, self.factor * d.detach()
 
     _fisher_type = "type-2"
 
@@ -153,7 +183,7 @@ class _HesseCurvature:
             A, G = factors[block.name]
             # The input factor averages over the batch; laplace sums batches, so 1/N overall.
             kfacs.append([G, A * (len(y) / N)] if block.weight is not None else [G])
-        return self._loss(x, y), Kron(kfacs) * self.factor
+        return self._batch_loss, Kron(kfacs) * self.factor
 
     def _kfac_options(self) -> dict:
         return {}
