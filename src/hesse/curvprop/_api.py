@@ -22,12 +22,13 @@ from torch.func import functional_call, grad, vjp, vmap
 
 from hesse._attention import math_attention
 from hesse._chunking import allocated_bytes, chunk_size_for, default_memory_budget, map_chunks
-from hesse._validation import check_choice, check_chunk_size, describe, fail
+from hesse._validation import check_choice, check_chunk_size, check_generator, describe, fail
 from hesse.curvprop._chain import chain_diagonal, chain_plan
 from hesse.curvprop._exact import Propagation, assemble_term, diagonal_from_cols
 from hesse.curvprop._graph import Plan, UnsupportedGraph, plan, sink_chain, trace
 
 METHODS = ("exact", "becker-lecun")
+GGN_METHODS = ("ggn", "ggn-mc")  # per_sample_diagonal only: through hesse.GGNOperator
 
 
 class CurvpropFallbackWarning(UserWarning):
@@ -393,8 +394,9 @@ def per_sample_diagonal(
     params: dict[str, torch.Tensor] | None = None,
     method: str = "exact",
     chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample Hessian diagonals of ``loss_fn(model(inputs), targets)`` by curvature backprop.
+    """Per-sample Hessian (or GGN) diagonals of ``loss_fn(model(inputs), targets)``.
 
     The loss is split into its per-sample terms, ``L = c * sum_b loss(model(x_b), y_b)``
     (``c = 1/B`` for ``reduction="mean"``, 1 for ``"sum"``; detected, not assumed),
@@ -423,6 +425,18 @@ def per_sample_diagonal(
           and can be uninformative: relative error 0.11 on a small tanh MLP but
           1.2-1.5 (negative cosine similarity) on tiny GPT-2 and ViT models, see
           :func:`hesse.diagonal`.
+        - ``"ggn"``: the exact per-sample diagonal of the generalised Gauss-Newton
+          matrix instead of the Hessian, ``c * diag(J_b^T H_b J_b)`` with ``H_b`` the
+          Hessian of sample ``b``'s loss with respect to its outputs (BackPACK's
+          ``BatchDiagGGNExact``): ``sum_k (J_b^T s_bk)^2`` over the columns of
+          ``H_b = S_b S_b^T``, the squares that ``hesse.diagonal(GGNOperator, method=
+          "exact")`` sums over the samples. Needs a loss with a known output Hessian
+          (see :class:`hesse.GGNOperator`).
+        - ``"ggn-mc"``: one Monte-Carlo column per sample, ``c * (J_b^T s_b)^2`` with
+          ``s_b`` an output gradient at a label sampled from the model's predictive
+          distribution (``E[s_b s_b^T] = H_b``; BackPACK's ``BatchDiagGGNMC``), drawn
+          from ``generator``; the sum over samples is ``hesse.diagonal(GGNOperator,
+          method="mc")`` for the same generator.
 
     Args:
         model: an ``nn.Module`` mapping ``inputs`` (batch first) to one tensor.
@@ -432,23 +446,33 @@ def per_sample_diagonal(
             to tokens (rows ``b*T`` to ``b*T + T - 1`` belong to sample ``b``).
         params: the parameters to differentiate (name -> tensor); default: every
             parameter of ``model`` that requires grad.
-        method: ``"exact"`` or ``"becker-lecun"``.
+        method: ``"exact"``, ``"becker-lecun"``, ``"ggn"`` or ``"ggn-mc"``.
         chunk_size: samples per vectorised pass; default sized from free memory.
+        generator: the source of the sampled labels of ``"ggn-mc"`` (default: a
+            generator seeded with 0); unused by the other methods.
 
     Returns:
         dict name -> ``(B, *param.shape)`` per-sample diagonals.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or an input is not a tensor.
+        TypeError: ``model`` is not an ``nn.Module``, an input is not a tensor, or
+            ``generator`` is not a ``torch.Generator``.
         ValueError: unknown ``method``, or ``inputs`` and ``targets`` disagree in batch size.
-        NotImplementedError: the loss does not split over samples, or
-            ``"becker-lecun"`` is asked for a model that does not trace.
+        NotImplementedError: the loss does not split over samples,
+            ``"becker-lecun"`` is asked for a model that does not trace, or
+            ``"ggn-mc"`` for a loss without a predictive distribution.
 
     Cost:
         One forward and one backward sweep per sample carrying ``K`` columns, where
         ``K`` is the output dimension plus the sizes of the nonlinear nodes upstream
         (BackPACK's count for an MLP). Memory ``O(K x activations)`` per sample in a
-        chunk. The brute-force fallback costs ``n`` HVPs per sample.
+        chunk. The brute-force fallback costs ``n`` HVPs per sample. ``"ggn"``: one
+        forward pass and one backward pass batched over the ``K`` columns of the
+        output Hessian's factor (``K = 1`` for ``"ggn-mc"``), with per-sample squares
+        in closed form for ``nn.Linear`` and ``nn.Conv2d`` layers (NOTE [linear fast
+        path] in ``hesse/operators/_squares.py``); outputs that couple samples
+        (tokens flattened to ``(B*T, V)``, BatchNorm in train mode) cost ``K`` VJPs
+        per output row.
 
     Example:
         >>> import torch
@@ -472,8 +496,13 @@ def per_sample_diagonal(
     """
     call = "hesse.per_sample_diagonal(model, loss_fn, inputs, targets)"
     params = check_model_inputs(call, model, inputs, targets, params)
-    check_choice(call, "method", method, METHODS)
+    check_choice(call, "method", method, METHODS + GGN_METHODS)
     check_chunk_size(call, chunk_size)
+    check_generator(call, generator)
+    if method in GGN_METHODS:
+        return _per_sample_ggn(
+            call, model, loss_fn, params, inputs, targets, method, generator, chunk_size
+        )
     rows = batch_diagonal(
         call,
         model,
@@ -489,6 +518,36 @@ def per_sample_diagonal(
     shapes = [params[k].shape for k in names]
     pieces = torch.split(rows, [s.numel() for s in shapes], dim=1)
     return {k: p.reshape(rows.shape[0], *s) for k, p, s in zip(names, pieces, shapes)}
+
+
+def _per_sample_ggn(
+    call, model, loss_fn, params, inputs, targets, method, generator, chunk_size
+) -> dict[str, torch.Tensor]:
+    """``per_sample_diagonal``'s ``"ggn"`` and ``"ggn-mc"``: per-row factor squares.
+
+    A :class:`hesse.GGNOperator` over the one batch gives the squares
+    ``(J_n^T s_nk)^2`` of each output row ``n`` with its normalisation (NOTE
+    [aggregation]); rows ``b*T`` to ``b*T + T - 1`` are summed into sample ``b``.
+    """
+    from hesse.estimators._diagonal import _sampler  # noqa: PLC0415 - import cycle
+    from hesse.operators._model import GGNOperator  # noqa: PLC0415 - import cycle
+
+    op = GGNOperator(model, loss_fn, [(inputs, targets)], params=params)
+    factor = op._factor if method == "ggn" else _sampler(op, call, generator, 1)
+    rows = op._factor_squares(factor, chunk_size=chunk_size, keep="sample")
+    b, n = inputs.shape[0], rows.shape[1]
+    if rows.shape[0] % b:
+        fail(
+            call,
+            f"method={method!r} needs model outputs whose rows split evenly over the "
+            f"{b} samples (B or B*T rows), got {rows.shape[0]} rows. Reshape the "
+            "outputs to (B, ...) or (B*T, ...).",
+            NotImplementedError,
+        )
+    rows = rows.reshape(b, -1, n).sum(1)
+    pieces = torch.split(rows, list(op.layout.numels), dim=1)
+    shapes = [params[k].shape for k in op.param_names]
+    return {k: p.reshape(b, *s) for k, p, s in zip(op.param_names, pieces, shapes)}
 
 
 def batch_diagonal(

@@ -449,7 +449,7 @@ def _mc(
 ) -> Estimate:
     m = num_matvecs or 1
     cols = op._factor_squares(
-        _sampler(op, call, generator, m), chunk_size=chunk_size, per_column=True
+        _sampler(op, call, generator, m), chunk_size=chunk_size, keep="column"
     )
     return from_draws(cols * m, num_matvecs=m)
 

@@ -593,12 +593,14 @@ class _OuterProductOperator(_ModelOperator):
         factor: Callable[[int, torch.Tensor, Any], torch.Tensor],
         *,
         chunk_size: int | None = None,
-        per_column: bool = False,
+        keep: str = "total",
     ) -> torch.Tensor:
         """``sum_n sum_k (J_n^T s_nk)^2`` over the dataset (reduced and normalised).
 
-        See NOTE [linear fast path] in ``_squares.py``. Returns ``(n,)``, or
-        ``(K, n)`` if ``per_column``.
+        See NOTE [linear fast path] in ``_squares.py``. Returns ``(n,)``; ``(K, n)``
+        for ``keep="column"``; ``(N, n)`` for ``keep="sample"`` (one batch of ``N``
+        output rows; with several batches their rows would be added, so the caller
+        passes one).
         """
         # NOTE [linear fast path]: the plan is found and verified once, on the first batch.
 
@@ -610,7 +612,7 @@ class _OuterProductOperator(_ModelOperator):
                 inputs,
                 targets,
                 chunk_size=chunk_size,
-                per_column=per_column,
+                keep=keep,
                 verify=self._linear_plan is None,
             )
 

@@ -220,30 +220,35 @@ def batch_factor_squares(
     targets: Any,
     *,
     chunk_size: int | None,
-    per_column: bool,
+    keep: str,
     verify: bool,
 ) -> torch.Tensor:
-    """One batch's ``sum_{n,k} (J_n^T s_nk)^2``: ``(n,)``, or ``(K, n)`` if ``per_column``."""
+    """One batch's ``(J_n^T s_nk)^2``, summed over what ``keep`` does not keep.
+
+    ``keep``: ``"total"`` sums over rows ``n`` and columns ``k`` (``(n,)``),
+    ``"column"`` keeps the columns (``(K, n)``), ``"sample"`` keeps the output rows
+    (``(N, n)``: per-sample squares, NOTE [coupled rows] for what a row is).
+    """
+    assert keep in ("total", "column", "sample"), f"unknown keep={keep!r}"
     call = f"hesse.diagonal({op._title})"
     bp = _BatchPass(op, factor, index, inputs, targets, verify)
     if bp.coupled:
-        return _coupled(bp.out, bp.x, bp.S, chunk_size=chunk_size, per_column=per_column, call=call)
-    K = bp.S.shape[2]
-    result = bp.x.new_zeros((K, op.shape[0]) if per_column else (op.shape[0],))
+        return _coupled(bp.out, bp.x, bp.S, chunk_size=chunk_size, keep=keep, call=call)
+    N, _, K = bp.S.shape
+    lead = {"total": (), "column": (K,), "sample": (N,)}[keep]
+    result = bp.x.new_zeros((*lead, op.shape[0]))
     for p, (a, d) in bp.fast.items():
-        parts = bp.rules[p].squares(bp.modules[p], a, d, per_column)
+        parts = bp.rules[p].squares(bp.modules[p], a, d, keep)
         for suffix, value in parts.items():
             name = p + suffix
             if name in bp.offsets:
                 o = bp.offsets[name]
-                flat = value.reshape(K, -1) if per_column else value.reshape(-1)
-                result[..., o : o + bp.numels[name]] = flat
+                result[..., o : o + bp.numels[name]] = value.reshape(*lead, -1)
     if bp.rest:
         idx = bp.rest_index()
-        sq = _generic(
-            op, inputs, bp.S, idx, chunk_size=chunk_size, per_column=per_column, call=call
+        result[..., idx] = _generic(
+            op, inputs, bp.S, idx, chunk_size=chunk_size, keep=keep, call=call
         )
-        result[..., idx] = sq
     return result
 
 
@@ -370,9 +375,13 @@ class _Rule:
         raise NotImplementedError
 
     def squares(
-        self, mod: nn.Module, a: torch.Tensor, d: torch.Tensor, per_column: bool
+        self, mod: nn.Module, a: torch.Tensor, d: torch.Tensor, keep: str
     ) -> dict[str, torch.Tensor]:
-        """``sum_{n,k}`` of squared per-sample gradients (``d``: ``(K, *output)``)."""
+        """Squared per-sample gradients (``d``: ``(K, *output)``) summed over ``n`` and ``k``.
+
+        ``keep="column"`` keeps ``k`` (``(K, *param)``), ``"sample"`` keeps ``n``
+        (``(N, *param)``).
+        """
         raise NotImplementedError
 
     def per_sample(
@@ -391,10 +400,13 @@ class _LinearRule(_Rule):
     def gradient(self, mod, a, d):
         return {"weight": d.T @ a, "bias": d.sum(0)}
 
-    def squares(self, mod, a, d, per_column):
+    def squares(self, mod, a, d, keep):
         d2, a2 = d.square(), a.square()  # (K, N, out), (N, in)
-        if per_column:
+        if keep == "column":
             return {"weight": torch.einsum("kno,ni->koi", d2, a2), "bias": d2.sum(1)}
+        if keep == "sample":
+            s2 = d2.sum(0)  # (N, out)
+            return {"weight": s2.unsqueeze(2) * a2.unsqueeze(1), "bias": s2}
         return {"weight": d2.sum(0).T @ a2, "bias": d2.sum((0, 1))}
 
     def per_sample(self, mod, a, d):
@@ -417,16 +429,20 @@ class _Conv2dRule(_Rule):
         dp = d.reshape(d.shape[0], d.shape[1], -1)  # (N, O, P)
         return {"weight": torch.einsum("nop,ncp->oc", dp, U), "bias": dp.sum((0, 2))}
 
-    def squares(self, mod, a, d, per_column):
+    def squares(self, mod, a, d, keep):
         U = self._unfold(mod, a).transpose(1, 2)  # (N, P, C * kh * kw)
         dp = d.reshape(*d.shape[:3], -1)  # (K, N, O, P)
-        K = d.shape[0]
+        if keep == "sample":  # sum over k, one (N, O, C * kh * kw) block at a time
+            w = sum(torch.bmm(dp[k], U).square() for k in range(d.shape[0]))
+            return {"weight": w, "bias": dp.sum(3).square().sum(0)}
         weight, bias = [], []
-        for k in range(K):  # one (N, O, C * kh * kw) block of per-sample gradients at a time
+        for k in range(d.shape[0]):  # one (N, O, C * kh * kw) block of per-sample gradients
             weight.append(torch.bmm(dp[k], U).square().sum(0))
             bias.append(dp[k].sum(2).square().sum(0))
         w, b = torch.stack(weight), torch.stack(bias)
-        return {"weight": w, "bias": b} if per_column else {"weight": w.sum(0), "bias": b.sum(0)}
+        if keep == "column":
+            return {"weight": w, "bias": b}
+        return {"weight": w.sum(0), "bias": b.sum(0)}
 
     def per_sample(self, mod, a, d):
         U = self._unfold(mod, a)  # (N, C * kh * kw, P)
@@ -447,16 +463,21 @@ def _grads(
     return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
 
 
+def _row_bounds(ids: torch.Tensor) -> tuple[int, int]:
+    """The ``[lo, hi)`` range of a chunk of consecutive row indices."""
+    return int(ids[0]), int(ids[-1]) + 1
+
+
 def _coupled(
     out: torch.Tensor,
     x: torch.Tensor,
     S: torch.Tensor,
     *,
     chunk_size: int | None,
-    per_column: bool,
+    keep: str,
     call: str,
 ) -> torch.Tensor:
-    """NOTE [coupled rows]: ``sum_{n,k} (J_n^T s_nk)^2`` from whole-batch VJPs.
+    """NOTE [coupled rows]: ``(J_n^T s_nk)^2`` from whole-batch VJPs, reduced as ``keep`` says.
 
     ``N * K`` VJPs, batched over groups of rows (all ``K`` columns of a row in one
     pass); memory: one group's cotangents and gradients, ``O(rows * K * (n + out))``.
@@ -465,7 +486,6 @@ def _coupled(
     n = x.numel()
     per_row = K * (n + out.numel()) * x.element_size()
     group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, per_row)))
-    num_groups = -(-N // group)
     flat_out = out.reshape(N, D)
 
     def cotangents(lo: int, hi: int) -> torch.Tensor:
@@ -475,24 +495,22 @@ def _coupled(
         C[r, :, lo + r] = S[lo:hi].transpose(1, 2)  # (rows, K, D) into row lo + r
         return C.reshape(rows * K, *out.shape)
 
-    def squares(gid: torch.Tensor) -> torch.Tensor:
-        lo = int(gid[0]) * group
-        hi = min(N, lo + group)
+    def squares(ids: torch.Tensor) -> torch.Tensor:
+        lo, hi = _row_bounds(ids)
         C = cotangents(lo, hi)
         if C.shape[0] == 1:
             (G,) = torch.autograd.grad(flat_out, x, C[0].reshape(N, D), retain_graph=True)
-            G = G.unsqueeze(0)
         else:
             (G,) = torch.autograd.grad(
                 flat_out, x, C.reshape(-1, N, D), retain_graph=True, is_grads_batched=True
             )
-        G = G.square().reshape(hi - lo, K, n).sum(0)  # (K, n)
-        return (G if per_column else G.sum(0)).unsqueeze(0)
+        G = G.square().reshape(hi - lo, K, n)
+        if keep == "sample":
+            return G.sum(1)
+        G = G.sum(0)  # (K, n)
+        return G if keep == "column" else G.sum(0)
 
-    parts = map_chunks(
-        squares, None, num_groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
-    )
-    return parts.sum(0)
+    return map_chunks(squares, None, N, _ids, chunk_size=group, call=call, total=keep != "sample")
 
 
 def _generic(
@@ -502,37 +520,29 @@ def _generic(
     idx: torch.Tensor,
     *,
     chunk_size: int | None,
-    per_column: bool,
+    keep: str,
     call: str,
 ) -> torch.Tensor:
-    """Per-sample VJPs with respect to the flat entries ``idx``; squared and summed."""
+    """Per-sample VJPs with respect to the flat entries ``idx``; squared, reduced by ``keep``."""
     N, _, K = S.shape
     m = idx.numel()
     group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, 3 * K * m * op._x.element_size())))
-    num_groups = -(-N // group)
     vjps = _sample_vjps(op, idx)
 
     def sample(inp: Any, s: torch.Tensor) -> torch.Tensor:
         return vjps(inp, s).square()  # (K, m)
 
-    def reduce(G: torch.Tensor) -> torch.Tensor:
-        return G.sum(0) if per_column else G.sum((0, 1))
-
-    def bounds(gid: torch.Tensor) -> tuple[int, int]:
-        lo = int(gid) * group
-        return lo, min(N, lo + group)
+    def reduce(G: torch.Tensor) -> torch.Tensor:  # (rows, K, m)
+        return {"sample": G.sum(1), "column": G.sum(0), "total": G.sum((0, 1))}[keep]
 
     def batched(ids: torch.Tensor) -> torch.Tensor:
-        lo, hi = bounds(ids[0])
+        lo, hi = _row_bounds(ids)
         chunk = tree_map(lambda t: t[lo:hi], inputs)
-        return reduce(vmap(sample)(chunk, S[lo:hi])).unsqueeze(0)
+        return reduce(vmap(sample)(chunk, S[lo:hi]))
 
-    def single(gid: torch.Tensor) -> torch.Tensor:
-        lo, hi = bounds(gid)
-        rows = [sample(tree_map(lambda t, i=i: t[i], inputs), S[i]) for i in range(lo, hi)]
-        return reduce(torch.stack(rows))
+    def single(i: torch.Tensor) -> torch.Tensor:
+        i = int(i)
+        r = reduce(sample(tree_map(lambda t: t[i], inputs), S[i]).unsqueeze(0))
+        return r[0] if keep == "sample" else r
 
-    parts = map_chunks(
-        batched, single, num_groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
-    )
-    return parts.sum(0)
+    return map_chunks(batched, single, N, _ids, chunk_size=group, call=call, total=keep != "sample")
