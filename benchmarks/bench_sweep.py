@@ -28,7 +28,7 @@ a quiet machine):
   (the only peer run at 20k: the others take minutes).
 - ``diagonals``: exact Hessian diagonal, exact and MC GGN diagonal, and the
   per-sample forms, against BackPACK (``DiagHessian``, ``BatchDiagHessian``,
-  ``DiagGGNExact``, ``BatchDiagGGNExact``, ``DiagGGNMC``) on a tanh MLP
+  ``DiagGGNExact``, ``BatchDiagGGNExact``, ``DiagGGNMC``, ``BatchDiagGGNMC``) on a tanh MLP
   784-100-100-10, a ReLU MLP of the same shape and a CNN BackPACK supports, ``B``
   in {1, 8, 32, 128, 512}, float32 and float64; the exact diagonal of a
   residual+LayerNorm and of an attention block against brute force (basis HVPs).
@@ -239,6 +239,12 @@ KINDS = {  # kind: (BackPACK extension, attribute, per-sample)
     "DiagGGNExact": ("DiagGGNExact", "diag_ggn_exact", False),
     "BatchDiagGGNExact": ("BatchDiagGGNExact", "diag_ggn_exact_batch", True),
     "DiagGGNMC": ("DiagGGNMC", "diag_ggn_mc", False),
+    "BatchDiagGGNMC": ("BatchDiagGGNMC", "diag_ggn_mc_batch", True),
+}
+PER_SAMPLE_METHOD = {  # per-sample kind: hesse.per_sample_diagonal's method
+    "BatchDiagHessian": "exact",
+    "BatchDiagGGNExact": "ggn",
+    "BatchDiagGGNMC": "ggn-mc",
 }
 
 
@@ -254,10 +260,13 @@ def _hesse_diagonal(kind: str, model: nn.Module, X, y) -> Callable[[], Any] | No
     if kind == "DiagHessian":
         op = hesse.HessianOperator(model, loss, [(X, y)])
         return lambda: hesse.diagonal(op, method="exact")
-    if kind == "BatchDiagHessian":
+    if kind in PER_SAMPLE_METHOD:
+        gen = torch.Generator().manual_seed(0)
 
         def per_sample() -> torch.Tensor:
-            d = hesse.per_sample_diagonal(model, loss, X, y)
+            d = hesse.per_sample_diagonal(
+                model, loss, X, y, method=PER_SAMPLE_METHOD[kind], generator=gen
+            )
             return torch.cat([v.reshape(X.shape[0], -1) for v in d.values()], 1)
 
         return per_sample
@@ -267,7 +276,7 @@ def _hesse_diagonal(kind: str, model: nn.Module, X, y) -> Callable[[], Any] | No
             return lambda: hesse.diagonal(G, method="exact")
         gen = torch.Generator().manual_seed(0)
         return lambda: hesse.diagonal(G, method="mc", generator=gen).value
-    return None  # BatchDiagGGNExact: hesse has no per-sample GGN diagonal
+    return None
 
 
 def _backpack(kind: str, model: nn.Module, X, y) -> Callable[[], Any] | None:
@@ -339,11 +348,11 @@ def diagonal_cells() -> Iterator[Cell]:
         KINDS, MODELS, (1, 8, 32, 128, 512), DTYPES.items()
     ):
         quick = mname == "tanh MLP" and dn == "f64" and b in (8, 128)
-        quick = quick and (kind != "BatchDiagGGNExact" or b == 8)  # no hesse method: one row
+        quick = quick and (not kind.startswith("BatchDiagGGN") or b == 8)
         quick = quick or (mname == "CNN" and b == 32 and dn == "f32" and kind == "DiagHessian")
         yield Cell("diagonals", f"{kind} {mname} B={b} {dn}",
                    lambda k=kind, m=mname, b=b, dt=dt: _diagonal_calls(k, m, b, dt),
-                   quick=quick, check=kind != "DiagGGNMC")  # fmt: skip
+                   quick=quick, check="MC" not in kind)  # fmt: skip
     for which, b in itertools.product(("residual+LayerNorm", "attention T=8 d=16"), (8, 32)):
         yield Cell("diagonals", f"exact Hessian diagonal {which} B={b} f64",
                    lambda w=which, b=b: _structured_calls(w, b),

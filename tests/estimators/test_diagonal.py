@@ -285,7 +285,7 @@ def test_exact_ggn_diagonal_conv_layers(gen):
     G = hesse.GGNOperator(model, nn.CrossEntropyLoss(), [(X[:3], Y[:3]), (X[3:], Y[3:])])
     torch.testing.assert_close(hesse.diagonal(G), G.to_dense().diagonal(), rtol=0, atol=1e-10)
     assert set(G._linear_plan) == {"0.", "2.", "4."}
-    cols = G._factor_squares(G._factor, per_column=True)  # the path "mc" uses
+    cols = G._factor_squares(G._factor, keep="column")  # the path "mc" uses
     torch.testing.assert_close(cols.sum(0), G.to_dense().diagonal(), rtol=0, atol=1e-10)
     est = hesse.diagonal(G, method="mc", num_matvecs=3, generator=gen)
     assert est.value.shape == (G.shape[0],) and torch.isfinite(est.stderr).all()

@@ -460,7 +460,7 @@ def per_sample_diagonal(
         ValueError: unknown ``method``, or ``inputs`` and ``targets`` disagree in batch size.
         NotImplementedError: the loss does not split over samples,
             ``"becker-lecun"`` is asked for a model that does not trace, or
-            ``"ggn-mc"`` for a loss without a predictive distribution.
+            ``"ggn"``/``"ggn-mc"`` for a loss without a closed-form output Hessian.
 
     Cost:
         One forward and one backward sweep per sample carrying ``K`` columns, where
@@ -525,16 +525,36 @@ def _per_sample_ggn(
 ) -> dict[str, torch.Tensor]:
     """``per_sample_diagonal``'s ``"ggn"`` and ``"ggn-mc"``: per-row factor squares.
 
-    A :class:`hesse.GGNOperator` over the one batch gives the squares
-    ``(J_n^T s_nk)^2`` of each output row ``n`` with its normalisation (NOTE
-    [aggregation]); rows ``b*T`` to ``b*T + T - 1`` are summed into sample ``b``.
+    A :class:`hesse.GGNOperator` over the one batch gives the factor ``S`` and the
+    squares ``(J_n^T s_nk)^2`` of each output row ``n`` (its count ``M`` the
+    normalisation of a mean, NOTE [loss normalisation]); rows ``b*T`` to ``b*T + T - 1`` are summed into sample ``b``.
     """
     from hesse.estimators._diagonal import _sampler  # noqa: PLC0415 - import cycle
+    from hesse.operators._losses import PlainLoss, output_curvature  # noqa: PLC0415
     from hesse.operators._model import GGNOperator  # noqa: PLC0415 - import cycle
+    from hesse.operators._squares import batch_factor_squares  # noqa: PLC0415
 
+    if isinstance(output_curvature(call, loss_fn, required=False), PlainLoss):
+        fail(
+            call,
+            f"method={method!r} needs a loss whose output Hessian is known in closed form "
+            "(nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.BCELoss), got "
+            f"loss_fn of type {type(loss_fn).__name__}. Pass one of those modules, or build "
+            "hesse.GGNOperator(..., output_hessian=fn) for the batch GGN.",
+            NotImplementedError,
+        )
     op = GGNOperator(model, loss_fn, [(inputs, targets)], params=params)
-    factor = op._factor if method == "ggn" else _sampler(op, call, generator, 1)
-    rows = op._factor_squares(factor, chunk_size=chunk_size, keep="sample")
+    sampled = op._factor if method == "ggn" else _sampler(op, call, generator, 1)
+    # The mean's 1/M goes into the factor (sqrt), not over the (B, n) result afterwards.
+    root = math.sqrt(1.0 / op._count(inputs, targets)) if op.reduction == "mean" else 1.0
+
+    def factor(index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
+        S = sampled(index, output, targets)
+        return S * root if root != 1.0 else S
+
+    rows = batch_factor_squares(
+        op, factor, 0, inputs, targets, chunk_size=chunk_size, keep="sample", verify=True
+    )
     b, n = inputs.shape[0], rows.shape[1]
     if rows.shape[0] % b:
         fail(
@@ -544,7 +564,8 @@ def _per_sample_ggn(
             "outputs to (B, ...) or (B*T, ...).",
             NotImplementedError,
         )
-    rows = rows.reshape(b, -1, n).sum(1)
+    if rows.shape[0] != b:
+        rows = rows.reshape(b, -1, n).sum(1)
     pieces = torch.split(rows, list(op.layout.numels), dim=1)
     shapes = [params[k].shape for k in op.param_names]
     return {k: p.reshape(b, *s) for k, p, s in zip(op.param_names, pieces, shapes)}

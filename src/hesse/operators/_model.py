@@ -284,8 +284,8 @@ class _ModelOperator(LinearOperator):
         total, count_t = self._reduce(
             total, torch.tensor(float(count), dtype=torch.float64, device=self.device)
         )
-        if self.reduction == "mean":
-            total = total / count_t.to(total.dtype)
+        if self.reduction == "mean":  # in place, as the sum: total is ours (batch-sized)
+            total = total.div_(count_t.to(total.dtype))
         return total
 
     def _reduce(

@@ -236,9 +236,14 @@ def batch_factor_squares(
         return _coupled(bp.out, bp.x, bp.S, chunk_size=chunk_size, keep=keep, call=call)
     N, _, K = bp.S.shape
     lead = {"total": (), "column": (K,), "sample": (N,)}[keep]
-    result = bp.x.new_zeros((*lead, op.shape[0]))
+    result = bp.x.new_empty((*lead, op.shape[0]))  # every entry is written: fast + rest
     for p, (a, d) in bp.fast.items():
-        parts = bp.rules[p].squares(bp.modules[p], a, d, keep)
+        dest = {
+            suffix: result[..., bp.offsets[p + suffix] :][..., : bp.numels[p + suffix]]
+            for suffix in ("weight", "bias")
+            if p + suffix in bp.offsets
+        }
+        parts = bp.rules[p].squares(bp.modules[p], a, d, keep, dest)
         for suffix, value in parts.items():
             name = p + suffix
             if name in bp.offsets:
@@ -375,12 +380,19 @@ class _Rule:
         raise NotImplementedError
 
     def squares(
-        self, mod: nn.Module, a: torch.Tensor, d: torch.Tensor, keep: str
+        self,
+        mod: nn.Module,
+        a: torch.Tensor,
+        d: torch.Tensor,
+        keep: str,
+        dest: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """Squared per-sample gradients (``d``: ``(K, *output)``) summed over ``n`` and ``k``.
 
         ``keep="column"`` keeps ``k`` (``(K, *param)``), ``"sample"`` keeps ``n``
-        (``(N, *param)``).
+        (``(N, *param)``). A rule may write a result straight into its flat
+        destination ``dest[suffix]`` (``(..., numel)``) and leave it out of the
+        returned dict (saving a copy of a batch-sized block).
         """
         raise NotImplementedError
 
@@ -400,13 +412,17 @@ class _LinearRule(_Rule):
     def gradient(self, mod, a, d):
         return {"weight": d.T @ a, "bias": d.sum(0)}
 
-    def squares(self, mod, a, d, keep):
+    def squares(self, mod, a, d, keep, dest):
         d2, a2 = d.square(), a.square()  # (K, N, out), (N, in)
         if keep == "column":
             return {"weight": torch.einsum("kno,ni->koi", d2, a2), "bias": d2.sum(1)}
         if keep == "sample":
             s2 = d2.sum(0)  # (N, out)
-            return {"weight": s2.unsqueeze(2) * a2.unsqueeze(1), "bias": s2}
+            if "weight" not in dest:
+                return {"bias": s2}
+            w = dest["weight"].view(*s2.shape, a2.shape[1])
+            torch.mul(s2.unsqueeze(2), a2.unsqueeze(1), out=w)
+            return {"bias": s2}
         return {"weight": d2.sum(0).T @ a2, "bias": d2.sum((0, 1))}
 
     def per_sample(self, mod, a, d):
@@ -429,7 +445,7 @@ class _Conv2dRule(_Rule):
         dp = d.reshape(d.shape[0], d.shape[1], -1)  # (N, O, P)
         return {"weight": torch.einsum("nop,ncp->oc", dp, U), "bias": dp.sum((0, 2))}
 
-    def squares(self, mod, a, d, keep):
+    def squares(self, mod, a, d, keep, dest):
         U = self._unfold(mod, a).transpose(1, 2)  # (N, P, C * kh * kw)
         dp = d.reshape(*d.shape[:3], -1)  # (K, N, O, P)
         if keep == "sample":  # sum over k, one (N, O, C * kh * kw) block at a time
