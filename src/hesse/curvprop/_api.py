@@ -552,9 +552,27 @@ def _per_sample_ggn(
         S = sampled(index, output, targets)
         return S * root if root != 1.0 else S
 
+    # NOTE [trace cache]: the layer plan and the row check of NOTE [linear fast path]
+    # and NOTE [coupled rows] are kept per model under the same key as a trace.
+    try:
+        key = ("ggn", _trace_key(model, loss_fn, params, inputs, targets))
+        entry = _TRACES.get(model, {}).get(key)
+    except TypeError:  # unhashable state: no caching
+        key, entry = None, None
+    if entry is not None and entry[0] is loss_fn:
+        op._linear_plan, op._rows_independent = entry[1]
     rows = batch_factor_squares(
-        op, factor, 0, inputs, targets, chunk_size=chunk_size, keep="sample", verify=True
+        op,
+        factor,
+        0,
+        inputs,
+        targets,
+        chunk_size=chunk_size,
+        keep="sample",
+        verify=op._linear_plan is None,
     )
+    if key is not None:
+        _TRACES.setdefault(model, {})[key] = (loss_fn, (op._linear_plan, op._rows_independent))
     b, n = inputs.shape[0], rows.shape[1]
     if rows.shape[0] % b:
         fail(
