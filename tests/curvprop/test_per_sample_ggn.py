@@ -195,3 +195,26 @@ def test_ggn_needs_a_loss_with_known_curvature():
             "is known in closed form .* got loss_fn of type function",
         ):
             hesse.per_sample_diagonal(model, loss_fn, X, y, method=method)
+
+
+def test_ggn_second_call_sees_new_weights():  # the cached layer plan holds no values
+    model, loss_fn, X, y = _case("ce-mlp")
+    hesse.per_sample_diagonal(model, loss_fn, X, y, method="ggn")
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    got = hesse.per_sample_diagonal(model, loss_fn, X, y, method="ggn")
+    want = brute_per_sample_ggn(model, loss_fn, X, y)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10)
+
+
+def test_ggn_batchnorm_in_train_mode_couples_the_samples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    got = hesse.per_sample_diagonal(model, nn.CrossEntropyLoss(), X, y, method="ggn")
+    want = brute_per_sample_ggn(model, nn.CrossEntropyLoss(), X, y)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10)
