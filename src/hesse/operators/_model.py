@@ -501,7 +501,7 @@ class _OuterProductOperator(_ModelOperator):
     """
 
     _linear_plan: dict | None = None
-    _rows_independent: bool | None = None  # NOTE [coupled rows] in _squares.py
+    _rows_per_sample: int | None = None  # NOTE [coupled rows] in _squares.py
 
     def _factor(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -26,15 +26,18 @@ and over groups of samples) with respect to those parameters only.
 Both paths assume that output row ``n`` is a function of input sample ``n`` alone.
 
 # NOTE [coupled rows]
-Where that is not so (outputs flattened to tokens, ``(B*T, V)``; BatchNorm in
-train mode, whose batch statistics couple all samples; any other mixing of
-samples), ``J_n`` is the Jacobian of output row ``n`` of the *whole batch*, and
-``J_n^T s_nk`` is one VJP of the batch output with cotangent ``s_nk`` in row
-``n`` and zeros elsewhere. These ``N * K`` VJPs go through one graph of the batch
-in batched backward passes (``is_grads_batched``), a few rows at a time. The
-first batch decides the path: rows are independent if the output has the
-inputs' batch size and running the first and last samples alone reproduces
-their rows.
+Output row ``n`` need not belong to one sample. Outputs flattened to tokens,
+``(B*T, V)``: rows ``b*T .. b*T + T - 1`` all depend on sample ``b`` (through
+attention, say), so ``J_n`` is the Jacobian of that row of sample ``b``'s output;
+the generic path then runs per sample with ``T * K`` columns, column ``(t, k)``
+being ``s_{bT+t,k}`` in row ``t`` and zero elsewhere. BatchNorm in train mode
+(batch statistics couple all samples) or any other mixing of samples: ``J_n`` is
+the Jacobian of row ``n`` of the *whole batch*, and ``J_n^T s_nk`` is one VJP of
+the batch output with cotangent ``s_nk`` in row ``n``; these ``N * K`` VJPs go
+through one graph of the batch in batched backward passes (``is_grads_batched``),
+a few rows at a time. The first batch decides the path: rows group by sample if
+the output has ``R`` rows per input sample and running the first and last
+samples alone reproduces their rows; otherwise they are coupled.
 """
 
 from __future__ import annotations
@@ -86,28 +89,43 @@ def _linear_candidates(op: Any) -> dict[str, nn.Module]:
     return out
 
 
-def _rows_are_samples(op: Any, inputs: Any, out: torch.Tensor) -> bool:
-    """NOTE [coupled rows]: does output row ``n`` depend on input sample ``n`` alone?"""
+def _rows_per_sample(op: Any, inputs: Any, out: torch.Tensor) -> int:
+    """NOTE [coupled rows]: ``R`` if output rows ``b*R .. b*R + R - 1`` depend on input
+    sample ``b`` alone (``R = 1``: one row per sample), 0 if rows are coupled."""
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
-    n = out.shape[0]
-    if not leaves or any(t.dim() == 0 or t.shape[0] != n for t in leaves):
-        return False
+    if not leaves or any(t.dim() == 0 for t in leaves):
+        return 0
+    b, n = leaves[0].shape[0], out.shape[0]
+    if any(t.shape[0] != b for t in leaves) or n % b:
+        return 0
     if any(
         isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
         for mod in op.model.modules()
     ):
-        return False
-    for i in sorted({0, n - 1}):
+        return 0
+    r = n // b
+    for i in sorted({0, b - 1}):
         try:
             with torch.no_grad():
                 alone = op._forward(op._x, tree_map(lambda t, i=i: t[i : i + 1], inputs))
         except Exception:  # noqa: BLE001 - a model that cannot run one sample couples them
-            return False
-        if alone.shape != out[i : i + 1].shape or not torch.allclose(
-            alone, out[i : i + 1].detach(), rtol=1e-5, atol=1e-6 * float(out.abs().max())
+            return 0
+        rows = out[i * r : (i + 1) * r].detach()
+        if alone.shape != rows.shape or not torch.allclose(
+            alone, rows, rtol=1e-5, atol=1e-6 * float(out.abs().max())
         ):
-            return False
-    return True
+            return 0
+    return r
+
+
+def _group_rows(S: torch.Tensor, r: int) -> torch.Tensor:
+    """``(N, D, K)`` row factors as ``(N / r, r * D, r * K)`` per-sample factors: column
+    ``(t, k)`` of sample ``b`` is ``s_{b r + t, k}`` in row ``t`` and zero elsewhere."""
+    N, D, K = S.shape
+    grouped = S.new_zeros(N // r, r, D, r, K)
+    t = torch.arange(r, device=S.device)
+    grouped[:, t, :, t, :] = S.reshape(N // r, r, D, K).transpose(0, 1)
+    return grouped.reshape(N // r, r * D, r * K)
 
 
 def batch_factor_squares(
@@ -143,10 +161,18 @@ def batch_factor_squares(
             h.remove()
     S = factor(index, out.detach(), targets).detach()
     N, _, K = S.shape
-    if op._rows_independent is None:  # decided on the first batch: NOTE [coupled rows]
-        op._rows_independent = _rows_are_samples(op, inputs, out)
-    if not op._rows_independent:
+    if op._rows_per_sample is None:  # decided on the first batch: NOTE [coupled rows]
+        op._rows_per_sample = _rows_per_sample(op, inputs, out)
+    r = op._rows_per_sample
+    if not r:
         return _coupled(out, x, S, chunk_size=chunk_size, per_column=per_column, call=call)
+    if r > 1:  # rows grouped by sample (tokens): per-sample VJPs of r * K columns
+        idx = torch.arange(op.shape[0], device=op.device)
+        G = _generic(
+            op, inputs, _group_rows(S, r), idx, chunk_size=chunk_size, per_column=per_column,
+            call=call,
+        )  # fmt: skip
+        return G.reshape(r, K, -1).sum(0) if per_column else G
     cot = S.permute(2, 0, 1).reshape(K, *out.shape)
     rules = {p: _rule(mod) for p, mod in candidates.items()}
     fast = {
