@@ -112,7 +112,7 @@ def _rows_per_sample(op: Any, inputs: Any, out: torch.Tensor) -> int:
             return 0
         rows = out[i * r : (i + 1) * r].detach()
         if alone.shape != rows.shape or not torch.allclose(
-            alone, rows, rtol=1e-5, atol=1e-6 * float(out.abs().max())
+            alone, rows, rtol=1e-5, atol=1e-6 * float(out.detach().abs().max())
         ):
             return 0
     return r
