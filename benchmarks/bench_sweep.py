@@ -7,7 +7,13 @@ wins. Every cell runs at one thread and at PyTorch's default thread count. Every
 answer is checked against the first peer that ran (``max_abs_err``); a peer that
 crashes or runs out of memory is reported in the cell (``note``), never dropped.
 
-Families (issue 11); ``--quick`` runs the cells marked ``quick`` (under 3 minutes):
+Each method runs once untimed first (except the dense parameter Hessians, seconds to
+minutes a call), so that one-time costs (tracing, functorch's first ``vmap``) never
+count; calls slower than ``max_seconds / repeats`` are timed once. ``--match TEXT``
+reruns the cells whose name contains ``TEXT``.
+
+Families (issue 11); ``--quick`` runs the cells marked ``quick`` (under 3 minutes on
+a quiet machine):
 
 - ``dense input Hessian``: NLL of ``log_softmax(MLP n-h-10)`` w.r.t. the input (the
   forum question), ``n`` in {64, 784, 3072} x ``h`` in {32, 128, 512};
@@ -70,6 +76,10 @@ class Cell:
     quick: bool = False
     dense: Callable[[Any], torch.Tensor] = lambda r: r  # any answer -> one comparable tensor
     check: bool = True  # MC estimates are random: no agreement check
+    # One untimed call per method first: one-time costs (hesse traces a new model once
+    # per architecture, NOTE [trace cache]; functorch's first vmap of a function) would
+    # otherwise count in slow cells, which are timed on a single run.
+    warm: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -199,7 +209,7 @@ def param_cells() -> Iterator[Cell]:
         n = sum(a * b + b for a, b in (PARAM_MLPS[size], (PARAM_MLPS[size][1], 10)))
         yield Cell("dense parameter Hessian", f"tanh MLP n={n} f32",
                    lambda s=size: _param_hessian(s), quick=size == 1_000,
-                   dense=_blocks_to_dense)  # fmt: skip
+                   dense=_blocks_to_dense, warm=False)  # seconds to minutes a call  # fmt: skip
 
 
 # -- diagonals against BackPACK ------------------------------------------------------------
@@ -402,6 +412,12 @@ def run_cell(cell: Cell, threads: int, *, repeats: int, max_seconds: float) -> d
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BackPACK's hook notices, fallback notices
+        if cell.warm:
+            for fn in calls.values():
+                try:
+                    fn()
+                except (Exception, MemoryError):  # noqa: BLE001 - measure reports it
+                    pass
         res = measure(
             calls, repeats=repeats, max_seconds=max_seconds, summarize=summarize,
             tolerate_errors=True,
@@ -439,8 +455,9 @@ def run_sweep(
     threads: list[int],
     families: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    match: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows per family: every cell at every thread count in ``threads``."""
+    """Rows per family: every cell (whose name contains ``match``) at every thread count."""
     prepare_process(threads=None)
     _warm_up()
     out: dict[str, list[dict[str, Any]]] = {}
@@ -448,12 +465,12 @@ def run_sweep(
     for fam in families or list(FAMILIES):
         rows = out.setdefault(fam, [])
         for cell in FAMILIES[fam]():
-            if quick and not cell.quick:
+            if (quick and not cell.quick) or (match is not None and match not in cell.name):
                 continue
             for t in threads:
                 if progress is not None:
                     progress(f"{fam}: {cell.name}, threads={t}")
-                rows.append(run_cell(cell, t, repeats=repeats, max_seconds=4 if quick else 10))
+                rows.append(run_cell(cell, t, repeats=repeats, max_seconds=4 if quick else 6))
     return out
 
 

@@ -34,7 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(ROOT))
 
-SUITES = ("core", "sparse", "operators", "spectra", "distributed", "curvprop")
+SUITES = (
+    "core",
+    "sparse",
+    "operators",
+    "spectra",
+    "distributed",
+    "curvprop",
+    "kfac",
+    "applications",
+    "scale",
+)
 BASE_COLUMNS = ("workload", "method", "time_s", "ratio", "peak_mem_bytes")
 HIDDEN = {"reference", "suite", "repeats"}
 HEADER = (
@@ -216,6 +226,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --sweep: comma-separated families (default: all)",
     )
+    parser.add_argument(
+        "--match",
+        default=None,
+        help="with --sweep: only cells whose name contains this text (e.g. 'B=512')",
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -326,6 +341,7 @@ def execute_sweep(args: argparse.Namespace) -> int:
         bool(args.quick),
         threads,
         families,
+        match=getattr(args, "match", None),
         progress=lambda text: print(f"[hesse bench --sweep] {text}", file=sys.stderr, flush=True),
     )
     elapsed = time.perf_counter() - started

@@ -193,3 +193,12 @@ def test_per_sample_hessians_under_vmap(mode: str) -> None:
     V = torch.randn(4, 6, generator=gen, dtype=DT)
     _, (hv,) = torch.vmap(lambda x, t, v: hesse.hvp(lambda x: f(x, t), (x,), (v,)))(X, T, V)
     torch.testing.assert_close(hv, torch.einsum("bij,bj->bi", ref, V), **TOL)
+
+
+def test_basis_rows_reuse_one_buffer_exactly() -> None:
+    from hesse._hvp import basis_rows
+
+    eye = torch.eye(7, dtype=DT)
+    rows = basis_rows(7, eye, capacity=3)
+    for start, stop in [(0, 3), (3, 6), (6, 7), (0, 2), (1, 7), (2, 4)]:
+        assert torch.equal(rows(start, stop), eye[start:stop]), (start, stop)

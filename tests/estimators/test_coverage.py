@@ -65,6 +65,7 @@ def test_model_hessian_trace_is_exact_through_the_operator() -> None:
 
 
 def test_interval_uses_student_t_quantiles() -> None:
+    # (without sample moments: the plain t interval)
     f64 = {"dtype": torch.float64}
     est = hesse.Estimate(torch.tensor(2.0, **f64), torch.tensor(0.5, **f64), num_matvecs=5, dof=4)
     low, high = est.interval(0.95)
@@ -87,3 +88,26 @@ def test_interval_rejects_bad_levels(level) -> None:
     est = hesse.Estimate(torch.tensor(0.0), torch.tensor(1.0), num_matvecs=3, dof=2)
     with pytest.raises(ValueError, match=r"Estimate.interval\(level\): expected level in \(0, 1\)"):
         est.interval(level)
+
+
+def test_interval_widens_for_skewed_draws() -> None:
+    """Hall's (1992) Edgeworth correction, against scipy's sample moments."""
+    from scipy import stats
+
+    from hesse._estimate import from_draws
+
+    draws = torch.arange(1, 13, dtype=torch.float64) ** 2  # right-skewed
+    est = from_draws(draws, num_matvecs=12)
+    m, x = 12, stats.t.ppf(0.975, 11)
+    g, k = stats.skew(draws.numpy()), stats.kurtosis(draws.numpy())
+    q = x + x / m * (g**2 * (x**4 + 2 * x**2 - 3) / 18 - k * (x**2 - 3) / 12)
+    se = float(draws.std()) / math.sqrt(m)
+    low, high = est.interval(0.95)
+    assert q > x and math.isclose(float(high - est.value), q * se, rel_tol=1e-10)
+    assert math.isclose(float(est.value - low), q * se, rel_tol=1e-10)
+    # Symmetric, heavy-tailed draws (the term is negative): never narrower than t.
+    values = [-8.0, -1.0, -0.5, -0.2, 0.0, 0.0, 0.0, 0.0, 0.2, 0.5, 1.0, 8.0]
+    flat = from_draws(torch.tensor(values, dtype=torch.float64), num_matvecs=12)
+    assert float(flat.kurtosis) > 0
+    half = float(flat.interval(0.95)[1] - flat.value)
+    assert math.isclose(half, x * float(flat.stderr), rel_tol=1e-12)

@@ -198,3 +198,35 @@ def test_bad_input(trained):
             wide, torch.nn.CrossEntropyLoss(), (X[:2], torch.tensor([0, 1])),
             (X[:1], torch.tensor([0])), method="exact",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("curvature", "method"), [("kfac", "exact"), ("ekfac", "ekfac"), ("kfac", "cg")]
+)
+def test_kronecker_curvatures_against_their_dense_matrix(curvature, method):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).to(
+        DT
+    )
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(30, 3, generator=g, dtype=DT), torch.randint(0, 3, (30,), generator=g)
+    test = (X[:5] + 0.1, y[:5])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    cls = hesse.KFACOperator if curvature == "kfac" else hesse.EKFACOperator
+    K = cls(model, loss_fn, [(X, y)]).to_dense()
+    damping = 0.1
+    scores = hesse.influence(
+        model, loss_fn, (X, y), test, curvature=curvature, method=method, damping=damping,
+        rtol=1e-13,
+    )  # fmt: skip
+    params = list(model.parameters())
+
+    def flat_grad(loss):
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
+
+    Gtr = torch.stack([flat_grad(loss_fn(model(X[i : i + 1]), y[i : i + 1])) for i in range(30)])
+    Gte = torch.stack(
+        [flat_grad(loss_fn(model(test[0][j : j + 1]), test[1][j : j + 1])) for j in range(5)]
+    )
+    reference = -Gtr @ torch.linalg.solve(K + damping * torch.eye(len(K), dtype=DT), Gte.T)
+    torch.testing.assert_close(scores, reference, rtol=1e-8, atol=1e-11)

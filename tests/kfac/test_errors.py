@@ -69,6 +69,7 @@ def test_singular_factors_without_damping(K):
     with pytest.raises(ValueError, match=r"logdet\(damping\): block '2' is singular"):
         K.logdet()
     assert torch.isfinite(K.logdet(1e-3))
+    K.inverse(1e-12, exact_damping=True)  # any positive damping is regular
 
 
 def test_bad_options():

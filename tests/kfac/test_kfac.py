@@ -198,6 +198,10 @@ def test_products_with_matrices_dicts_and_parameter_subsets():
     torch.testing.assert_close(K.layout.flatten(K @ tree), D @ V[:, 0])
     sub = hesse.KFACOperator(model, ce, data, params=["2.weight", "2.bias"])
     torch.testing.assert_close(sub.to_dense(), D[25:, 25:], rtol=1e-13, atol=1e-15)
+    # a bias alone is the block G (x) [1], the bias-bias part of the augmented block.
+    bias = hesse.KFACOperator(model, ce, data, params=["0.bias", "2.weight"])
+    ref = D[[*range(20, 25), *range(25, 40)]][:, [*range(20, 25), *range(25, 40)]]
+    torch.testing.assert_close(bias.to_dense(), ref, rtol=1e-13, atol=1e-15)
     with pytest.raises(ValueError, match=r"KFACOperator.*expected a tensor of shape \(43,\)"):
         K @ torch.zeros(5, dtype=DT)
 
@@ -313,3 +317,14 @@ def test_embedding_equals_a_linear_layer_on_one_hot_inputs(cls):
     # the embedding's rows are the linear weight's columns: permute (V, d) <-> (d, V).
     perm = torch.arange(V * 3).reshape(3, V).T.reshape(-1)
     torch.testing.assert_close(ke, kl.to_dense()[perm][:, perm], rtol=1e-12, atol=1e-14)
+
+
+def test_float32_inverse_with_small_damping():
+    model = mlp().float()
+    data = [(x.float(), y) for x, y in ce_data()]
+    K = hesse.KFACOperator(model, nn.CrossEntropyLoss(), data)
+    D = K.to_dense().double()
+    lam = 1e-4 * float(D.diagonal().max())
+    inv = K.inverse(lam, exact_damping=True).to_dense().double()
+    n = D.shape[0]
+    torch.testing.assert_close(inv @ (D + lam * _eye(n)), _eye(n), rtol=0, atol=1e-3)

@@ -139,3 +139,34 @@ def test_random_assignments_never_miss_a_nonzero(steps, seed):
     x = torch.randn(6, generator=gen, dtype=torch.float64)
     detected = hesse.hessian_sparsity(f)(x).to_dense()
     assert not (dense_hessian_pattern(f, x, gen) & ~detected).any()
+
+
+MASK = torch.tensor([True, False, True, False, True, False])
+MASK_2D = torch.tensor([[True, False], [False, True], [True, True]])
+
+
+def _constant_mask_read_write(x):
+    g = x.clone()
+    g[MASK] = x[MASK] ** 2 * x[1]
+    return (g**2).sum()
+
+
+def _constant_mask_2d(x):
+    X = x.reshape(3, 2)
+    return (X[MASK_2D] ** 3).sum() + X[MASK_2D][:2].prod()
+
+
+@pytest.mark.parametrize("f", [_constant_mask_read_write, _constant_mask_2d])
+def test_captured_boolean_masks_index_exactly(f, gen):
+    # NOTE [constant masks]: a captured mask is a constant, not a value-dependent shape
+    x = torch.randn(6, generator=gen, dtype=torch.float64)
+    detected = hesse.hessian_sparsity(f)(x).to_dense()
+    assert torch.equal(detected, dense_hessian_pattern(f, x, gen))
+    H = hesse.sparse_hessian(f)(x).to_dense()
+    assert torch.allclose(H, torch.func.hessian(f)(x), rtol=0, atol=1e-12)
+
+
+def test_a_mask_computed_from_the_input_is_still_value_dependent(gen):
+    x = torch.randn(6, generator=gen, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="value-dependent control flow"):
+        hesse.hessian_sparsity(lambda x: x[x > 0].sum())(x)

@@ -7,17 +7,20 @@ Each subcommand lives in its own module and is imported only when it runs, so
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hesse`` command (both subcommands)."""
+    from hesse import __version__
     from hesse.cli import _analyze, _bench
 
     parser = argparse.ArgumentParser(
         prog="hesse",
         description="Second derivatives for PyTorch: curvature reports and benchmarks.",
     )
+    parser.add_argument("--version", action="version", version=f"hesse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{analyze,bench}")
     _analyze.add_parser(sub)
     _bench.add_parser(sub)
@@ -37,12 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["--help"])  # doctest: +SKIP
     """
     parser = build_parser()
-    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "accepts_unknown", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2
+    args.command_line = shlex.join(["hesse", *argv])  # recorded in the report's provenance
     return int(args.run(args) or 0)
 
 

@@ -109,9 +109,12 @@ def _place(
             t = t.to(cast)
         return t.to(device)
 
-    data = as_batches("data", data)  # (the default model's data; a factory's is checked)
-    if isinstance(data.data, (list, tuple)):
-        return model, [tree_map(move, batch) for batch in data]
+    try:  # each batch's form is checked as it is read (NOTE [data forms])
+        data = as_batches("data", data)  # (the default model's data; a factory's is checked)
+        if isinstance(data.data, (list, tuple)):
+            return model, [tree_map(move, batch) for batch in data]
+    except (TypeError, ValueError) as err:
+        raise AnalyzeError(first_line(err)) from err
     return model, _Mapped(data, lambda batch: tree_map(move, batch))
 
 

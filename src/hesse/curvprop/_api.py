@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from hesse._attention import math_attention
 from hesse._chunking import allocated_bytes, chunk_size_for, default_memory_budget, map_chunks
 from hesse._validation import check_choice, check_chunk_size, describe, fail
+from hesse.curvprop._chain import chain_diagonal, chain_plan
 from hesse.curvprop._exact import Propagation, assemble_term, diagonal_from_cols
 from hesse.curvprop._graph import Plan, UnsupportedGraph, plan, sink_chain, trace
 
@@ -229,7 +230,15 @@ def assemble(
     """Turn ``(B, r)`` rows into ``(B, n)`` per-sample diagonals or the summed ``(n,)``."""
     b = rows.shape[0]
     lead = (b,) if per_sample else ()
-    diags = [p.new_zeros((*lead, *p.shape)) for p in plist]
+    # One output, written through per-parameter views: no per-parameter zeros and
+    # no concatenating copy of a (B, n) result (NOTE [per-sample]).
+    numels = [p.numel() for p in plist]
+    flat = rows.new_empty((*lead, sum(numels)))
+    starts = [0]
+    for k in numels:
+        starts.append(starts[-1] + k)
+    diags = [flat[..., a:e].view(*lead, *p.shape) for a, e, p in zip(starts, starts[1:], plist)]
+    written = [False] * len(plist)
     off = 0
 
     def take(shape):
@@ -239,20 +248,25 @@ def assemble(
         off += size
         return piece
 
+    def put(i: int, value: torch.Tensor) -> None:
+        if written[i]:
+            diags[i] += value
+        else:
+            diags[i].copy_(value)
+            written[i] = True
+
     for i in layout.dense:
         piece = take(plist[i].shape)
-        diags[i] += piece if per_sample else piece.sum(0)
+        put(i, piece if per_sample else piece.sum(0))
     for index, chain, left, scale, kind, shapes in layout.terms:
         sq = assemble_term(kind, tuple(take(sh) for sh in shapes), per_sample)
         if left:
             sq = sq.transpose(-1, -2)
-        diags[index] += _through_chain(chain, plist[index], sq * scale, per_sample)
-    flat = (
-        torch.cat([d.reshape(*lead, -1) for d in diags])
-        if not per_sample
-        else torch.cat([d.reshape(b, -1) for d in diags], dim=1)
-    )
-    return flat * tr.scale
+        put(index, _through_chain(chain, plist[index], sq * scale, per_sample))
+    for i, done in enumerate(written):
+        if not done:
+            diags[i].zero_()
+    return flat.mul_(tr.scale) if tr.scale != 1 else flat
 
 
 def _through_chain(chain, param: torch.Tensor, sq: torch.Tensor, per_sample: bool):
@@ -495,6 +509,9 @@ def batch_diagonal(
     HVPs (exact) with a :class:`CurvpropFallbackWarning` when the model does not trace.
     """
     params = {k: v.detach() for k, v in params.items()}
+    fast = _chain_fast(call, method, model, loss_fn, params, inputs, targets, per_sample)
+    if fast is not None:
+        return fast
     try:
         tr = prepare(call, model, loss_fn, params, inputs, targets)
         if per_sample and not tr.per_sample:
@@ -529,6 +546,19 @@ def batch_diagonal(
             stacklevel=3,
         )
         return _brute_force(call, model, loss_fn, params, inputs, targets, per_sample)
+
+
+def _chain_fast(call, method, model, loss_fn, params, inputs, targets, per_sample):
+    """The exact diagonal by NOTE [chain fast path], or ``None`` where it does not apply."""
+    if method != "exact":
+        return None
+    layers = chain_plan(model, loss_fn, params, inputs, targets)
+    if layers is None:
+        return None
+    reduction = loss_fn.reduction
+    return chain_diagonal(
+        layers, list(params), params, inputs, targets, reduction, per_sample=per_sample, call=call
+    )
 
 
 def check_model_inputs(call, model, inputs, targets, params) -> dict[str, torch.Tensor]:
@@ -580,6 +610,9 @@ def operator_diagonal(method: str, fallback: Callable | None = None) -> Callable
                     "curvature propagation takes one input tensor and one target tensor per "
                     f"batch, got {describe(inputs)} and {describe(targets)}"
                 )
+            flat = _chain_fast(call, method, op.model, op.loss_fn, params, inputs, targets, False)
+            if flat is not None:  # NOTE [aggregation]: batch contributions are in sum form.
+                return flat * op._count(inputs, targets) if op.reduction == "mean" else flat
             tr = prepare(call, op.model, op.loss_fn, params, inputs, targets)
             plist = [params[k] for k in tr.names]
             others = _others(op.model, params)

@@ -33,13 +33,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._decomp import core_aten_decompositions, get_decompositions
-from torch.func import functionalize
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from hesse._attention import math_attention
+from hesse.sparsity._tracing import CURVATURE_DECOMPOSITIONS as DECOMPOSITIONS
+from hesse.sparsity._tracing import make_graph
 
 aten = torch.ops.aten
 
@@ -48,72 +46,17 @@ class UnsupportedGraph(RuntimeError):
     """The model could not be traced, or holds an op that curvature propagation cannot handle."""
 
 
-def _var_mean(x, dim=None, *, correction=None, keepdim=False):
-    # NOTE [curvature families]: written with sum/sub/mul/div so that the variance
-    # is made of pointwise and linear nodes (the stock decomposition emits prims).
-    dims = list(range(x.dim())) if dim is None or len(dim) == 0 else list(dim)
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    corr = 1 if correction is None else correction
-    mean = aten.sum.dim_IntList(x, dims, True) / n
-    centred = x - mean
-    var = aten.sum.dim_IntList(centred * centred, dims, keepdim) / max(n - corr, 0)
-    if not keepdim:
-        mean = aten.squeeze.dims(mean, dims)
-    return var, mean
-
-
-def _var(x, dim=None, *, correction=None, keepdim=False):
-    return _var_mean(x, dim, correction=correction, keepdim=keepdim)[0]
-
-
-def _decompositions() -> dict:
-    table = dict(core_aten_decompositions())
-    table.update(
-        get_decompositions(
-            [
-                aten._softmax,
-                aten._log_softmax,
-                aten.native_layer_norm,
-                aten.native_group_norm,
-                aten._native_batch_norm_legit_no_training,
-                aten.gelu,
-                aten.silu,
-                aten.mish,
-                aten.softplus,
-                aten.elu,
-                aten.logsumexp,
-                aten.mse_loss,
-                aten.nll_loss_forward,
-                aten.binary_cross_entropy,
-                aten.binary_cross_entropy_with_logits,
-                aten.huber_loss,
-                aten.smooth_l1_loss,
-                aten.linalg_vector_norm,
-            ]
-        )
-    )
-    # detach has zero derivative; its decomposition (alias) would pass curvature through.
-    table.pop(aten.detach.default, None)
-    table[aten.var_mean.correction] = _var_mean
-    table[aten.var.correction] = _var
-    return table
-
-
-DECOMPOSITIONS = _decompositions()
-
-
 def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
-    """Trace ``fn(*args)`` to an ATen graph (fake tensors, composite ops decomposed)."""
+    """Trace ``fn(*args)`` to an ATen graph (fake tensors, composite ops decomposed) with
+    the one tracer of :mod:`hesse.sparsity._tracing` and the curvature decompositions."""
     try:
         try:
-            gm = _make_fx(fn, args, functional=True)
+            gm = make_graph(fn, *args, decompositions=DECOMPOSITIONS)
         except GuardOnDataDependentSymNode as err:
             # Some libraries (transformers' mask builders) skip value-dependent checks
             # only when they see fake tensors, which functionalisation wraps; a graph
             # without in-place ops needs no functionalisation, so trace it plainly.
-            gm = _make_fx(fn, args, functional=False)
+            gm = make_graph(fn, *args, decompositions=DECOMPOSITIONS, functional=False)
             if any(_mutates(node) for node in gm.graph.nodes):
                 raise err from None
     except Exception as err:  # noqa: BLE001 - any tracing failure is reported with its cause
@@ -123,12 +66,6 @@ def trace(fn: Callable[..., torch.Tensor], *args: Any) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
-
-
-def _make_fx(fn: Callable[..., torch.Tensor], args: tuple, *, functional: bool) -> fx.GraphModule:
-    f = functionalize(fn, remove="mutations") if functional else fn
-    with math_attention():  # NOTE [math attention]: attention as matmul and softmax
-        return make_fx(f, decomposition_table=DECOMPOSITIONS, tracing_mode="fake")(*args)
 
 
 def _mutates(node: fx.Node) -> bool:

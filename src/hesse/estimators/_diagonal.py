@@ -24,7 +24,14 @@ import torch
 from torch.func import jvp, vmap
 
 from hesse._chunking import map_chunks
-from hesse._estimate import MAX_PAIRS_COLUMNS, Estimate, exchangeable_stderr
+from hesse._estimate import (
+    MAX_PAIRS_COLUMNS,
+    Estimate,
+    exchangeable_stderr,
+    from_draws,
+    from_moments,
+    merge_moments,
+)
 from hesse._hvp import basis_rows, tensor_rows
 from hesse._probes import keyed_generator, rademacher, resolve_generator
 from hesse._validation import check_chunk_size, check_generator, fail
@@ -229,17 +236,6 @@ def _products(
     return out.T
 
 
-def _from_draws(draws: torch.Tensor, num_matvecs: int) -> Estimate:
-    """An Estimate from ``(m, n)`` independent unbiased draws (``m - 1`` degrees of freedom)."""
-    m = draws.shape[0]
-    value = draws.mean(0)
-    if m > 1:
-        stderr = draws.std(0, correction=1) / math.sqrt(m)
-    else:
-        stderr = torch.full_like(value, float("nan"))
-    return Estimate(value=value, stderr=stderr, num_matvecs=num_matvecs, dof=float(m - 1))
-
-
 def exact_estimate(op: LinearOperator, *, chunk_size: int | None, call: str) -> Estimate:
     """The exact diagonal, as an :class:`Estimate` with ``exact=True`` and zero error.
 
@@ -335,30 +331,29 @@ def _hutchinson(
     num_chunks = -(-m // cs)
 
     def batched(ids: torch.Tensor) -> torch.Tensor:
-        # One chunk of probes; only its mean and sum of squared deviations are kept.
+        # One chunk of probes; only its mean and central sums (powers 2-4) are kept.
         c = min(cs, m - int(ids[0]) * cs)
         Z = rademacher(n, c, generator=gen, dtype=op.dtype, device=op.device)
         est = op._matmat(Z) * Z  # (n, c): one draw per column
         mean = est.mean(1)
-        m2 = (est - mean.unsqueeze(1)).square().sum(1)
-        return torch.stack([mean, m2, torch.full_like(mean, c)]).unsqueeze(0)
+        dev = est - mean.unsqueeze(1)
+        sums = [(dev**p).sum(1) for p in (2, 3, 4)]
+        return torch.stack([mean, *sums, torch.full_like(mean, c)]).unsqueeze(0)
 
     parts = map_chunks(
         batched, None, num_chunks, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
     )
-    # Chan et al.'s pairwise update: stable, unlike sums of squares.
-    value, m2, count = parts[0, 0], parts[0, 1], parts[0, 2]
-    for mean_b, m2_b, count_b in parts[1:]:
-        total = count + count_b
-        delta = mean_b - value
-        value = value + delta * count_b / total
-        m2 = m2 + m2_b + delta.square() * count * count_b / total
-        count = total
-    if m > 1:
-        stderr = (m2 / (m - 1) / m).sqrt()
-    else:
-        stderr = torch.full_like(value, float("nan"))
-    return Estimate(value=value, stderr=stderr, num_matvecs=m, dof=float(m - 1))
+
+    # Pairwise updates of the central sums (Chan et al.; Pebay): stable, unlike raw sums.
+    def group(row: torch.Tensor) -> tuple:
+        mean, m2, m3, m4, count = row
+        return int(count[0]), mean, m2, m3, m4
+
+    moments = group(parts[0])
+    for row in parts[1:]:
+        moments = merge_moments(moments, group(row))
+    count, mean, m2, m3, m4 = moments
+    return from_moments(mean, m2, m3, m4, count, num_matvecs=m)
 
 
 # -- XDiag ---------------------------------------------------------------------------------
@@ -456,7 +451,7 @@ def _mc(
     cols = op._factor_squares(
         _sampler(op, call, generator, m), chunk_size=chunk_size, per_column=True
     )
-    return _from_draws(cols * m, num_matvecs=m)
+    return from_draws(cols * m, num_matvecs=m)
 
 
 @register_diagonal("gnb", _OuterProductOperator)
@@ -465,7 +460,7 @@ def _gnb(
 ) -> Estimate:
     m = num_matvecs or 1
     cols = op._batch_gradient_squares(_sampler(op, call, generator, m))
-    return _from_draws(cols * m, num_matvecs=m)
+    return from_draws(cols * m, num_matvecs=m)
 
 
 # -- curvature backpropagation (hesse.curvprop) for model Hessians -------------------------

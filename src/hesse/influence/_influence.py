@@ -120,8 +120,9 @@ def influence(
     Methods for ``(C + lambda I)^{-1}``:
 
     * ``"exact"``: a dense eigendecomposition of ``C`` (``P`` products and
-      ``O(P^3)``: small models); for ``"kfac"``/``"ekfac"`` their exact
-      Kronecker-factored inverse (cheap).
+      ``O(P^3)``: small models); for ``"kfac"``/``"ekfac"`` the exact inverse
+      ``(K + lambda I)^{-1}`` through the Kronecker eigenbases (cheap; for KFAC
+      ``inverse(damping, exact_damping=True)``).
     * ``"cg"`` / ``"minres"``: :func:`hesse.solve` with one block of
       ``test_batch_size`` right-hand sides at a time (``rtol`` default 1e-6).
     * ``"lissa"``: :func:`hesse.solve` with ``method="lissa"``: each step draws one
@@ -414,6 +415,7 @@ class _Problem:
         self.sum_loss = reduction_of(call, loss_fn) == "sum"
         self.scaled = self.op * (1.0 / self.n_train) if self.sum_loss else self.op
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inverse: LinearOperator | None = None
         settings = {
             "formula": "I[i, j] = -g_test_j^T (C + damping I)^-1 g_train_i",
             "curvature": self.curvature,
@@ -506,11 +508,12 @@ class _Problem:
 
     def _exact(self, B: torch.Tensor) -> torch.Tensor:
         if self.curvature in ("kfac", "ekfac"):
-            if self._dense is None:
-                self._dense = (self.op.inverse(self.damping), None)  # type: ignore[assignment]
-            inverse = self._dense[0]
-            out = inverse @ B
-            return out * self.n_train if self.sum_loss else out
+            # (K / N + lambda I)^{-1} = N (K + N lambda I)^{-1} for a sum-reduced loss.
+            n = self.n_train if self.sum_loss else 1
+            if self._inverse is None:
+                exact = {"exact_damping": True} if self.curvature == "kfac" else {}
+                self._inverse = self.op.inverse(self.damping * n, **exact)
+            return n * (self._inverse @ B)
         if self._dense is None:
             C = self.scaled.to_dense()
             self.info.dense_matvecs += C.shape[0]

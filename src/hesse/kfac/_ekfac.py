@@ -163,7 +163,7 @@ class EKFACOperator(KroneckerOperator):
         damping = check_damping(call, damping)
         fns = {}
         for b in self.blocks:
-            values = self._grid(b) + damping
+            values = self._grid(b)
             self._check_regular(call, repr(b.name), values, damping)
-            fns[b.name] = grid_function(*self._eigen(b), 1 / values)
+            fns[b.name] = grid_function(*self._eigen(b), 1 / (values + damping))
         return KroneckerInverse(f"{self._title}.inverse({damping})", self, self.blocks, fns)

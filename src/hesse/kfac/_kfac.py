@@ -200,18 +200,19 @@ class KFACOperator(KroneckerOperator):
         for b in self.blocks:
             eg, ea = self._eigen(b)
             if exact_damping:
-                values = torch.outer(eg.values, ea.values) + damping
+                values = torch.outer(eg.values, ea.values)
                 self._check_regular(call, repr(b.name), values, damping)
-                fns[b.name] = grid_function(eg, ea, 1 / values)
+                fns[b.name] = grid_function(eg, ea, 1 / (values + damping))
                 continue
             dg, da = damping, damping
             if heuristic_damping:
                 pi = _pi(eg.values, ea.values)
                 dg, da = math.sqrt(damping) / pi, math.sqrt(damping) * pi
-            gv, av = eg.values + dg, ea.values + da
-            self._check_regular(call, f"{b.name!r} (G)", gv, dg)
-            self._check_regular(call, f"{b.name!r} (A)", av, da)
-            fns[b.name] = grid_function(eg, ea, torch.outer(1 / gv, 1 / av))
+            self._check_regular(call, f"{b.name!r} (G)", eg.values, dg)
+            self._check_regular(call, f"{b.name!r} (A)", ea.values, da)
+            fns[b.name] = grid_function(
+                eg, ea, torch.outer(1 / (eg.values + dg), 1 / (ea.values + da))
+            )
         return KroneckerInverse(f"{self._title}.inverse({damping})", self, self.blocks, fns)
 
 

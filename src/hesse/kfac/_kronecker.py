@@ -176,25 +176,20 @@ class KroneckerOperator(_ModelOperator):
         """``(A_sum, rows, g)`` of one batch: the sum of the ``rows`` input outer products
         after expand/reduce (for an embedding, expand only, the ``(q,)`` token counts:
         padding tokens are zero input rows, as for a linear layer on one-hot inputs),
-        and the ``(K, rows, p)`` gradient rows (``None`` without a backward pass)."""
-        a = block.rows(inp)
+        and the ``(K, N, R, p)`` gradient rows (``None`` without a backward pass)."""
+        a = block.rows(inp, augment=False)
         g = None if grads is None else block.grad_rows(grads)
         if block.diagonal_input:
             idx = a.reshape(-1)
             keep = block.embedding_mask(idx)
             weights = None if keep is None else keep.to(self.dtype)
             counts = torch.bincount(idx, weights=weights, minlength=block.q).to(self.dtype)
-            return (
-                counts,
-                idx.numel(),
-                None if g is None else g.reshape(g.shape[0], -1, g.shape[-1]),
-            )
+            return counts, idx.numel(), g
         if self.kfac_approx == "reduce":
-            a, g = a.mean(1), None if g is None else g.sum(2)
-        else:
-            a = a.reshape(-1, a.shape[-1])
-            g = None if g is None else g.reshape(g.shape[0], -1, g.shape[-1])
-        return a.T @ a, a.shape[0], g
+            a = a.mean(1, keepdim=True)
+            g = None if g is None else g.sum(2, keepdim=True)
+        rows = a.shape[0] * a.shape[1]
+        return _augmented_gram(a, rows, block), rows, g
 
     def _compute_factors(self) -> dict[str, Factors]:
         blocks = self.blocks
@@ -207,8 +202,7 @@ class KroneckerOperator(_ModelOperator):
                 A, rows, g = self._rows(b, *captured[b.module_name])
                 parts += [A.reshape(-1), A.new_full((1,), float(rows))]
                 if with_g:
-                    gf = g.reshape(-1, g.shape[-1])
-                    parts.append((gf.T @ gf).reshape(-1))
+                    parts.append(gram(g).reshape(-1))
             return torch.cat(parts)
 
         total = self._accumulate(per_batch)
@@ -246,14 +240,23 @@ class KroneckerOperator(_ModelOperator):
         """The block's ``(p, q)`` eigenvalues in its Kronecker eigenbasis."""
 
     def _check_regular(self, call: str, name: str, values: torch.Tensor, damping: float) -> None:
-        """Raise if ``values`` (eigenvalues after damping) make the block singular."""
+        """Raise if ``values + damping`` is singular: no damping and ``values`` (the block's
+        or a factor's eigenvalues, ``>= 0``) numerically rank-deficient.
+
+        With ``damping > 0`` every damped eigenvalue is at least ``damping``: the inverse
+        is what was asked for, however ill-conditioned.
+        """
+        if damping > 0:
+            return
+        # Numerical rank as in numpy.linalg.matrix_rank, per factor dimension: the grid's
+        # eigenvalues are products of the factors' (each accurate to ~dim * eps * max).
         top = values.abs().max()
-        tol = values.numel() * torch.finfo(values.dtype).eps * top
-        if bool(values.min() <= tol) or bool(top == 0):
+        tol = max(values.shape) * torch.finfo(values.dtype).eps * top
+        if bool(top == 0) or bool(values.min() <= tol):
             fail(
                 call,
                 f"block {name} is singular (smallest eigenvalue {float(values.min()):.3g}, "
-                f"largest {float(top):.3g}) at damping={damping}. Pass damping > 0.",
+                f"largest {float(top):.3g}) at damping=0. Pass damping > 0.",
             )
 
     # -- queries -----------------------------------------------------------------------------
@@ -269,14 +272,17 @@ class KroneckerOperator(_ModelOperator):
         damping = check_damping(call, damping)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks:
-            values = self._grid(b) + damping
+            values = self._grid(b)
             self._check_regular(call, repr(b.name), values, damping)
-            total = total + values.log().sum()
+            total = total + (values + damping).log().sum()
         return total
 
     def trace(self) -> torch.Tensor:
         """``tr(K)``, exactly (the sum of the blocks' eigenvalues)."""
-        return sum((self._grid(b).sum() for b in self.blocks), torch.zeros((), dtype=self.dtype))
+        return sum(
+            (self._grid(b).sum() for b in self.blocks),
+            torch.zeros((), dtype=self.dtype, device=self.device),
+        )
 
     def diagonal(self) -> torch.Tensor:
         """``diag(K)`` as a flat ``(n,)`` vector in the parameters' order.
@@ -289,3 +295,32 @@ class KroneckerOperator(_ModelOperator):
     def _block_diagonal(self, block: LayerSpec) -> torch.Tensor:
         eg, ea = self._eigen(block)
         return diagonal_of(eg, ea, self._grid(block))
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``sum_i x_i^T x_i`` over all leading indices of ``x`` (``(..., R, d)``): ``(d, d)``.
+
+    Rows that are a transposed view (a convolution's unfolded patches or output
+    gradients) are multiplied in place, batched over the leading indices, instead
+    of being copied into one ``(rows, d)`` matrix.
+    """
+    d = x.shape[-1]
+    if x.is_contiguous():
+        flat = x.reshape(-1, d)
+        return flat.T @ flat
+    x = x.reshape(-1, *x.shape[-2:])
+    return torch.matmul(x.transpose(1, 2), x).sum(0)
+
+
+def _augmented_gram(a: torch.Tensor, rows: int, block: LayerSpec) -> torch.Tensor:
+    """The sum of ``[a, 1] [a, 1]^T`` over the ``rows`` of ``a`` (``(N, R, q0)``), the
+    ``1`` present if the block holds the bias and ``a`` if it holds the weight."""
+    if block.weight is None:
+        return a.new_full((1, 1), float(rows))
+    S = gram(a)
+    if block.bias is None:
+        return S
+    s = a.sum((0, 1))
+    top = torch.cat([S, s.unsqueeze(1)], dim=1)
+    bottom = torch.cat([s, s.new_full((1,), float(rows))]).unsqueeze(0)
+    return torch.cat([top, bottom], dim=0)

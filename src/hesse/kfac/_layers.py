@@ -78,10 +78,6 @@ class LayerSpec:
     def q(self) -> int:
         return (self.q_weight if self.weight is not None else 0) + (self.bias is not None)
 
-    @property
-    def pieces(self) -> list[Piece]:
-        return [piece for piece in (self.weight, self.bias) if piece is not None]
-
     # -- the matrix P of a batch of flat vectors -------------------------------------
     def pack(self, X: torch.Tensor) -> torch.Tensor:
         """``(k, p, q)``: the block's parameters of the columns of ``X`` (``(n, k)``) as ``P``."""
@@ -110,19 +106,22 @@ class LayerSpec:
             out[self.bias.offset : self.bias.offset + self.bias.numel] = P[:, :, -1].T
 
     # -- input rows ------------------------------------------------------------------
-    def rows(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``(N, R, q)`` input rows; for an embedding, the ``(N, R)`` token indices."""
+    def rows(self, inputs: torch.Tensor, *, augment: bool = True) -> torch.Tensor:
+        """``(N, R, q)`` input rows; for an embedding, the ``(N, R)`` token indices.
+
+        ``augment=False`` leaves out the bias column of ones (and returns the weight's
+        rows even if only the bias is selected): :func:`hesse.kfac._kronecker` adds its
+        moments without materialising the concatenation.
+        """
         m = self.module
         if isinstance(m, nn.Embedding):
             return inputs.reshape(inputs.shape[0], -1)
-        if self.weight is None:  # the bias alone: one column of ones per output row
-            R = inputs[0].numel() // self.q_weight if isinstance(m, nn.Linear) else None
-            if R is not None:
-                return inputs.new_ones(inputs.shape[0], R, 1)
         if isinstance(m, nn.Linear):
             a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
         else:
             a = _patches(m, inputs)
+        if not augment:
+            return a
         parts = []
         if self.weight is not None:
             parts.append(a)
@@ -139,7 +138,7 @@ class LayerSpec:
         return grad_output.reshape(K, N, self.p, -1).transpose(2, 3)
 
     def embedding_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """Rows that carry a gradient (``idx != padding_idx``), or ``None`` for all."""
+        """Rows that are not padding (``idx != padding_idx``), or ``None`` for all."""
         pad = self.module.padding_idx  # type: ignore[union-attr]
         return None if pad is None else idx != pad
 

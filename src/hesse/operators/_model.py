@@ -52,7 +52,7 @@ from hesse._validation import (
 from hesse.operators._base import PSD, SYMMETRIC, LinearOperator
 from hesse.operators._data import Batch, as_batches, model_arguments
 from hesse.operators._losses import OutputCurvature, output_curvature
-from hesse.operators._squares import batch_factor_squares
+from hesse.operators._squares import batch_factor_gram, batch_factor_squares
 
 
 def _select_params(call: str, model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
@@ -358,9 +358,13 @@ class HessianOperator(_ModelOperator):
         model: a ``torch.nn.Module`` returning a tensor.
         loss_fn: ``loss_fn(output, targets) -> scalar`` (an ``nn`` loss or any
             callable); ``reduction="none"`` is rejected.
-        data: a re-iterable collection of ``(inputs, targets)`` batches (a list, a
-            ``DataLoader`` without shuffling); ``inputs`` may be a tensor or a tuple
-            of tensors passed as positional arguments.
+        data: ``(inputs, targets)`` batches: a list of them, a single ``(X, y)``
+            pair, a ``DataLoader`` that does not shuffle, or any re-iterable of
+            batches; ``inputs`` is a tensor, a tuple of tensors (positional
+            arguments) or a dict of tensors (keyword arguments, e.g.
+            ``input_ids``/``attention_mask``). See NOTE [data forms] in
+            ``hesse/operators/_data.py`` for the rule that tells one pair from two
+            batches.
         params: ``None`` (every parameter that requires grad), a list of parameter
             names (a block of the Hessian), or a dict name -> tensor (the point at
             which to evaluate; other parameters keep their values).
@@ -368,8 +372,8 @@ class HessianOperator(_ModelOperator):
             over in a batch; needed only where it cannot be read from the loss (a
             plain callable on flattened token or pixel outputs, a masked mean).
         progress: show a tqdm progress bar over batches on every pass.
-        check_deterministic: run the first batch twice (and iterate the data twice)
-            at construction and raise if anything differs.
+        check_deterministic: at construction, walk the data twice and run the
+            first batch twice, and raise if any batch or the output differs.
         cache_graphs: keep each batch's gradient graph after its first product
             while the kept graphs fit ``memory_budget`` (NOTE [graph cache]), so that
             later products skip the forward pass and the first backward. Kept graphs
@@ -383,10 +387,11 @@ class HessianOperator(_ModelOperator):
             ``op @ {name: tensor}`` works; ``param_names`` lists them in order.
 
     Raises:
-        TypeError, ValueError: for a non-module model, a one-shot iterator or empty
-            data, unknown or frozen parameter names, a model that returns a
-            non-tensor, a non-scalar loss, a loss whose count cannot be determined,
-            a bad ``cache_graphs`` or ``memory_budget`` (messages name the fix).
+        TypeError, ValueError: for a non-module model, data in a refused form (a
+            bare tensor, a one-shot iterator, a shuffling DataLoader, no batches),
+            unknown or frozen parameter names, a model that returns a non-tensor, a
+            non-scalar loss, a loss whose count cannot be determined, a bad
+            ``cache_graphs`` or ``memory_budget`` (messages name the fix).
 
     Cost: one product with ``k`` columns is one pass over the data; per batch one
     gradient with ``create_graph`` plus one double-backward per column
@@ -550,6 +555,37 @@ class _OuterProductOperator(_ModelOperator):
     def _output_product_fn(self, index, out, targets) -> Callable[[torch.Tensor], torch.Tensor]:
         S = self._factor(index, out, targets)
         return lambda V: torch.einsum("ndk,nk->nd", S, torch.einsum("ndk,nd->nk", S, V))
+
+    # -- the dense matrix --------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """The ``(n, n)`` matrix as a Gram product of per-sample VJPs (NOTE [factor Gram]).
+
+        Cost: per batch, ``N * K`` VJPs (``K`` the output factor's columns, e.g. the
+        classes), batched, and one ``(n x NK) (NK x n)`` matrix product; memory one
+        group of rows of the VJP matrix plus the result.
+        """
+        return self._dense_block(None)
+
+    def _dense_block(self, columns: torch.Tensor | None) -> torch.Tensor:
+        """Rows and columns ``columns`` (all if ``None``) of the dense matrix."""
+
+        def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
+            return batch_factor_gram(
+                self,
+                self._factor,
+                index,
+                inputs,
+                targets,
+                columns=columns,
+                chunk_size=None,
+                verify=self._linear_plan is None,
+            )
+
+        try:
+            return self._accumulate(per_batch)
+        except (RuntimeError, NotImplementedError) as err:
+            raise_if_no_derivative(f"{self._title}.to_dense()", err)
+            raise
 
     # -- structure used by hesse.diagonal -----------------------------------------------
     def _factor_squares(

@@ -50,7 +50,7 @@ from torch import nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from hesse._chunking import map_chunks
+from hesse._chunking import EFFICIENT_CHUNK_BYTES, map_chunks
 from hesse._hvp import batched_grad
 
 Factor = Callable[[int, torch.Tensor, Any], torch.Tensor]
@@ -128,6 +128,115 @@ def _group_rows(S: torch.Tensor, r: int) -> torch.Tensor:
     return grouped.reshape(N // r, r * D, r * K)
 
 
+class _BatchPass:
+    """One batch's forward pass, output factor ``S`` and VJPs at the fast layers' outputs.
+
+    ``coupled``: NOTE [coupled rows] holds and only ``out``, ``x``, ``S`` are set.
+    ``rows > 1``: output rows are grouped ``rows`` per sample and ``S`` is the
+    per-sample factor of :func:`_group_rows` (``rows * K`` columns).
+    Otherwise ``fast`` maps a layer prefix to its input ``a`` and the VJPs ``d``
+    (``(K, *output)``) of all ``K`` columns at its output, and ``rest`` lists the
+    selected parameters left to the generic path.
+    """
+
+    def __init__(
+        self, op: Any, factor: Factor, index: int, inputs: Any, targets: Any, verify: bool
+    ):
+        self.op, self.inputs = op, inputs
+        self.offsets = dict(zip(op.param_names, op.layout.offsets))
+        self.numels = dict(zip(op.param_names, op.layout.numels))
+        candidates = op._linear_plan if op._linear_plan is not None else _linear_candidates(op)
+        # One forward pass with hooks recording each candidate's input and output.
+        records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in candidates}
+        handles = [
+            mod.register_forward_hook(lambda m, i, o, p=p: records[p].append((i[0], o)))
+            for p, mod in candidates.items()
+        ]
+        self.x = x = op._x.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out = self.out = op._forward(x, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        self.S = S = factor(index, out.detach(), targets).detach()
+        N, _, K = S.shape
+        if op._rows_per_sample is None:  # decided on the first batch: NOTE [coupled rows]
+            op._rows_per_sample = _rows_per_sample(op, inputs, out)
+        self.rows = op._rows_per_sample
+        self.coupled = not self.rows
+        if self.coupled:
+            return
+        if self.rows > 1:  # rows grouped by sample (tokens): the generic path, r * K columns
+            self.S = _group_rows(S, self.rows)
+            self.fast, self.rest, self.out = {}, list(op.param_names), None
+            return
+        cot = S.permute(2, 0, 1).reshape(K, *out.shape)
+        self.rules = rules = {p: _rule(mod) for p, mod in candidates.items()}
+        self.modules = candidates
+        fast = {
+            p: rec[0]
+            for p, rec in records.items()
+            if len(rec) == 1
+            and rec[0][1].requires_grad
+            and rec[0][0].shape[:1] == (N,)
+            and rules[p].accepts(candidates[p], *rec[0])
+        }
+        if fast and verify:
+            self._verify(fast, cot)
+            op._linear_plan = {p: candidates[p] for p in fast}
+        self.fast: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if fast:
+            outs = [o for _, o in fast.values()]
+            if K == 1:
+                deltas = [d.unsqueeze(0) for d in _grads(out, outs, cot[0], batched=False)]
+            else:
+                deltas = _grads(out, outs, cot, batched=True)
+            for (p, (a, _)), d in zip(fast.items(), deltas):
+                self.fast[p] = (a.detach(), d.detach())
+        covered = {
+            p + suffix
+            for p in self.fast
+            for suffix in ("weight", "bias")
+            if p + suffix in self.offsets
+        }
+        self.rest = [name for name in op.param_names if name not in covered]
+        self.out = None  # free the graph: the generic path re-runs the model per sample
+
+    def _verify(self, fast: dict, cot: torch.Tensor) -> None:
+        """Drop from ``fast`` the layers whose rule's gradient is not the true one."""
+        # A random combination of all K columns, so that no use of a weight outside
+        # its module can hide in a column that happens not to reach it.
+        gen = torch.Generator(device=cot.device).manual_seed(0)
+        r = torch.randn(cot.shape[0], generator=gen, device=cot.device, dtype=cot.dtype)
+        c = torch.tensordot(r, cot, dims=1)
+        (g0,) = torch.autograd.grad(self.out, self.x, c, retain_graph=True)
+        outs0 = [o for _, o in fast.values()]
+        deltas0 = _grads(self.out, outs0, c, batched=False)
+        for (p, (a, _)), d in zip(list(fast.items()), deltas0):
+            grads = self.rules[p].gradient(self.modules[p], a.detach(), d)
+            for suffix, value in grads.items():
+                name = p + suffix
+                if name not in self.offsets:
+                    continue
+                o = self.offsets[name]
+                true = g0[o : o + self.numels[name]].reshape(value.shape)
+                scale = true.abs().max().clamp_min(torch.finfo(true.dtype).tiny)
+                if not torch.allclose(value, true, rtol=1e-5, atol=1e-6 * float(scale)):
+                    del fast[p]  # used outside its module: generic path
+                    break
+
+    def rest_index(self) -> torch.Tensor:
+        """The flat entries of the parameters on the generic path."""
+        dev = self.op.device
+        return torch.cat(
+            [
+                torch.arange(self.offsets[k], self.offsets[k] + self.numels[k], device=dev)
+                for k in self.rest
+            ]
+        )
+
+
 def batch_factor_squares(
     op: Any,
     factor: Factor,
@@ -141,95 +250,140 @@ def batch_factor_squares(
 ) -> torch.Tensor:
     """One batch's ``sum_{n,k} (J_n^T s_nk)^2``: ``(n,)``, or ``(K, n)`` if ``per_column``."""
     call = f"hesse.diagonal({op._title})"
-    layout = op.layout
-    offsets = dict(zip(op.param_names, layout.offsets))
-    numels = dict(zip(op.param_names, layout.numels))
-    candidates = op._linear_plan if op._linear_plan is not None else _linear_candidates(op)
+    bp = _BatchPass(op, factor, index, inputs, targets, verify)
+    if bp.coupled:
+        return _coupled(bp.out, bp.x, bp.S, chunk_size=chunk_size, per_column=per_column, call=call)
+    K = bp.S.shape[2]
+    result = bp.x.new_zeros((K, op.shape[0]) if per_column else (op.shape[0],))
+    for p, (a, d) in bp.fast.items():
+        parts = bp.rules[p].squares(bp.modules[p], a, d, per_column)
+        for suffix, value in parts.items():
+            name = p + suffix
+            if name in bp.offsets:
+                o = bp.offsets[name]
+                flat = value.reshape(K, -1) if per_column else value.reshape(-1)
+                result[..., o : o + bp.numels[name]] = flat
+    if bp.rest:
+        idx = bp.rest_index()
+        sq = _generic(
+            op, inputs, bp.S, idx, chunk_size=chunk_size, per_column=per_column, call=call
+        )
+        result[..., idx] = sq
+    if per_column and bp.rows > 1:  # columns (t, k) back to the loss's K columns
+        result = result.reshape(bp.rows, -1, op.shape[0]).sum(0)
+    return result
 
-    # One forward pass with hooks recording each candidate's input and output.
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in candidates}
-    handles = [
-        mod.register_forward_hook(lambda m, i, o, p=p: records[p].append((i[0], o)))
-        for p, mod in candidates.items()
-    ]
-    x = op._x.detach().requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            out = op._forward(x, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    S = factor(index, out.detach(), targets).detach()
-    N, _, K = S.shape
-    if op._rows_per_sample is None:  # decided on the first batch: NOTE [coupled rows]
-        op._rows_per_sample = _rows_per_sample(op, inputs, out)
-    r = op._rows_per_sample
-    if not r:
-        return _coupled(out, x, S, chunk_size=chunk_size, per_column=per_column, call=call)
-    if r > 1:  # rows grouped by sample (tokens): per-sample VJPs of r * K columns
-        idx = torch.arange(op.shape[0], device=op.device)
-        G = _generic(
-            op, inputs, _group_rows(S, r), idx, chunk_size=chunk_size, per_column=per_column,
-            call=call,
-        )  # fmt: skip
-        return G.reshape(r, K, -1).sum(0) if per_column else G
-    cot = S.permute(2, 0, 1).reshape(K, *out.shape)
-    rules = {p: _rule(mod) for p, mod in candidates.items()}
-    fast = {
-        p: rec[0]
-        for p, rec in records.items()
-        if len(rec) == 1
-        and rec[0][1].requires_grad
-        and rec[0][0].shape[:1] == (N,)
-        and rules[p].accepts(candidates[p], *rec[0])
-    }
-    if fast and verify:
-        # A random combination of all K columns, so that no use of a weight outside
-        # its module can hide in a column that happens not to reach it.
-        gen = torch.Generator(device=cot.device).manual_seed(0)
-        r = torch.randn(K, generator=gen, device=cot.device, dtype=cot.dtype)
-        c = torch.tensordot(r, cot, dims=1)
-        (g0,) = torch.autograd.grad(out, x, c, retain_graph=True)
-        outs0 = [o for _, o in fast.values()]
-        deltas0 = _grads(out, outs0, c, batched=False)
-        for (p, (a, _)), d in zip(list(fast.items()), deltas0):
-            grads = rules[p].gradient(candidates[p], a.detach(), d)
-            for suffix, value in grads.items():
-                name = p + suffix
-                if name not in offsets:
-                    continue
-                true = g0[offsets[name] : offsets[name] + numels[name]].reshape(value.shape)
-                scale = true.abs().max().clamp_min(torch.finfo(true.dtype).tiny)
-                if not torch.allclose(value, true, rtol=1e-5, atol=1e-6 * float(scale)):
-                    del fast[p]  # used outside its module: generic path
-                    break
-        op._linear_plan = {p: candidates[p] for p in fast}
-    result = x.new_zeros((K, op.shape[0]) if per_column else (op.shape[0],))
-    covered: set[str] = set()
-    if fast:
-        outs = [o for _, o in fast.values()]
-        if K == 1:
-            deltas = [d.unsqueeze(0) for d in _grads(out, outs, cot[0], batched=False)]
-        else:
-            deltas = _grads(out, outs, cot, batched=True)
-        for (p, (a, _)), d in zip(fast.items(), deltas):
-            parts = rules[p].squares(candidates[p], a.detach(), d.detach(), per_column)
+
+def batch_factor_gram(
+    op: Any,
+    factor: Factor,
+    index: int,
+    inputs: Any,
+    targets: Any,
+    *,
+    columns: torch.Tensor | None,
+    chunk_size: int | None,
+    verify: bool,
+) -> torch.Tensor:
+    """One batch's ``sum_{n,k} (J_n^T s_nk)(J_n^T s_nk)^T``, restricted to ``columns``.
+
+    # NOTE [factor Gram]
+    The dense GGN / Fisher of a batch is the Gram matrix ``M^T M`` of the ``N * K``
+    per-sample VJPs ``J_n^T s_nk`` (the rows of ``M``; ``K`` the columns of the
+    output factor). They come from the same pass as the exact diagonal (NOTE
+    [linear fast path], NOTE [coupled rows]): the layer rules write their per-sample
+    gradients (``d_nk a_n^T`` for a linear weight) straight into ``M``, the generic
+    path adds vmapped per-sample VJPs. Rows go in groups (``chunk_size`` samples, or
+    as many as keep one group's ``M`` near ``EFFICIENT_CHUNK_BYTES``) through
+    :func:`hesse._chunking.map_chunks`, each group one GEMM into the sum: ``N * K``
+    VJPs and ``O(N K m^2)`` flops for ``m`` columns, instead of ``m`` operator products.
+    """
+    call = f"{op._title}.to_dense()"
+    bp = _BatchPass(op, factor, index, inputs, targets, verify)
+    S = bp.S
+    N, D, K = S.shape
+    n = op.shape[0]
+    per_sample = K * (n + (bp.out.numel() // N if bp.coupled else 0)) * bp.x.element_size()
+    group = chunk_size or max(1, min(N, EFFICIENT_CHUNK_BYTES // max(1, 3 * per_sample)))
+    num_groups = -(-N // group)
+
+    def select(M: torch.Tensor) -> torch.Tensor:
+        return M if columns is None else M[:, columns]
+
+    def gram(M: torch.Tensor) -> torch.Tensor:
+        M = select(M.reshape(-1, n))
+        return M.T @ M
+
+    def bounds(gid: torch.Tensor) -> tuple[int, int]:
+        lo = int(gid) * group
+        return lo, min(N, lo + group)
+
+    if bp.coupled:
+        flat_out = bp.out.reshape(N, D)
+
+        def coupled(ids: torch.Tensor) -> torch.Tensor:
+            lo, hi = bounds(ids[0])
+            r = torch.arange(hi - lo, device=S.device)
+            C = S.new_zeros(hi - lo, K, N, D)
+            C[r, :, lo + r] = S[lo:hi].transpose(1, 2)  # (rows, K, D) into row lo + r
+            (G,) = batched_grad(flat_out, [bp.x], C.reshape(-1, N, D))
+            return gram(G)
+
+        return map_chunks(coupled, None, num_groups, _ids, chunk_size=1, call=call, total=True)
+
+    idx = bp.rest_index() if bp.rest else None
+    sample_vjps = _sample_vjps(op, idx) if bp.rest else None
+
+    def rows(lo: int, hi: int, generic: torch.Tensor | None) -> torch.Tensor:
+        M = bp.x.new_zeros(K, hi - lo, n)
+        for p, (a, d) in bp.fast.items():
+            parts = bp.rules[p].per_sample(bp.modules[p], a[lo:hi], d[:, lo:hi])
             for suffix, value in parts.items():
                 name = p + suffix
-                if name in offsets:
-                    o = offsets[name]
-                    flat = value.reshape(K, -1) if per_column else value.reshape(-1)
-                    result[..., o : o + numels[name]] = flat
-                    covered.add(name)
-    del out
-    rest = [name for name in op.param_names if name not in covered]
-    if rest:
-        idx = torch.cat(
-            [torch.arange(offsets[k], offsets[k] + numels[k], device=op.device) for k in rest]
-        )
-        sq = _generic(op, inputs, S, idx, chunk_size=chunk_size, per_column=per_column, call=call)
-        result[..., idx] = sq
-    return result
+                if name in bp.offsets:
+                    o = bp.offsets[name]
+                    M[:, :, o : o + bp.numels[name]] = value.reshape(K, hi - lo, -1)
+        if generic is not None:
+            M[:, :, idx] = generic
+        return M
+
+    def batched(ids: torch.Tensor) -> torch.Tensor:
+        lo, hi = bounds(ids[0])
+        generic = None
+        if sample_vjps is not None:
+            chunk = tree_map(lambda t: t[lo:hi], inputs)
+            generic = vmap(sample_vjps)(chunk, S[lo:hi]).transpose(0, 1)  # (K, g, idx)
+        return gram(rows(lo, hi, generic))
+
+    def single(gid: torch.Tensor) -> torch.Tensor:
+        lo, hi = bounds(gid)
+        generic = None
+        if sample_vjps is not None:
+            vjps = [sample_vjps(tree_map(lambda t, i=i: t[i], inputs), S[i]) for i in range(lo, hi)]
+            generic = torch.stack(vjps, 1)
+        return gram(rows(lo, hi, generic))
+
+    return map_chunks(batched, single, num_groups, _ids, chunk_size=1, call=call, total=True)
+
+
+def _ids(start: int, stop: int) -> torch.Tensor:
+    return torch.arange(start, stop)
+
+
+def _sample_vjps(op: Any, idx: torch.Tensor) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """``(inputs_n, S_n) -> (K, len(idx))``: one sample's VJPs w.r.t. the flat entries ``idx``."""
+    x0 = op._x
+    xr0 = x0[idx]
+
+    def sample(inp: Any, s: torch.Tensor) -> torch.Tensor:
+        def fn(xr: torch.Tensor) -> torch.Tensor:
+            x = x0.index_put((idx,), xr)
+            return op._forward(x, tree_map(lambda t: t.unsqueeze(0), inp)).reshape(-1)
+
+        _, vjp_fn = vjp(fn, xr0)
+        return vmap(vjp_fn)(s.T)[0]
+
+    return sample
 
 
 class _Rule:
@@ -248,6 +402,12 @@ class _Rule:
         """``sum_{n,k}`` of squared per-sample gradients (``d``: ``(K, *output)``)."""
         raise NotImplementedError
 
+    def per_sample(
+        self, mod: nn.Module, a: torch.Tensor, d: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The per-sample gradients, ``(K, N, *param)`` (``d``: ``(K, *output)``)."""
+        raise NotImplementedError
+
 
 class _LinearRule(_Rule):
     """Per-sample gradients ``d_n a_n^T`` and ``d_n``: squares sum to ``(d^2)^T a^2``."""
@@ -263,6 +423,9 @@ class _LinearRule(_Rule):
         if per_column:
             return {"weight": torch.einsum("kno,ni->koi", d2, a2), "bias": d2.sum(1)}
         return {"weight": d2.sum(0).T @ a2, "bias": d2.sum((0, 1))}
+
+    def per_sample(self, mod, a, d):
+        return {"weight": d.unsqueeze(3) * a.unsqueeze(0).unsqueeze(2), "bias": d}
 
 
 class _Conv2dRule(_Rule):
@@ -291,6 +454,11 @@ class _Conv2dRule(_Rule):
             bias.append(dp[k].sum(2).square().sum(0))
         w, b = torch.stack(weight), torch.stack(bias)
         return {"weight": w, "bias": b} if per_column else {"weight": w.sum(0), "bias": b.sum(0)}
+
+    def per_sample(self, mod, a, d):
+        U = self._unfold(mod, a)  # (N, C * kh * kw, P)
+        dp = d.reshape(*d.shape[:3], -1)  # (K, N, O, P)
+        return {"weight": torch.einsum("knop,ncp->knoc", dp, U), "bias": dp.sum(3)}
 
 
 _LINEAR, _CONV2D = _LinearRule(), _Conv2dRule()
@@ -365,20 +533,14 @@ def _generic(
     call: str,
 ) -> torch.Tensor:
     """Per-sample VJPs with respect to the flat entries ``idx``; squared and summed."""
-    x0 = op._x
-    xr0 = x0[idx]
     N, _, K = S.shape
     m = idx.numel()
-    group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, 3 * K * m * x0.element_size())))
+    group = chunk_size or max(1, min(N, (256 * 2**20) // max(1, 3 * K * m * op._x.element_size())))
     num_groups = -(-N // group)
+    vjps = _sample_vjps(op, idx)
 
     def sample(inp: Any, s: torch.Tensor) -> torch.Tensor:
-        def fn(xr: torch.Tensor) -> torch.Tensor:
-            x = x0.index_put((idx,), xr)
-            return op._forward(x, tree_map(lambda t: t.unsqueeze(0), inp)).reshape(-1)
-
-        _, vjp_fn = vjp(fn, xr0)
-        return vmap(vjp_fn)(s.T)[0].square()  # (K, m)
+        return vjps(inp, s).square()  # (K, m)
 
     def reduce(G: torch.Tensor) -> torch.Tensor:
         return G.sum(0) if per_column else G.sum((0, 1))

@@ -3,22 +3,27 @@
 # NOTE [sparse pipeline]
 1. *Detect*: trace ``f`` to ATen ops and propagate boolean patterns
    (:mod:`hesse.sparsity`); the pattern holds for every input value.
-2. *Colour*: group columns so that one product per group recovers every entry
-   (:mod:`hesse.sparsity._coloring`): a star colouring for the full Hessian, a distance-1
-   colouring for its diagonal, a column (or row) colouring for a Jacobian.
+2. *Colour*: group columns so that few products recover every entry
+   (:mod:`hesse.sparsity._coloring`): an acyclic (or star) colouring for the full
+   Hessian (NOTE [colouring choice]), a distance-1 colouring for its diagonal, a column
+   (or row) colouring for a Jacobian.
 3. *Evaluate*: one batched, chunked pass of Hessian-vector products with the
    colour seeds (:class:`hesse._hvp.FlatHVP`), or JVPs/VJPs for a Jacobian
    (:func:`hesse._chunking.map_chunks`).
-4. *Decompress*: every nonzero is read from one compressed product.
+4. *Recover*: by substitution along two-coloured trees (acyclic, NOTE [substitution])
+   or read directly (star, distance-1, Jacobians), with a precomputed plan
+   (:mod:`hesse.sparsity._recovery`).
 
 A pattern can be computed once (``hessian_sparsity``) and passed back with
-``pattern=`` to skip step 1 in a loop; colourings of a passed pattern are cached.
+``pattern=``: the transform is then a prepared evaluator (NOTE [prepared reuse]).
+Detected patterns are cached per function and signature (NOTE [pattern cache]).
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch.func import jvp, vjp, vmap
+from torch.utils._pytree import tree_leaves
 
 from hesse._chunking import chunk_size_for, default_memory_budget, map_chunks
 from hesse._flat import Flat, FlatArgs
@@ -40,14 +46,15 @@ from hesse._validation import (
 )
 from hesse.sparsity._coloring import (
     Coloring,
+    acyclic_coloring,
     column_coloring,
     diagonal_coloring,
     row_coloring,
     star_coloring,
-    star_recovery,
 )
 from hesse.sparsity._maps import PatternTooLarge
 from hesse.sparsity._propagate import Propagation
+from hesse.sparsity._recovery import Plan, csr_index, csr_tensor, star_plan, substitution_plan
 from hesse.sparsity._tracing import trace
 
 
@@ -163,6 +170,54 @@ def _detect(g: Callable, x: torch.Tensor, call: str) -> _Detected:
     return _Detected(g, x, call)
 
 
+# NOTE [pattern cache]
+# A detected Hessian pattern is kept per function object (weakly: it goes with the
+# function) and per call signature: the shapes, dtypes and devices of the tensor
+# arguments, the values of integer and boolean tensor arguments (indices are
+# structural, NOTE [constants]) and of plain Python arguments. A function can still
+# change its structure behind the same signature (a captured index tensor updated in
+# place, a global read by Python), so a cached pattern is only used together with the
+# one-HVP check of NOTE [pattern check], and detected again when the check fails.
+_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(args: tuple, argnums: Any) -> tuple | None:
+    """The cache key of a call (NOTE [pattern cache]); ``None``: not cacheable."""
+    key: list[Any] = [argnums]
+    for leaf in tree_leaves(args):
+        if isinstance(leaf, torch.Tensor):
+            entry: tuple = (tuple(leaf.shape), leaf.dtype, leaf.device.type)
+            if not (leaf.is_floating_point() or leaf.is_complex()):
+                if leaf.numel() > 1_000_000:
+                    return None
+                entry += (tuple(leaf.detach().cpu().reshape(-1).tolist()),)
+            key.append(entry)
+        elif isinstance(leaf, (int, float, bool, str, type(None))):
+            key.append((type(leaf), leaf))
+        else:
+            return None
+    return tuple(key)
+
+
+def _cached_pattern(f: Callable, signature: tuple | None) -> sp.csr_matrix | None:
+    try:
+        return _PATTERNS.get(f, {}).get(signature) if signature is not None else None
+    except TypeError:  # f cannot be weakly referenced
+        return None
+
+
+def _remember_pattern(f: Callable, signature: tuple | None, P: sp.csr_matrix) -> None:
+    if signature is None:
+        return
+    try:
+        entries = _PATTERNS.setdefault(f, {})
+    except TypeError:
+        return
+    if len(entries) >= _CACHE_SIZE:
+        entries.pop(next(iter(entries)))
+    entries[signature] = P
+
+
 # -- colourings of a pattern, cached ----------------------------------------------------
 
 _CACHE: dict[tuple, Any] = {}
@@ -184,6 +239,7 @@ def _cached(kind: str, P: sp.csr_matrix, make: Callable[[], Any]) -> Any:
 def _coloured(kind: str, P: sp.csr_matrix) -> Coloring:
     """The colouring of ``P`` of the given kind (cached: a reused pattern is coloured once)."""
     fn = {
+        "acyclic": acyclic_coloring,
         "star": star_coloring,
         "diagonal": diagonal_coloring,
         "column": column_coloring,
@@ -207,21 +263,6 @@ def _seed_rows(coloring: Coloring, like: torch.Tensor) -> Callable[[int, int], t
         return out
 
     return rows
-
-
-def _csr(rows: np.ndarray, cols: np.ndarray, values: torch.Tensor, shape: tuple[int, int]):
-    """A torch CSR tensor from entries given in row-major (CSR) order."""
-    crow = np.zeros(shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(crow),
-            torch.from_numpy(np.ascontiguousarray(cols, dtype=np.int64)),
-            values,
-            shape,
-            check_invariants=False,
-        )
 
 
 def _symmetric(P: sp.csr_matrix) -> sp.csr_matrix:
@@ -314,26 +355,105 @@ def jacobian_sparsity(
     return wrapped
 
 
+#: ``coloring=`` choices of :func:`sparse_hessian` (NOTE [colouring choice]).
+HESSIAN_COLORINGS = ("auto", "acyclic", "star")
+
+
+#: ``coloring="auto"`` keeps substitution when its estimated relative error per entry is
+#: below ``sqrt(eps)`` of the dtype (NOTE [substitution]); else direct recovery runs.
+def _substitution_safe(worst: float, dtype: torch.dtype) -> bool:
+    return worst <= torch.finfo(dtype).eps ** 0.5
+
+
+def _kind(coloring: str, P: sp.csr_matrix) -> str:
+    """The colouring that runs for ``coloring=`` on ``P`` (NOTE [colouring choice])."""
+    if coloring != "auto":
+        return coloring
+    star, acyclic = _coloured("star", P).num_colors, _coloured("acyclic", P).num_colors
+    return "star" if star <= acyclic else "acyclic"  # a tie: direct recovery
+
+
+def _plan(kind: str, P: sp.csr_matrix) -> Plan:
+    """The colouring and recovery plan of ``P`` (cached on the pattern's content)."""
+    if kind == "acyclic":
+        return _cached("acyclic-plan", P, lambda: substitution_plan(P, _coloured("acyclic", P)))
+    return _cached("star-plan", P, lambda: star_plan(P, _coloured("star", P)))
+
+
+def _seeds(plan: Plan, like: torch.Tensor) -> torch.Tensor:
+    """The ``(K, n)`` seed matrix of a plan, made once per dtype and device."""
+    key = (like.dtype, like.device)
+    cache = plan.__dict__.setdefault("_seeds", {})
+    if key not in cache:
+        cache[key] = _seed_rows(plan.coloring, like)(0, plan.coloring.num_colors)
+    return cache[key]
+
+
+def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
+    """One HVP with a fixed pseudo-random vector against ``H @ v``: a supplied pattern
+    that misses nonzeros of the Hessian at this point fails here (NOTE [pattern check])."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    v = torch.rand(engine.n, generator=gen, dtype=torch.float64).to(engine.x) + 0.5
+    hv = engine.apply(1, lambda a, b: v[None], chunk_size=1)[0]  # with the fallbacks
+    mine = (H.to(torch.float64) @ v.to(torch.float64)).to(hv.dtype)
+    scale = float(hv.abs().max()) + float(mine.abs().max())
+    # substitution accepted by "auto" may carry sqrt(eps) relative error per entry
+    tol = 10 * torch.finfo(hv.dtype).eps ** 0.5 * max(scale, torch.finfo(hv.dtype).tiny)
+    err = float((hv - mine).abs().max()) if hv.numel() else 0.0
+    if err > tol:
+        bad = int((hv - mine).abs().argmax())
+        fail(
+            call,
+            f"the pattern misses nonzeros of the Hessian: a Hessian-vector product differs "
+            f"from the one of the recovered Hessian by {err:.3g} (row {bad}; tolerance "
+            f"{tol:.3g}). Fix: pass a pattern that contains every nonzero (e.g. from "
+            "hesse.hessian_sparsity), or omit pattern= to detect it.",
+        )
+
+
 def sparse_hessian(
     f: Callable[..., torch.Tensor],
     argnums: int | tuple[int, ...] = 0,
     *,
     pattern: torch.Tensor | None = None,
+    coloring: str = "auto",
     chunk_size: int | None = None,
 ) -> Callable[..., torch.Tensor]:
     """The exact Hessian as a sparse CSR tensor, from a few compressed HVPs.
 
-    The pattern (detected, or ``pattern``) is star-coloured; with ``K`` colours,
-    ``K`` Hessian-vector products with the colour seeds :math:`s_c` give
-    :math:`B = H S`, and every nonzero is read from one entry of ``B``:
-    :math:`H_{ij} = B_{i, c(j)}` when ``j`` is the only neighbour of ``i`` with
-    colour ``c(j)``, else :math:`B_{j, c(i)}` (direct recovery).
+    The pattern (detected, or ``pattern``) is coloured; with ``K`` colours, ``K``
+    Hessian-vector products with the colour seeds :math:`s_c` give :math:`B = H S`,
+    from which every nonzero is recovered.
+
+    # NOTE [colouring choice]
+    ``coloring="acyclic"``: an acyclic colouring (NOTE [acyclic colouring]) and
+    substitution recovery (NOTE [substitution]): fewest products (a band with ``rho``
+    off-diagonal bands: ``floor(rho/2) + 1``; Rosenbrock: 2), entries found by solving
+    along two-coloured trees. ``coloring="star"``: a star colouring and direct
+    recovery, :math:`H_{ij} = B_{i, c(j)}` when ``j`` is the only neighbour of ``i``
+    with colour ``c(j)``, else :math:`B_{j, c(i)}` (more products, each entry read
+    once: no error growth). ``coloring="auto"`` (default): the colouring with fewer
+    colours, star on a tie; and when substitution runs but its estimated rounding
+    error exceeds ``sqrt(eps)`` relative to an entry (badly scaled Hessians), the star
+    products are computed and used instead.
+
+    # NOTE [prepared reuse]
+    The transform returned with ``pattern=`` is a prepared evaluator: its first call
+    colours the pattern, builds the seed matrix and the recovery gathers, and checks
+    the pattern with one extra HVP (NOTE [pattern check]); later calls with arguments
+    of the same size cost the ``K`` batched HVPs and a few index gathers.
+
+    # NOTE [pattern check]
+    A supplied pattern is checked on the first call of the transform: the recovered
+    Hessian times a fixed pseudo-random vector is compared with one HVP. Missing
+    nonzeros that are nonzero at that point are reported (a ``ValueError``).
 
     Args:
         f: a function returning a real scalar tensor.
         argnums: which positional arguments to differentiate (int or tuple).
         pattern: a precomputed pattern ``(n, n)`` (e.g. from :func:`hessian_sparsity`),
             reused without tracing; symmetrised. Entries outside it are taken as zero.
+        coloring: ``"auto"``, ``"acyclic"`` (substitution) or ``"star"`` (direct).
         chunk_size: seed vectors per vectorised pass (default: sized from free memory).
 
     Returns:
@@ -342,16 +462,20 @@ def sparse_hessian(
 
     Raises:
         NotImplementedError: for value-dependent control flow without ``pattern``.
-        TypeError, ValueError: for a malformed ``pattern`` or bad input.
+        TypeError, ValueError: for a malformed ``pattern``, a ``pattern`` found to miss
+            nonzeros, or bad input.
 
-    Cost: ``K`` HVPs (``K`` = number of star colours: 3 for a tridiagonal Hessian,
-    ``D`` for ``B`` independent blocks of size ``D``), memory ``O(K n + nnz)``.
+    Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 3 for a
+    5-point stencil; star 3 and 5), memory ``O(K n + nnz)``; recovery ``O(nnz)``.
 
     References:
         Coleman, T. F. & Moré, J. J. (1984). Estimation of sparse Hessian matrices and
         graph coloring problems. Math. Programming 28.
-        Gebremedhin, A. H., Manne, F. & Pothen, A. (2005). What color is your Jacobian?
-        SIAM Review 47(4).
+        Coleman, T. F. & Cai, J.-Y. (1986). The cyclic coloring problem and estimation
+        of sparse Hessian matrices. SIAM J. Algebraic Discrete Methods 7(2).
+        Gebremedhin, A. H., Tarafdar, A., Manne, F. & Pothen, A. (2007). New acyclic and
+        star coloring algorithms with application to computing Hessians. SIAM J. Sci.
+        Comput. 29(3).
 
     Example:
         >>> f = lambda x: (x**3).sum() + (x[1:] * x[:-1]).sum()
@@ -360,27 +484,53 @@ def sparse_hessian(
                 [1., 6., 1.],
                 [0., 1., 6.]], dtype=torch.float64)
     """
+    prepared: dict[int, Plan] = {}  # NOTE [prepared reuse]: the chosen plan per size n
 
     def wrapped(*args: Any) -> torch.Tensor:
         call = call_form("hesse.sparse_hessian", len(args))
         check_chunk_size(call, chunk_size)
+        check_choice(call, "coloring", coloring, HESSIAN_COLORINGS)
         engine = FlatHVP(f, args, argnums, call=call)
         n = engine.n
-        if pattern is None:
-            P = _detect(engine.g, engine.x, call).hessian()
-        else:
+        if pattern is not None and n in prepared:
+            plan = prepared[n]
+            return plan.csr(_evaluate(engine, plan, estimate=False)[0])
+        if pattern is not None:
             P = _symmetric(_from_torch(call, pattern, (n, n)))
-        coloring = _coloured("star", P)
-        rows, cols, src_color, src_row = _cached(
-            "star-recovery", P, lambda: star_recovery(P, coloring)
-        )
-        values = engine.x.new_zeros(len(rows))
-        if coloring.num_colors:
-            B = engine.apply(
-                coloring.num_colors, _seed_rows(coloring, engine.x), chunk_size=chunk_size
-            )
-            values = B[torch.from_numpy(src_color), torch.from_numpy(src_row)]
-        return _csr(rows, cols, values, (n, n))
+            H, plan = _compute(engine, P)
+            _check_pattern(call, engine, H)
+            prepared[n] = plan
+            return H
+        signature = _signature(args, argnums)
+        P = _cached_pattern(f, signature)
+        if P is not None:  # NOTE [pattern cache]: used only if the check confirms it
+            H, _ = _compute(engine, P)
+            try:
+                _check_pattern(call, engine, H)
+                return H
+            except ValueError:
+                pass
+        P = _detect(engine.g, engine.x, call).hessian()
+        _remember_pattern(f, signature, P)
+        return _compute(engine, P)[0]
+
+    def _compute(engine: FlatHVP, P: sp.csr_matrix) -> tuple[torch.Tensor, Plan]:
+        kind = _kind(coloring, P)
+        plan = _plan(kind, P)
+        values, worst = _evaluate(engine, plan, estimate=kind == "acyclic" and coloring == "auto")
+        if not _substitution_safe(worst, engine.x.dtype):
+            # "auto": substitution is not accurate here; direct recovery instead
+            plan = _plan("star", P)
+            values, _ = _evaluate(engine, plan, estimate=False)
+        return plan.csr(values), plan
+
+    def _evaluate(engine: FlatHVP, plan: Plan, estimate: bool) -> tuple[torch.Tensor, float]:
+        k = plan.coloring.num_colors
+        if k == 0 or len(plan.rows) == 0:
+            return engine.x.new_zeros(len(plan.rows)), 0.0
+        S = _seeds(plan, engine.x)
+        B = engine.apply(k, lambda a, b: S[a:b], chunk_size=chunk_size)
+        return plan.recover(B, estimate=estimate)
 
     return wrapped
 
@@ -460,7 +610,7 @@ def sparse_jacobian(
                 call=call,
             )
             values = B[torch.from_numpy(cc.colors[cols]), torch.from_numpy(rows)]
-        return _csr(rows, cols, values.detach(), (m, n))
+        return csr_tensor(*csr_index(rows, cols, m), values.detach(), (m, n))
 
     return wrapped
 

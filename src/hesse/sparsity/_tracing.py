@@ -1,4 +1,4 @@
-"""Trace a flat function to an ATen-level ``torch.fx`` graph for sparsity detection.
+"""The one tracer: functions to ATen-level ``torch.fx`` graphs (sparsity and curvprop).
 
 # NOTE [tracing]
 The function is traced with ``make_fx`` in *fake* mode: no arithmetic runs, every
@@ -15,27 +15,139 @@ covers ``matmul``, ``linear``, ``einsum``, losses and the like.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch._decomp import core_aten_decompositions
+from torch._decomp import core_aten_decompositions, get_decompositions
 from torch.func import functionalize
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
+from hesse._attention import math_attention
 from hesse._validation import fail
 
-_DECOMPOSITIONS = None
+aten = torch.ops.aten
 
 
-def _decompositions() -> dict:
-    global _DECOMPOSITIONS
-    if _DECOMPOSITIONS is None:
-        _DECOMPOSITIONS = dict(core_aten_decompositions())
-        # keep detach visible: it has zero derivative, while its decomposition (alias)
-        # would pass dependencies through
-        _DECOMPOSITIONS.pop(torch.ops.aten.detach.default, None)
-    return _DECOMPOSITIONS
+# -- the one tracer (sparsity detection and curvature backpropagation) ----------------------
+
+
+def make_graph(
+    fn: Callable[..., Any], *args: Any, decompositions: dict, functional: bool = True
+) -> GraphModule:
+    """``fn(*args)`` as a functional ATen graph, traced with fake tensors (NOTE [tracing]).
+
+    The one tracer of hesse: sparsity detection (:func:`trace`) and curvature
+    backpropagation (``hesse.curvprop``) both call it, each with its decomposition
+    table. Exceptions of the tracing pass through; the callers report them.
+    ``functional=False`` traces without functionalisation (the caller then checks
+    that the graph has no in-place ops). Attention is traced on its math path
+    (NOTE [math attention] in ``hesse/_attention.py``): matmul and softmax nodes.
+    """
+    with math_attention(), _ConstantMasks():
+        return make_fx(
+            functionalize(fn, remove="mutations") if functional else fn,
+            decomposition_table=decompositions,
+            tracing_mode="fake",
+            _allow_non_fake_inputs=True,
+        )(*args)
+
+
+class _ConstantMasks(TorchFunctionMode):
+    """Indexing with a constant boolean mask (``x[m]``, ``x[m] = v``) as integer indices.
+
+    # NOTE [constant masks]
+    Fake tensors cannot count a mask's ``True`` entries, so ``x[m]`` would stop tracing
+    as value-dependent. A mask that ``f`` captured as a plain tensor is a constant: its
+    indices are computed here, on the real tensor, and the indexing is traced with them
+    (indices are structural, NOTE [constants]). A mask computed from the input stays a
+    traced tensor and still raises.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
+            index = args[1]
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(_is_constant_mask(p) for p in parts):
+                with _disable_current_modes():
+                    new = []
+                    for p in parts:
+                        new.extend(p.nonzero(as_tuple=True) if _is_constant_mask(p) else (p,))
+                args = (args[0], tuple(new), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _is_constant_mask(index: Any) -> bool:
+    return type(index) is torch.Tensor and index.dtype == torch.bool and index.dim() > 0
+
+
+def _core() -> dict:
+    table = dict(core_aten_decompositions())
+    # keep detach visible: it has zero derivative, while its decomposition (alias)
+    # would pass dependencies (and curvature) through
+    table.pop(aten.detach.default, None)
+    return table
+
+
+def _var_mean(x, dim=None, *, correction=None, keepdim=False):
+    # NOTE [curvature families]: written with sum/sub/mul/div so that the variance
+    # is made of pointwise and linear nodes (the stock decomposition emits prims).
+    dims = list(range(x.dim())) if dim is None or len(dim) == 0 else list(dim)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    corr = 1 if correction is None else correction
+    mean = aten.sum.dim_IntList(x, dims, True) / n
+    centred = x - mean
+    var = aten.sum.dim_IntList(centred * centred, dims, keepdim) / max(n - corr, 0)
+    if not keepdim:
+        mean = aten.squeeze.dims(mean, dims)
+    return var, mean
+
+
+def _var(x, dim=None, *, correction=None, keepdim=False):
+    return _var_mean(x, dim, correction=correction, keepdim=keepdim)[0]
+
+
+def _curvature() -> dict:
+    table = _core()
+    table.update(
+        get_decompositions(
+            [
+                aten._softmax,
+                aten._log_softmax,
+                aten.native_layer_norm,
+                aten.native_group_norm,
+                aten._native_batch_norm_legit_no_training,
+                aten.gelu,
+                aten.silu,
+                aten.mish,
+                aten.softplus,
+                aten.elu,
+                aten.logsumexp,
+                aten.mse_loss,
+                aten.nll_loss_forward,
+                aten.binary_cross_entropy,
+                aten.binary_cross_entropy_with_logits,
+                aten.huber_loss,
+                aten.smooth_l1_loss,
+                aten.linalg_vector_norm,
+            ]
+        )
+    )
+    table[aten.var_mean.correction] = _var_mean
+    table[aten.var.correction] = _var
+    return table
+
+
+#: Sparsity detection: the core ATen set (its rules cover softmax, norms and losses whole).
+SPARSITY_DECOMPOSITIONS = _core()
+#: Curvature backpropagation: composite ops down to the families of NOTE [curvature families].
+CURVATURE_DECOMPOSITIONS = _curvature()
 
 
 _VALUE_DEPENDENT_MARKERS = (
@@ -66,12 +178,7 @@ def trace(g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, call: s
         return g(v)
 
     try:
-        gm = make_fx(
-            functionalize(flat, remove="mutations"),
-            decomposition_table=_decompositions(),
-            tracing_mode="fake",
-            _allow_non_fake_inputs=True,
-        )(x.detach())
+        gm = make_graph(flat, x.detach(), decompositions=SPARSITY_DECOMPOSITIONS)
         for node in gm.graph.nodes:
             for val in tree_leaves(node.meta.get("val")):
                 if isinstance(val, torch.Tensor) and not all(isinstance(s, int) for s in val.shape):

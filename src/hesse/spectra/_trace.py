@@ -19,10 +19,11 @@ spent, so at most ~1.5x the products a perfectly informed stop would need) until
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from hesse._estimate import MAX_PAIRS_COLUMNS, Estimate, exchangeable_stderr
+from hesse._estimate import MAX_PAIRS_COLUMNS, Estimate, exchangeable_stderr, from_draws
 from hesse._probes import gaussian, rademacher, resolve_generator
 from hesse._validation import check_choice, check_generator, fail
 from hesse.operators._base import LinearOperator
@@ -52,15 +53,6 @@ def _append(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return B if A.shape[1] == 0 else torch.cat([A, B], dim=1)
 
 
-def _mean_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mean, standard error and degrees of freedom of independent draws."""
-    count = samples.numel()
-    mean = samples.mean()
-    if count < 2:
-        return mean, torch.full_like(mean, math.inf), math.nan
-    return mean, samples.std() / math.sqrt(count), float(count - 1)
-
-
 class _Hutchinson:
     """``mean_i z_i^T A z_i`` over Rademacher probes ``z_i``."""
 
@@ -80,8 +72,8 @@ class _Hutchinson:
         self.samples = torch.cat([self.samples, values])
         return budget
 
-    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return _mean_stderr(self.samples)
+    def estimate(self) -> Estimate:
+        return from_draws(self.samples, 0)
 
 
 class _HutchPlusPlus(_Hutchinson):
@@ -162,12 +154,11 @@ class _HutchPlusPlus(_Hutchinson):
         self.samples = (self.X * self.AX).sum(0)
         return spent + probes
 
-    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def estimate(self) -> Estimate:
         # Given Q the deflated probes are independent (they are drawn after the sketch
         # stopped growing), so their sample variance with m - 1 degrees of freedom is
         # exactly the conditional variance of the estimate; tr(Q^T A Q) adds none.
-        mean, stderr, dof = _mean_stderr(self.samples)
-        return self.exact + mean, stderr, dof
+        return from_draws(self.samples, 0, offset=self.exact)
 
 
 class _XTrace:
@@ -205,12 +196,12 @@ class _XTrace:
         self.Z = _append(self.Z, self.op._matmat(Qn))
         return 2 * cols
 
-    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def estimate(self) -> Estimate:
         terms = _xtrace_terms(self.Omega, self.Y, self.Q, self.R, self.Z)
         value = terms.mean()
         s = terms.numel()
         if s < 2:
-            return value, torch.full_like(value, math.inf), math.nan
+            return Estimate(value, torch.full_like(value, math.nan), 0, dof=math.nan)
         # NOTE [calibrated intervals]: the leave-one-out terms share all but one column,
         # so their spread alone understates the error; the pair term of
         # exchangeable_stderr needs every term recomputed without each of g columns.
@@ -228,7 +219,7 @@ class _XTrace:
             row[keep] = _xtrace_terms(om[:, keep], y[:, keep], qk, rk, zk)
             without[j] = row[:g]
         stderr, dof = exchangeable_stderr(terms, without)
-        return value, stderr, dof
+        return Estimate(value, stderr, 0, dof=dof)
 
 
 def _xtrace_terms(
@@ -293,13 +284,13 @@ def trace(
       sketch holds the range.
     * ``"xtrace"``: ``m/2`` Gaussian test vectors serve as both sketch and probes;
       the estimate averages the ``m/2`` leave-one-out Hutch++ estimates (Epperly,
-      Tropp & Webber, 2024). These share all but one column, so the standard
-      deviation of them / ``sqrt(m/2)`` (the paper's error estimate) is too small
-      at practical budgets (83-90 % coverage of nominal 95 % intervals measured on
-      a network GGN); ``stderr`` is instead the jackknife over the test vectors
-      (each replicate the XTrace estimate without one column, or one of at most 40
-      groups; Efron & Stein, 1981), with (replicates - 1) degrees of freedom.
-      Exact when ``rank(A) < m/2``.
+      Tropp & Webber, 2024). These share all but one column, so their standard
+      deviation / ``sqrt(m/2)`` (the paper's error estimate) is too small at
+      practical budgets (83-90 % coverage of nominal 95 % intervals measured on a
+      network GGN); ``stderr`` adds their covariance, estimated without bias from
+      the terms recomputed without each of up to 40 columns
+      (:func:`hesse._estimate.exchangeable_stderr`), with ``m/2 - 1`` degrees of
+      freedom. Exact when ``rank(A) < m/2``.
 
     Intervals: ``Estimate.interval(level)`` uses Student-t quantiles with the
     estimate's ``dof`` (NOTE [calibrated intervals] in ``hesse._estimate``);
@@ -334,7 +325,7 @@ def trace(
     Cost: at most ``num_matvecs`` products in a few batched calls; memory
     ``O(n * num_matvecs)`` for Hutch++/XTrace (the sketch and probes), ``O(n * m)``
     per round for Hutchinson; ``O(n s^2)`` flops for XTrace's ``s = m/2`` columns plus
-    ``O(min(s, 40) s^3)`` for its jackknife.
+    ``O(min(s, 40) s^3)`` for its error estimate.
 
     Example:
         >>> U = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -352,7 +343,6 @@ def trace(
         Hutch++ algorithm for trace estimation. SIAM J. Matrix Anal. Appl. 43(3).
         Epperly, E. N., Tropp, J. A. & Webber, R. J. (2024). XTrace: Making the most
         of every sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl.
-        Efron, B. & Stein, C. (1981). The jackknife estimate of variance. Ann. Statist. 9(3).
     """
     call = "hesse.trace(A)"
     op = square_operator(call, A)
@@ -379,11 +369,10 @@ def trace(
     est = cls(op, resolve_generator(generator))
     if rtol is None:
         used = est.grow(num_matvecs)
-        value, stderr, dof = est.estimate()
-        return Estimate(value=value, stderr=stderr, num_matvecs=used, dof=dof)
+        return replace(est.estimate(), num_matvecs=used)
     used = est.grow(min(num_matvecs, max(cls.min_round, 12)))
-    value, stderr, dof = est.estimate()
-    while stderr > rtol * value.abs():
+    result = est.estimate()
+    while not result.stderr <= rtol * result.value.abs():  # (NaN: too few draws yet)
         round_budget = min(num_matvecs - used, max(cls.min_round, used // 2))
         if round_budget < cls.min_round:
             break
@@ -391,5 +380,5 @@ def trace(
         if spent == 0:
             break
         used += spent
-        value, stderr, dof = est.estimate()
-    return Estimate(value=value, stderr=stderr, num_matvecs=used, dof=dof)
+        result = est.estimate()
+    return replace(result, num_matvecs=used)

@@ -56,7 +56,11 @@ class _HesseCurvature:
         return f"hesse.integrations.laplace.{self._title}.{method}(x, y)"
 
     def _problem(self, call: str, x: Any, y: torch.Tensor) -> tuple[nn.Module, list, list[str]]:
-        """The module, the one-batch data and the parameter names the curvature is of."""
+        """The module, the one-batch data and the parameter names the curvature is of.
+
+        Also records the batch loss ``factor * lossfunc`` (from the same forward pass
+        for last-layer Laplace) in ``self._batch_loss``.
+        """
         if isinstance(x, MutableMapping):
             fail(
                 call,
@@ -64,22 +68,42 @@ class _HesseCurvature:
                 "Use laplace's CurvlinopsGGN / AsdlGGN backends for such models.",
                 NotImplementedError,
             )
-        if self.last_layer:
-            with torch.no_grad():
-                _, features = self.model.forward_with_features(x)
-            module = self.model.last_layer
-            data = [(features.detach(), y)]
-        else:
-            module, data = self.model, [(x, y)]
+        with torch.no_grad():
+            if self.last_layer:
+                out, features = self.model.forward_with_features(x)
+                module = self.model.last_layer
+                data = [(features.detach(), y)]
+            else:
+                out = self.model(x)
+                module, data = self.model, [(x, y)]
+            self._batch_loss = self.factor * self.lossfunc(out, y)
         names = [k for k, p in module.named_parameters() if p.requires_grad]
         return module, data, names
 
     def _operator(self, call: str, module: nn.Module, data: list, names: list[str]):
         raise NotImplementedError
 
-    def _loss(self, x: Any, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.factor * self.lossfunc(self.model(x), y)
+    def _hesse_operator(self, call: str, module: nn.Module, data: list, names: list[str]):
+        """``_operator``, with the layer plan of the previous batch's operator carried over.
+
+        The exact diagonal and the dense GGN / Fisher decide per operator, on its
+        first batch, which layers take the closed-form rules and whether output rows
+        are independent samples (NOTE [linear fast path], NOTE [coupled rows]): a
+        property of the module and its modes, not of the batch, so one decision
+        serves every batch laplace passes.
+        """
+        op = self._operator(call, module, data, names)
+        key = (id(module), tuple(names), tuple(m.training for m in module.modules()))
+        plan = getattr(self, "_plans", {}).get(key)
+        if plan is not None and hasattr(op, "_linear_plan"):
+            op._linear_plan, op._rows_per_sample = plan
+        return op
+
+    def _keep_plan(self, op: LinearOperator, module: nn.Module, names: list[str]) -> None:
+        if getattr(op, "_linear_plan", None) is None or op._rows_per_sample is None:
+            return
+        key = (id(module), tuple(names), tuple(m.training for m in module.modules()))
+        self._plans = {key: (op._linear_plan, op._rows_per_sample)}
 
     # -- the curvature interface ----------------------------------------------------
     def full(self, x: Any, y: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +113,19 @@ class _HesseCurvature:
         vectorised in chunks.
         """
         call = self._call("full")
-        op = self._operator(call, *self._problem(call, x, y))
+        module, data, names = self._problem(call, x, y)
+        op = self._hesse_operator(call, module, data, names)
         if self.subnetwork_indices is None:
             H = op.to_dense()
+        elif hasattr(op, "_dense_block"):  # GGN / Fisher: NOTE [factor Gram]
+            H = op._dense_block(self.subnetwork_indices.to(op.device))
         else:
             idx = self.subnetwork_indices.to(op.device)
             E = torch.zeros(op.shape[1], len(idx), dtype=op.dtype, device=op.device)
             E[idx, torch.arange(len(idx), device=op.device)] = 1
             H = (op @ E)[idx]
-        return self._loss(x, y), self.factor * H.detach()
+        self._keep_plan(op, module, names)
+        return self._batch_loss, self.factor * H.detach()
 
     def diag(self, x: Any, y: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, d)``: the exact diagonal of the curvature (see NOTE [laplace conventions]).
@@ -105,22 +133,60 @@ class _HesseCurvature:
         Cost: one data pass of :func:`hesse.diagonal` with ``method="exact"``.
         """
         call = self._call("diag")
-        op = self._operator(call, *self._problem(call, x, y))
+        module, data, names = self._problem(call, x, y)
+        op = self._hesse_operator(call, module, data, names)
         d = hesse.diagonal(op, method="exact")
+        self._keep_plan(op, module, names)
         if self.subnetwork_indices is not None:
             d = d[self.subnetwork_indices.to(d.device)]
-        return self._loss(x, y), self.factor * d.detach()
+        return self._batch_loss, self.factor * d.detach()
+
+    _fisher_type = "type-2"
 
     def kron(self, x: Any, y: torch.Tensor, N: int, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        """``(loss, Kron)``: hesse's KFAC factors in laplace's layout (NOTE [laplace conventions])."""
+        """``(loss, Kron)``: hesse's KFAC factors in laplace's layout (NOTE [laplace conventions]).
+
+        Cost: one :class:`hesse.KFACOperator` factor pass over the batch.
+        """
+        from laplace.utils import Kron
+
         call = self._call("kron")
-        fail(
-            call,
-            "hesse's Kronecker-factored curvature (hesse.KFACOperator) is not available in "
-            "this build. Use hessian_structure='diag' or 'full', or laplace's CurvlinopsGGN "
-            "backend for 'kron'.",
-            NotImplementedError,
+        module, data, names = self._problem(call, x, y)
+        if self.subnetwork_indices is not None:
+            fail(
+                call,
+                "Kronecker factors of a subnetwork are not defined. Use hessian_structure='full' "
+                "(laplace's SubnetLaplace does).",
+                NotImplementedError,
+            )
+        K = hesse.KFACOperator(
+            module,
+            self.lossfunc,
+            data,
+            params=names,
+            fisher_type=self._fisher_type,
+            separate_bias=True,
+            **self._kfac_options(),
         )
+        # laplace's Kron holds one entry per parameter, in the model's parameter order.
+        blocks = sorted(K.blocks, key=lambda b: (b.weight or b.bias).offset)
+        factors = K.factors
+        kfacs = []
+        for block in blocks:
+            if isinstance(block.module, nn.Embedding):
+                fail(
+                    call,
+                    f"the embedding {block.module_name!r} has a diagonal input factor, which "
+                    "laplace's Kron layout does not take. Use hessian_structure='diag'.",
+                    NotImplementedError,
+                )
+            A, G = factors[block.name]
+            # The input factor averages over the batch; laplace sums batches, so 1/N overall.
+            kfacs.append([G, A * (len(y) / N)] if block.weight is not None else [G])
+        return self._batch_loss, Kron(kfacs) * self.factor
+
+    def _kfac_options(self) -> dict:
+        return {}
 
 
 class HesseGGN(_HesseCurvature, GGNInterface):
@@ -175,6 +241,15 @@ class HesseGGN(_HesseCurvature, GGNInterface):
         )
         self._generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
+    @property
+    def _fisher_type(self) -> str:  # type: ignore[override]
+        return "mc" if self.stochastic else "type-2"
+
+    def _kfac_options(self) -> dict:
+        if not self.stochastic:
+            return {}
+        return {"mc_samples": self.num_samples, "generator": self._generator}
+
     def _operator(self, call, module, data, names) -> LinearOperator:
         if self.stochastic:
             return hesse.FisherOperator(
@@ -200,6 +275,7 @@ class HesseEF(_HesseCurvature, EFInterface):
     """
 
     _title = "HesseEF"
+    _fisher_type = "empirical"
 
     def _operator(self, call, module, data, names) -> LinearOperator:
         return hesse.FisherOperator(module, self.lossfunc, data, params=names, kind="empirical")
