@@ -171,3 +171,16 @@ def test_map_chunks_total_sums_chunks_and_the_fallback():
             total=True,
         )
     torch.testing.assert_close(got, expected)
+
+
+def test_output_layer_alone_dense_and_diagonal():
+    # The module output is the model output (last-layer Laplace): its VJP is the cotangent.
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(0)
+    model, loss = nn.Linear(5, 3).to(DT), nn.CrossEntropyLoss()
+    data = [classes(gen, 8)]
+    op = hesse.GGNOperator(model, loss, data)
+    ref = autograd_ggn(model, loss, data, [8])
+    torch.testing.assert_close(op.to_dense(), ref, atol=1e-10, rtol=0)
+    diag = hesse.diagonal(op, method="exact")
+    torch.testing.assert_close(diag, ref.diagonal(), atol=1e-10, rtol=0)

@@ -440,11 +440,20 @@ _LINEAR, _CONV2D = _LinearRule(), _Conv2dRule()
 def _grads(
     out: torch.Tensor, wrt: list[torch.Tensor], cot: torch.Tensor, *, batched: bool
 ) -> list[torch.Tensor]:
-    """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``."""
-    if batched:  # NOTE [batched backward] in hesse/_hvp.py
-        return batched_grad(out, wrt, cot)
-    grads = torch.autograd.grad(out, wrt, cot, retain_graph=True, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
+    """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``.
+
+    The VJP at the model output itself (a last linear layer) is the cotangent: no pass.
+    """
+    inner = [w for w in wrt if w is not out]
+    if not inner:
+        grads: list[torch.Tensor] = []
+    elif batched:  # NOTE [batched backward] in hesse/_hvp.py
+        grads = batched_grad(out, inner, cot)
+    else:
+        found = torch.autograd.grad(out, inner, cot, retain_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(found, inner)]
+    it = iter(grads)
+    return [cot if w is out else next(it) for w in wrt]
 
 
 def _coupled(
