@@ -13,6 +13,7 @@ from torch import nn
 import hesse
 from hesse._chunking import map_chunks
 from hesse.operators._base import LinearOperator
+from hesse.operators._squares import batch_factor_gram
 
 DT = torch.float64
 
@@ -87,8 +88,8 @@ def layernorm():
     return LayerNormNet().to(DT)
 
 
-def tokens():
-    return Tokens().to(DT)
+def tokens(vocab=4):
+    return Tokens(vocab=vocab).to(DT)
 
 
 @pytest.mark.parametrize("make", [mlp, layernorm], ids=["linear", "layernorm"])
@@ -123,16 +124,17 @@ def test_fisher_equals_products(kind):
     torch.testing.assert_close(op.to_dense(), products(op), atol=1e-10, rtol=0)
 
 
-def test_flattened_tokens_with_ignored_targets():
+@pytest.mark.parametrize("V", [4, 8], ids=["gram", "products"])  # N * K vs n
+def test_flattened_tokens_with_ignored_targets(V):
     gen = torch.Generator().manual_seed(4)
-    B, T, V = 2, 3, 4
+    B, T = 2, 3
     data = []
     for _ in range(2):
         y = torch.randint(0, V, (B * T,), generator=gen)
         data.append((torch.randn(B, T, 3, generator=gen, dtype=DT), y))
     data[0][1][1] = -100
     data[1][1][[0, 4]] = -100
-    model, loss = tokens(), nn.CrossEntropyLoss()
+    model, loss = tokens(V), nn.CrossEntropyLoss()
     op = hesse.GGNOperator(model, loss, data)
     dense = op.to_dense()
     assert op._rows_independent is False  # NOTE [coupled rows]
@@ -184,3 +186,18 @@ def test_output_layer_alone_dense_and_diagonal():
     torch.testing.assert_close(op.to_dense(), ref, atol=1e-10, rtol=0)
     diag = hesse.diagonal(op, method="exact")
     torch.testing.assert_close(diag, ref.diagonal(), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("make", [layernorm, tokens], ids=["samples", "coupled"])
+def test_groups_of_rows_sum_to_the_whole(make):
+    gen = torch.Generator().manual_seed(7)
+    if make is tokens:
+        batch = (torch.randn(2, 3, 3, generator=gen, dtype=DT), torch.randint(0, 4, (6,)))
+    else:
+        batch = classes(gen, 7)
+    op = hesse.GGNOperator(make(), nn.CrossEntropyLoss(reduction="sum"), [batch])
+    whole = op.to_dense()
+    grouped = batch_factor_gram(op, op._factor, 0, *batch, columns=None, chunk_size=2, verify=False)
+    torch.testing.assert_close(grouped, whole, atol=1e-12, rtol=0)
+    idx = torch.tensor([1, 5, 9, 12])
+    torch.testing.assert_close(op._dense_block(idx), whole[idx][:, idx], atol=1e-12, rtol=0)
