@@ -284,8 +284,11 @@ def batch_factor_gram(
     columns: torch.Tensor | None,
     chunk_size: int | None,
     verify: bool,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """One batch's ``sum_{n,k} (J_n^T s_nk)(J_n^T s_nk)^T``, restricted to ``columns``.
+
+    ``None`` where rows are coupled and ``N * K`` exceeds ``n``: the ``N * K``
+    whole-batch VJPs would cost more than ``n`` operator products.
 
     # NOTE [factor Gram]
     The dense GGN / Fisher of a batch is the Gram matrix ``M^T M`` of the ``N * K``
@@ -297,6 +300,12 @@ def batch_factor_gram(
     as many as keep one group's ``M`` near ``EFFICIENT_CHUNK_BYTES``) through
     :func:`hesse._chunking.map_chunks`, each group one GEMM into the sum: ``N * K``
     VJPs and ``O(N K m^2)`` flops for ``m`` columns, instead of ``m`` operator products.
+
+    Between two fast-path linear layers (weights with their biases, input
+    ``a'_n = [a_n; 1]``) the block needs no ``M``: entry ``((o, i), (p, j))`` is
+    ``sum_n B_n[o, p] A_n[i, j]`` with ``B_n = sum_k d_nko d'_nkp`` and
+    ``A_n = a'_n a'_n^T``, one GEMM over the ``N`` samples of the flattened ``B_n``
+    and ``A_n`` and a permutation: ``K`` times fewer flops (used when ``K > 1``).
     """
     call = f"{op._title}.to_dense()"
     bp = _BatchPass(op, factor, index, inputs, targets, verify)
@@ -319,6 +328,8 @@ def batch_factor_gram(
         return lo, min(N, lo + group)
 
     if bp.coupled:
+        if N * K > n:  # N * K whole-batch VJPs would cost more than n products
+            return None
         flat_out = bp.out.reshape(N, D)
 
         def coupled(ids: torch.Tensor) -> torch.Tensor:
@@ -331,8 +342,21 @@ def batch_factor_gram(
 
         return map_chunks(coupled, None, num_groups, _ids, chunk_size=1, call=call, total=True)
 
+    kron = {} if columns is not None or K == 1 else _kron_layers(bp)
+    in_kron = torch.zeros(n, dtype=torch.bool, device=op.device)
+    for flat, _ in kron.values():
+        in_kron[flat] = True
+    other = (~in_kron).nonzero().reshape(-1)  # columns that need the rows M
     idx = bp.rest_index() if bp.rest else None
     sample_vjps = _sample_vjps(op, idx) if bp.rest else None
+    pairs = [(p, q) for i, p in enumerate(kron) for q in list(kron)[i:]]
+    per_sample = (
+        K * n * (other.numel() > 0)
+        + sum(kron[p][1].shape[1] * kron[q][1].shape[1] for p, q in pairs)
+        + sum(bp.fast[p][1].shape[2] * bp.fast[q][1].shape[2] for p, q in pairs)
+    ) * bp.x.element_size()
+    group = chunk_size or max(1, min(N, EFFICIENT_CHUNK_BYTES // max(1, 3 * per_sample)))
+    num_groups = -(-N // group)
 
     def rows(lo: int, hi: int, generic: torch.Tensor | None) -> torch.Tensor:
         M = bp.x.new_zeros(K, hi - lo, n)
@@ -347,23 +371,71 @@ def batch_factor_gram(
             M[:, :, idx] = generic
         return M
 
+    def group_gram(lo: int, hi: int, generic: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        if not kron:
+            return gram(rows(lo, hi, generic()))
+        G = bp.x.new_zeros(n, n)
+        for p, q in pairs:  # the linear-linear blocks, without M
+            (fp, ap), (fq, aq) = kron[p], kron[q]
+            dp, dq = bp.fast[p][1][:, lo:hi], bp.fast[q][1][:, lo:hi]
+            B = torch.einsum("kno,knp->nop", dp, dq).reshape(hi - lo, -1)
+            A = torch.einsum("ni,nj->nij", ap[lo:hi], aq[lo:hi]).reshape(hi - lo, -1)
+            shape = (dp.shape[2], dq.shape[2], ap.shape[1], aq.shape[1])
+            T = (B.T @ A).reshape(shape).permute(0, 2, 1, 3).reshape(fp.numel(), fq.numel())
+            G[fp.unsqueeze(1), fq] = T
+            if p != q:
+                G[fq.unsqueeze(1), fp] = T.T
+        if other.numel():
+            M = rows(lo, hi, generic()).reshape(-1, n)
+            Mo = M[:, other]
+            G[other.unsqueeze(1), other] = Mo.T @ Mo
+            lin = in_kron.nonzero().reshape(-1)
+            cross = M[:, lin].T @ Mo
+            G[lin.unsqueeze(1), other] = cross
+            G[other.unsqueeze(1), lin] = cross.T
+        return G
+
     def batched(ids: torch.Tensor) -> torch.Tensor:
         lo, hi = bounds(ids[0])
-        generic = None
-        if sample_vjps is not None:
+
+        def generic() -> torch.Tensor | None:
+            if sample_vjps is None:
+                return None
             chunk = tree_map(lambda t: t[lo:hi], inputs)
-            generic = vmap(sample_vjps)(chunk, S[lo:hi]).transpose(0, 1)  # (K, g, idx)
-        return gram(rows(lo, hi, generic))
+            return vmap(sample_vjps)(chunk, S[lo:hi]).transpose(0, 1)  # (K, g, idx)
+
+        return group_gram(lo, hi, generic)
 
     def single(gid: torch.Tensor) -> torch.Tensor:
         lo, hi = bounds(gid)
-        generic = None
-        if sample_vjps is not None:
+
+        def generic() -> torch.Tensor | None:
+            if sample_vjps is None:
+                return None
             vjps = [sample_vjps(tree_map(lambda t, i=i: t[i], inputs), S[i]) for i in range(lo, hi)]
-            generic = torch.stack(vjps, 1)
-        return gram(rows(lo, hi, generic))
+            return torch.stack(vjps, 1)
+
+        return group_gram(lo, hi, generic)
 
     return map_chunks(batched, single, num_groups, _ids, chunk_size=1, call=call, total=True)
+
+
+def _kron_layers(bp: _BatchPass) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fast-path linear layers with a selected weight: their flat entries ``(out, in')``
+    (weight columns, then the bias if selected) and inputs ``a'`` (``(N, in')``)."""
+    layers = {}
+    for p, (a, _) in bp.fast.items():
+        if not isinstance(bp.rules[p], _LinearRule) or p + "weight" not in bp.offsets:
+            continue
+        out, inp = bp.modules[p].weight.shape
+        o = bp.offsets[p + "weight"]
+        flat = torch.arange(o, o + out * inp, device=a.device).reshape(out, inp)
+        if p + "bias" in bp.offsets:
+            b = bp.offsets[p + "bias"]
+            flat = torch.cat([flat, torch.arange(b, b + out, device=a.device).unsqueeze(1)], 1)
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+        layers[p] = (flat.reshape(-1), a)
+    return layers
 
 
 def _ids(start: int, stop: int) -> torch.Tensor:
@@ -467,11 +539,20 @@ _LINEAR, _CONV2D = _LinearRule(), _Conv2dRule()
 def _grads(
     out: torch.Tensor, wrt: list[torch.Tensor], cot: torch.Tensor, *, batched: bool
 ) -> list[torch.Tensor]:
-    """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``."""
-    if batched:  # NOTE [batched backward] in hesse/_hvp.py
-        return batched_grad(out, wrt, cot)
-    grads = torch.autograd.grad(out, wrt, cot, retain_graph=True, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
+    """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``.
+
+    The VJP at the model output itself (a last linear layer) is the cotangent: no pass.
+    """
+    inner = [w for w in wrt if w is not out]
+    if not inner:
+        grads: list[torch.Tensor] = []
+    elif batched:  # NOTE [batched backward] in hesse/_hvp.py
+        grads = batched_grad(out, inner, cot)
+    else:
+        found = torch.autograd.grad(out, inner, cot, retain_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(found, inner)]
+    it = iter(grads)
+    return [cot if w is out else next(it) for w in wrt]
 
 
 def _coupled(
