@@ -220,7 +220,7 @@ def _cg_rows(name: str, model: nn.Module, data: list, names: Any, quick: bool) -
         preconditioners["hesse.solve(cg), Jacobi (exact GGN diagonal)"] = hesse.solvers.jacobi(
             d, damping=lam
         )
-    b = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(1))
+    b = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(1), dtype=G.dtype)
     budget = 400 if quick else 2000
     calls = {
         method: lambda M=M: hesse.solve(
