@@ -211,7 +211,7 @@ def exchangeable_stderr(terms: torch.Tensor, without: torch.Tensor) -> tuple[tor
               \\mathrm{mean}_{i \ne j < g}\\, \\delta_{ij}\\delta_{ji}}{s (s - 1)},
 
     unbiased (exchangeability makes every pair alike, so ``g`` columns suffice;
-    ``benchmarks/coverage.py`` checks the intervals). The pair term is noisy: a total
+    ``benchmarks/interval_coverage.py`` checks the intervals). The pair term is noisy: a total
     below the terms' spread alone is replaced by that spread (a conservative floor),
     and terms that agree to rounding (every sketch holds the range: the estimate is
     exact) give 0. Degrees of freedom: ``s - 1``.

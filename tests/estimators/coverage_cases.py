@@ -1,6 +1,6 @@
 """Operator families and estimators for the interval-coverage checks.
 
-Used by ``tests/estimators/test_coverage.py`` (asserts) and ``benchmarks/coverage.py``
+Used by ``tests/estimators/test_coverage.py`` (asserts) and ``benchmarks/interval_coverage.py``
 (prints the table). Every family is a small dense symmetric matrix wrapped as a
 :class:`~hesse.operators._base.DenseOperator`, so hundreds of seeds stay cheap; the
 network families are the dense Hessian and GGN of a small MLP's cross-entropy, built

@@ -2,7 +2,7 @@
 
 Every stochastic estimator x five operator families (decaying SPD, flat, indefinite,
 an MLP's Hessian and GGN; dense, so hundreds of seeds stay cheap), 200 to 1000 seeds
-each; ``benchmarks/coverage.py`` prints the same table (with more seeds on request).
+each; ``benchmarks/interval_coverage.py`` prints the same table (with more seeds on request).
 """
 
 from __future__ import annotations

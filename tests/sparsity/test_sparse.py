@@ -9,7 +9,12 @@ from torch.func import hessian, jacrev
 
 import hesse
 from hesse.sparsity._coloring import diagonal_coloring, star_coloring
-from hesse.sparsity._sparse import DIAGONAL_METHODS, SparsityFallbackWarning, _from_torch
+from hesse.sparsity._sparse import (
+    DIAGONAL_COLORINGS,
+    DIAGONAL_METHODS,
+    SparsityFallbackWarning,
+    _from_torch,
+)
 
 from ..problems import PROBLEMS
 from . import problems as SP
@@ -316,3 +321,36 @@ def test_a_sparse_result_is_a_valid_pattern(gen):
     assert Hs.to_dense()[0, 1] == 0
     y = torch.randn(3, generator=gen, dtype=torch.float64)
     _close(hesse.sparse_hessian(f, pattern=Hs)(y).to_dense(), hessian(f)(y))
+
+
+def test_diagonal_coloring_option(gen):
+    x = torch.randn(9, generator=gen, dtype=torch.float64)
+    H = hessian(SP.rosenbrock)(x)
+    for method in ("auto", "coloring"):
+        for coloring in DIAGONAL_COLORINGS:
+            d = hesse.hessian_diagonal(SP.rosenbrock, method=method, coloring=coloring)(x)
+            _close(d, H.diagonal())
+    _close(hesse.hessian_diagonal(SP.rosenbrock, method="dense")(x), H.diagonal())
+
+
+def test_diagonal_coloring_errors(gen):
+    x = torch.randn(4, generator=gen, dtype=torch.float64)
+    for kind in ("star", "acyclic"):
+        with pytest.raises(
+            ValueError,
+            match=rf"hesse.hessian_diagonal\(f\)\(x\): coloring='{kind}' is a colouring for "
+            r"the full Hessian \(hesse.sparse_hessian\).*use coloring='auto' or 'distance1'",
+        ):
+            hesse.hessian_diagonal(SP.rosenbrock, coloring=kind)(x)
+    with pytest.raises(
+        ValueError,
+        match=r"hesse.hessian_diagonal\(f\)\(x\): coloring should be one of 'auto', "
+        r"'distance1', got 'greedy'",
+    ):
+        hesse.hessian_diagonal(SP.rosenbrock, coloring="greedy")(x)
+    with pytest.raises(
+        ValueError,
+        match=r"hesse.hessian_diagonal\(f\)\(x\): coloring='distance1' needs a colouring "
+        r"method, got method='dense'.*method='coloring'",
+    ):
+        hesse.hessian_diagonal(SP.rosenbrock, method="dense", coloring="distance1")(x)

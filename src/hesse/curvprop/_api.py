@@ -560,7 +560,7 @@ def _per_sample_ggn(
     except TypeError:  # unhashable state: no caching
         key, entry = None, None
     if entry is not None and entry[0] is loss_fn:
-        op._linear_plan, op._rows_independent = entry[1]
+        op._linear_plan, op._rows_per_sample = entry[1]
     rows = batch_factor_squares(
         op,
         factor,
@@ -572,7 +572,7 @@ def _per_sample_ggn(
         verify=op._linear_plan is None,
     )
     if key is not None:
-        _TRACES.setdefault(model, {})[key] = (loss_fn, (op._linear_plan, op._rows_independent))
+        _TRACES.setdefault(model, {})[key] = (loss_fn, (op._linear_plan, op._rows_per_sample))
     b, n = inputs.shape[0], rows.shape[1]
     if rows.shape[0] % b:
         fail(

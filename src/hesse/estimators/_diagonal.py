@@ -139,7 +139,7 @@ def diagonal(
 
     Stochastic methods return an :class:`~hesse._estimate.Estimate`;
     ``.interval(0.95)`` gives Student-t intervals with its ``dof`` (NOTE [calibrated
-    intervals] in ``hesse._estimate``; ``benchmarks/coverage.py`` measures them).
+    intervals] in ``hesse._estimate``; ``benchmarks/interval_coverage.py`` measures them).
     ``stderr`` is the spread of the independent draws over ``sqrt(m)`` (``m - 1``
     degrees of freedom; NaN with a single draw) for ``"hutchinson"``, ``"mc"`` and
     ``"gnb"``. XDiag's ``m/2`` leave-one-out draws share all but one sketch column,

@@ -626,6 +626,30 @@ class DiagonalProblem:
     pattern: torch.Tensor | None
     chunk_size: int | None
     call: str
+    coloring: str = "auto"
+
+
+#: ``coloring=`` choices of :func:`hessian_diagonal` (NOTE [diagonal colouring]).
+DIAGONAL_COLORINGS = ("auto", "distance1")
+_DIAGONAL_KINDS = {"auto": "diagonal", "distance1": "diagonal"}
+
+
+def _check_diagonal_coloring(call: str, coloring: Any, method: str) -> None:
+    """NOTE [diagonal colouring]: only distance-1 colourings serve the diagonal."""
+    if coloring in HESSIAN_COLORINGS[1:]:
+        fail(
+            call,
+            f"coloring={coloring!r} is a colouring for the full Hessian "
+            "(hesse.sparse_hessian); the diagonal needs only a distance-1 colouring, which "
+            f"never needs more colours: use coloring='auto' or 'distance1', got {coloring!r}.",
+        )
+    check_choice(call, "coloring", coloring, DIAGONAL_COLORINGS)
+    if coloring != "auto" and method == "dense":
+        fail(
+            call,
+            f"coloring={coloring!r} needs a colouring method, got method='dense' (which "
+            "uses no colouring). Use method='coloring' or 'auto', or drop coloring=.",
+        )
 
 
 def _diag_coloring(prob: DiagonalProblem, P: sp.csr_matrix | None = None) -> torch.Tensor:
@@ -636,7 +660,7 @@ def _diag_coloring(prob: DiagonalProblem, P: sp.csr_matrix | None = None) -> tor
             P = _detect(engine.g, engine.x, prob.call).hessian()
         else:
             P = _from_torch(prob.call, prob.pattern, (n, n))
-    coloring = _coloured("diagonal", P)
+    coloring = _coloured(_DIAGONAL_KINDS[prob.coloring], P)
     return _diag_from_coloring(prob, coloring)
 
 
@@ -705,7 +729,7 @@ def _diag_auto(prob: DiagonalProblem) -> torch.Tensor:
             return _diag_dense(prob)
     else:
         P = _from_torch(prob.call, prob.pattern, (n, n))
-    coloring = _coloured("diagonal", P)
+    coloring = _coloured(_DIAGONAL_KINDS[prob.coloring], P)
     if coloring.num_colors < n:
         return _diag_from_coloring(prob, coloring)
     return _diag_dense(prob)
@@ -727,6 +751,7 @@ def hessian_diagonal(
     argnums: int | tuple[int, ...] = 0,
     *,
     method: str = "auto",
+    coloring: str = "auto",
     pattern: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> Callable[..., Any]:
@@ -740,10 +765,21 @@ def hessian_diagonal(
     dense; when no pattern can be traced (value-dependent control flow) it warns
     and uses the dense path.
 
+    # NOTE [diagonal colouring]
+    Reading :math:`H_{ii} = (H s_{c(i)})_i` needs only that no neighbour of ``i`` shares
+    its colour: a distance-1 colouring. Star and acyclic colourings
+    (:func:`sparse_hessian`) are distance-1 colourings with more constraints, so they
+    never need fewer products and are refused here. ``coloring="distance1"``: a greedy
+    distance-1 colouring, best of several vertex orders plus iterated greedy
+    (NOTE [colouring]); ``coloring="auto"`` (default) is the same today, the name kept
+    for a better choice later. Recovery is direct, every entry read once: exact.
+
     Args:
         f: a function returning a real scalar tensor.
         argnums: which positional arguments to differentiate (int or tuple).
         method: ``"auto"``, ``"coloring"`` or ``"dense"``.
+        coloring: ``"auto"`` or ``"distance1"`` (NOTE [diagonal colouring]); a value other
+            than ``"auto"`` needs ``method="coloring"`` or ``"auto"``.
         pattern: a precomputed Hessian pattern ``(n, n)`` (see :func:`hessian_sparsity`).
         chunk_size: vectors per vectorised pass (default: sized from free memory).
 
@@ -753,7 +789,8 @@ def hessian_diagonal(
 
     Raises:
         NotImplementedError: ``method="coloring"`` with value-dependent control flow.
-        ValueError, TypeError: for an unknown method, a malformed pattern, bad input.
+        ValueError, TypeError: for an unknown method or colouring (``"star"`` and
+            ``"acyclic"`` included), a malformed pattern, bad input.
 
     Cost: ``K`` HVPs with ``K`` distance-1 colours (1 for separable functions, 2 for a
     tridiagonal Hessian, ``D`` for per-sample blocks of size ``D``), else ``n``.
@@ -770,9 +807,11 @@ def hessian_diagonal(
     def wrapped(*args: Any) -> Any:
         call = call_form("hesse.hessian_diagonal", len(args))
         check_choice(call, "method", method, tuple(DIAGONAL_METHODS))
+        _check_diagonal_coloring(call, coloring, method)
         check_chunk_size(call, chunk_size)
         engine = FlatHVP(f, args, argnums, call=call)
-        flat = DIAGONAL_METHODS[method](DiagonalProblem(engine, pattern, chunk_size, call))
+        problem = DiagonalProblem(engine, pattern, chunk_size, call, coloring)
+        flat = DIAGONAL_METHODS[method](problem)
         return engine.flat.unflatten(flat.detach())
 
     return wrapped

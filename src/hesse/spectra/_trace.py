@@ -294,7 +294,7 @@ def trace(
 
     Intervals: ``Estimate.interval(level)`` uses Student-t quantiles with the
     estimate's ``dof`` (NOTE [calibrated intervals] in ``hesse._estimate``);
-    ``benchmarks/coverage.py`` prints their measured coverage.
+    ``benchmarks/interval_coverage.py`` prints their measured coverage.
 
     Exact: when ``num_matvecs >= n`` the trace is computed exactly instead (``n``
     basis products, or the operator's exact diagonal path), with ``exact=True``,

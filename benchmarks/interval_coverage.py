@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.coverage [--seeds N] [--level 0.95]
+    python -m benchmarks.interval_coverage [--seeds N] [--level 0.95]
 
 Prints, per stochastic estimator (budget in products) and operator family, the
 fraction of seeds whose ``Estimate.interval(level)`` contains the exact value
