@@ -68,15 +68,21 @@ class LayerNormNet(nn.Module):  # LayerNorm's parameters take the generic per-sa
 
 
 class Tokens(nn.Module):
-    """``(B, T, d) -> (B*T, V)`` with a causal mix over positions: rows are not samples."""
+    """``(B, T, d) -> (B*T, V)`` with a causal mix over positions: ``T`` rows per sample.
 
-    def __init__(self, d: int = 3, vocab: int = 4) -> None:
+    ``coupled``: also centred over the batch, so every row depends on every sample.
+    """
+
+    def __init__(self, d: int = 3, vocab: int = 4, coupled: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.mix, self.head = nn.Linear(d, d), nn.Linear(d, vocab)
+        self.coupled = coupled
 
     def forward(self, x):
         h = torch.tanh(self.mix(x)).cumsum(1)
+        if self.coupled:
+            h = h - h.mean(0, keepdim=True)
         return self.head(h).reshape(-1, self.head.out_features)
 
 
@@ -88,8 +94,12 @@ def layernorm():
     return LayerNormNet().to(DT)
 
 
-def tokens(vocab=4):
-    return Tokens(vocab=vocab).to(DT)
+def tokens(vocab=4, coupled=False):
+    return Tokens(vocab=vocab, coupled=coupled).to(DT)
+
+
+def coupled_tokens():
+    return tokens(coupled=True)
 
 
 @pytest.mark.parametrize("make", [mlp, layernorm], ids=["linear", "layernorm"])
@@ -124,8 +134,12 @@ def test_fisher_equals_products(kind):
     torch.testing.assert_close(op.to_dense(), products(op), atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("V", [4, 8], ids=["gram", "products"])  # N * K vs n
-def test_flattened_tokens_with_ignored_targets(V):
+@pytest.mark.parametrize(
+    ("V", "coupled", "rows"),
+    [(4, False, 3), (4, True, 0), (8, True, 0)],  # coupled: N * K below / above n
+    ids=["per-sequence", "coupled-gram", "coupled-products"],
+)
+def test_flattened_tokens_with_ignored_targets(V, coupled, rows):
     gen = torch.Generator().manual_seed(4)
     B, T = 2, 3
     data = []
@@ -134,10 +148,10 @@ def test_flattened_tokens_with_ignored_targets(V):
         data.append((torch.randn(B, T, 3, generator=gen, dtype=DT), y))
     data[0][1][1] = -100
     data[1][1][[0, 4]] = -100
-    model, loss = tokens(V), nn.CrossEntropyLoss()
+    model, loss = tokens(V, coupled), nn.CrossEntropyLoss()
     op = hesse.GGNOperator(model, loss, data)
     dense = op.to_dense()
-    assert op._rows_independent is False  # NOTE [coupled rows]
+    assert op._rows_per_sample == rows  # NOTE [coupled rows]
     torch.testing.assert_close(dense, products(op), atol=1e-10, rtol=0)
     ref = autograd_ggn(model, loss, data, [5, 4])  # targets not ignored
     torch.testing.assert_close(dense, ref, atol=1e-10, rtol=0)
@@ -188,10 +202,12 @@ def test_output_layer_alone_dense_and_diagonal():
     torch.testing.assert_close(diag, ref.diagonal(), atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("make", [layernorm, tokens], ids=["samples", "coupled"])
+@pytest.mark.parametrize(
+    "make", [layernorm, tokens, coupled_tokens], ids=["samples", "per-sequence", "coupled"]
+)
 def test_groups_of_rows_sum_to_the_whole(make):
     gen = torch.Generator().manual_seed(7)
-    if make is tokens:
+    if make is not layernorm:
         batch = (torch.randn(2, 3, 3, generator=gen, dtype=DT), torch.randint(0, 4, (6,)))
     else:
         batch = classes(gen, 7)
