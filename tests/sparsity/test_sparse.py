@@ -354,3 +354,23 @@ def test_diagonal_coloring_errors(gen):
         r"method, got method='dense'.*method='coloring'",
     ):
         hesse.hessian_diagonal(SP.rosenbrock, method="dense", coloring="distance1")(x)
+
+
+def test_fully_coupled_pattern_takes_the_dense_path(gen, monkeypatch):
+    # NOTE [dense fallback]: no colouring runs, the result is the same CSR tensor
+    import hesse.sparsity._sparse as sparse_module
+
+    def no_colouring(kind, P):
+        raise AssertionError(f"{kind} colouring ran for a complete graph")
+
+    monkeypatch.setattr(sparse_module, "_coloured", no_colouring)
+    f = lambda x: x.sum() ** 4 + (x**3).sum()  # noqa: E731 - every pair coupled
+    x = torch.randn(7, generator=gen, dtype=torch.float64)
+    H = hesse.sparse_hessian(f)(x)
+    assert H.layout == torch.sparse_csr and H._nnz() == 49
+    _close(H.to_dense(), hessian(f)(x))
+    # stored entries are the detected pattern's, zeros at this point included
+    g = lambda x: x.sum() ** 2 - (x**2).sum()  # noqa: E731 - zero diagonal, all pairs
+    H = hesse.sparse_hessian(g)(x)
+    assert H._nnz() == hesse.hessian_sparsity(g)(x)._nnz()
+    _close(H.to_dense(), hessian(g)(x))

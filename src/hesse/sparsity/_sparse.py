@@ -402,6 +402,20 @@ def _seeds(plan: Plan, like: torch.Tensor) -> torch.Tensor:
     return cache[key]
 
 
+def _coupled_pairs(P: sp.csr_matrix) -> int:
+    """How many ordered pairs ``i != j`` the (symmetrised) pattern couples.
+
+    # NOTE [dense fallback]
+    When every pair is coupled (the adjacency graph is complete), no colouring needs
+    fewer than ``n`` colours: the ``n`` products with basis vectors cost the same HVPs
+    and skip the colouring (``O(n^2)`` edges, ``O(n^3)`` greedy work) and the recovery.
+    The result is the same CSR tensor (the pattern's entries, every one read directly).
+    This is the cost model of ``hessian_diagonal(method="auto")`` (colours against
+    ``n``), decided before colouring from the pattern alone."""
+    S = _symmetric(P)
+    return int(S.nnz - np.count_nonzero(S.diagonal()))
+
+
 def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
     """One HVP with a fixed pseudo-random vector against ``H @ v``: a supplied pattern
     that misses nonzeros of the Hessian at this point fails here (NOTE [pattern check])."""
@@ -525,7 +539,20 @@ def sparse_hessian(
                 pass
         P = _detect(engine.g, engine.x, call).hessian()
         _remember_pattern(f, signature, P)
+        if _coupled_pairs(P) == n * (n - 1):  # NOTE [dense fallback]
+            return _dense_csr(engine, P)
         return _compute(engine, P)[0]
+
+    def _dense_csr(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
+        """``n`` HVPs with basis vectors, read at the pattern's entries."""
+        n, x = engine.n, engine.x
+        S = _symmetric(P)
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
+        cols = S.indices.astype(np.int64)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        B = engine.apply(n, lambda a, b: eye[a:b], chunk_size=chunk_size)
+        values = B[torch.from_numpy(rows).to(x.device), torch.from_numpy(cols).to(x.device)]
+        return csr_tensor(*csr_index(rows, cols, n), values.detach(), (n, n))
 
     def _compute(engine: FlatHVP, P: sp.csr_matrix) -> tuple[torch.Tensor, Plan]:
         kind = _kind(coloring, P)
