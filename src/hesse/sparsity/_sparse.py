@@ -382,7 +382,7 @@ def _kind(coloring: str, P: sp.csr_matrix) -> str:
     probe = _cached("star-probe", P, lambda: star_coloring(P, orders=ORDERS[:1])).num_colors
     if probe > acyclic + _STAR_PROBE_SLACK:
         return "acyclic"
-    star = _coloured("star", P).num_colors
+    star = _plan("star", P).coloring.num_colors  # after NOTE [neutral colours]
     return "star" if star <= acyclic else "acyclic"  # a tie: direct recovery
 
 
