@@ -22,12 +22,14 @@ Rows:
 - ``CG (GGN + lambda I) x = b``: ``hesse.solve(..., method="cg", rtol=1e-6)`` with
   no preconditioner, Jacobi (the exact GGN diagonal, where ``hesse.diagonal`` can
   compute it) and the KFAC inverse (``exact_damping=True``), on one batch;
-  ``lambda`` = 1e-3 times the largest diagonal entry; ``matvecs`` = products with the GGN (the preconditioner's
+  ``lambda`` = 1e-3 times the largest diagonal entry; float64 (in float32 CG
+  stalls near ``cond * eps``, above the target); ``matvecs`` = products with the GGN (the preconditioner's
   construction is not timed: it is shared across solves).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -199,7 +201,9 @@ def _rows(workload: str, calls: dict, repeats: int, reference: str) -> list:
 # -- preconditioned CG ----------------------------------------------------------------------
 def _cg_rows(name: str, model: nn.Module, data: list, names: Any, quick: bool) -> list:
     loss_fn = nn.CrossEntropyLoss()
-    batch = data[:1]
+    # float64: a float32 CG stalls near cond * eps, above rtol 1e-6.
+    model = copy.deepcopy(model).double()
+    batch = [(X.double() if X.is_floating_point() else X, y) for X, y in data[:1]]
     G = hesse.GGNOperator(model, loss_fn, batch, params=names)
     K = hesse.KFACOperator(model, loss_fn, batch, params=names)
     jacobi_note = ""
@@ -216,8 +220,8 @@ def _cg_rows(name: str, model: nn.Module, data: list, names: Any, quick: bool) -
         preconditioners["hesse.solve(cg), Jacobi (exact GGN diagonal)"] = hesse.solvers.jacobi(
             d, damping=lam
         )
-    b = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(1))
-    budget = 200 if quick else 1000
+    b = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(1), dtype=G.dtype)
+    budget = 400 if quick else 2000
     calls = {
         method: lambda M=M: hesse.solve(
             G,
@@ -250,7 +254,7 @@ def _cg_rows(name: str, model: nn.Module, data: list, names: Any, quick: bool) -
             matvecs=m["matvecs"],
             converged=m["converged"],
             reference=method.endswith("no preconditioner"),
-            note=f"lambda = {lam:.2g}; float32",
+            note=f"lambda = {lam:.2g}; float64",
         )
         for method, m in res.items()
     ]

@@ -12,10 +12,9 @@ the form a language model is trained with. Needs ``transformers``.
 from __future__ import annotations
 
 import torch
-from _torchvision_compat import (
-    import_torchvision,
-)  # a neighbour: hesse puts this folder on sys.path
 from torch import nn
+
+from hesse.testing import torchvision_cpu_shim
 
 
 class CausalLM(nn.Module):
@@ -23,7 +22,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        import_torchvision()  # transformers imports torchvision when it is installed
+        torchvision_cpu_shim()  # transformers imports torchvision when it is installed
         from transformers import GPT2LMHeadModel
 
         self.lm = GPT2LMHeadModel(config)
@@ -51,7 +50,7 @@ def factory(
     mean cross-entropy over ``B*T`` tokens. ``attention`` picks HuggingFace's
     attention implementation (``"eager"``, ``"sdpa"``; ``None``: its default, SDPA).
     """
-    import_torchvision()
+    torchvision_cpu_shim()
     from transformers import GPT2Config
 
     torch.manual_seed(seed)

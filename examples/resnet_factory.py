@@ -12,15 +12,14 @@ loss of a batch is the mean of its samples' losses. Needs ``torchvision``.
 from __future__ import annotations
 
 import torch
-from _torchvision_compat import (
-    import_torchvision,
-)  # a neighbour: hesse puts this folder on sys.path
 from torch import nn
+
+from hesse.testing import torchvision_cpu_shim
 
 
 def small_resnet(num_classes: int = 10, width: int = 8) -> nn.Module:
     """torchvision's ResNet with ``BasicBlock`` and stage widths ``width * (1, 2, 4, 8)``."""
-    import_torchvision()
+    torchvision_cpu_shim()
     from torchvision.models.resnet import BasicBlock, ResNet
 
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)

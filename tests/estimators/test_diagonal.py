@@ -269,6 +269,7 @@ def test_exact_ggn_diagonal_batchnorm_train_includes_batch_coupling(gen):
     reference = (2 * J.square()).sum(0) / Y.numel()  # MSE: H = 2 I over the mean's terms
     torch.testing.assert_close(hesse.diagonal(G), reference, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(G.to_dense().diagonal(), reference, rtol=1e-10, atol=1e-12)
+    assert G._rows_per_sample == 0  # the whole-batch path
 
 
 def test_exact_ggn_diagonal_conv_layers(gen):

@@ -5,9 +5,6 @@ import re
 import pytest
 import torch
 
-import hesse.testing
-
-hesse.testing.torchvision_cpu_shim()  # laplace-torch imports torchvision through torchmetrics
 laplace = pytest.importorskip("laplace")
 pytest.importorskip("backpack")
 

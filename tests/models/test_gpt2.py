@@ -99,6 +99,7 @@ def test_ggn_products_and_exact_diagonal(attn, flat, gen):
     X = torch.randn(G.shape[0], 2, generator=gen, dtype=DT)
     torch.testing.assert_close(G @ X, dense @ X, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(hesse.diagonal(G), dense.diagonal(), rtol=1e-8, atol=1e-10)
+    assert G._rows_per_sample == (T if flat else 1)  # NOTE [coupled rows]: per sequence
 
 
 @pytest.mark.parametrize("flat", [False, True])

@@ -295,3 +295,30 @@ def test_undeterminable_count_is_refused(gen):
         hesse.HessianOperator(model, nn.MSELoss(), [(data[0][0], torch.zeros(9, 1, dtype=DT))])
     with pytest.raises(ValueError, match=r"class-index targets of shape \(9,\).*Flatten token"):
         hesse.HessianOperator(model, nn.CrossEntropyLoss(), [(data[0][0], y[:3])])
+
+
+def test_token_rows_grouped_per_sample_equal_rows_as_samples(gen):
+    """NOTE [coupled rows]: the same token rows, grouped T per sequence or one per sample,
+    give the same exact and MC (per-column) diagonals."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(E, 5), nn.Tanh(), nn.Linear(5, V)).to(DT)
+
+    class PerToken(nn.Module):  # (B, T, E) -> (B*T, V), tokens independent
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).flatten(0, 1)
+
+    X = torch.randn(3, T, E, generator=gen, dtype=DT)
+    Y = torch.randint(0, V, (3 * T,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    grouped = hesse.GGNOperator(PerToken(), loss_fn, [(X, Y)])
+    rows = hesse.GGNOperator(net, loss_fn, [(X.flatten(0, 1), Y)])
+    for method in ("exact", "mc"):
+        a = hesse.diagonal(grouped, method=method, num_matvecs=None if method == "exact" else 2)
+        b = hesse.diagonal(rows, method=method, num_matvecs=None if method == "exact" else 2)
+        a, b = (a, b) if method == "exact" else (a.value, b.value)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert grouped._rows_per_sample == T and rows._rows_per_sample == 1

@@ -506,7 +506,7 @@ class _OuterProductOperator(_ModelOperator):
     """
 
     _linear_plan: dict | None = None
-    _rows_independent: bool | None = None  # NOTE [coupled rows] in _squares.py
+    _rows_per_sample: int | None = None  # NOTE [coupled rows] in _squares.py
 
     def _factor(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -570,7 +570,7 @@ class _OuterProductOperator(_ModelOperator):
         """Rows and columns ``columns`` (all if ``None``) of the dense matrix."""
 
         def per_batch(index: int, inputs: Any, targets: Any) -> torch.Tensor:
-            return batch_factor_gram(
+            G = batch_factor_gram(
                 self,
                 self._factor,
                 index,
@@ -580,6 +580,14 @@ class _OuterProductOperator(_ModelOperator):
                 chunk_size=None,
                 verify=self._linear_plan is None,
             )
+            if G is not None:
+                return G
+            # Coupled rows with more VJPs than columns: products with the unit vectors.
+            n = self.shape[0]
+            cols = torch.arange(n, device=self.device) if columns is None else columns
+            E = torch.zeros(n, cols.numel(), dtype=self.dtype, device=self.device)
+            E[cols, torch.arange(cols.numel(), device=self.device)] = 1
+            return self._batch_matmat(index, inputs, targets, E)[:, cols]
 
         try:
             return self._accumulate(per_batch)

@@ -26,15 +26,18 @@ and over groups of samples) with respect to those parameters only.
 Both paths assume that output row ``n`` is a function of input sample ``n`` alone.
 
 # NOTE [coupled rows]
-Where that is not so (outputs flattened to tokens, ``(B*T, V)``; BatchNorm in
-train mode, whose batch statistics couple all samples; any other mixing of
-samples), ``J_n`` is the Jacobian of output row ``n`` of the *whole batch*, and
-``J_n^T s_nk`` is one VJP of the batch output with cotangent ``s_nk`` in row
-``n`` and zeros elsewhere. These ``N * K`` VJPs go through one graph of the batch
-in batched backward passes (``is_grads_batched``), a few rows at a time. The
-first batch decides the path: rows are independent if the output has the
-inputs' batch size and running the first and last samples alone reproduces
-their rows.
+Output row ``n`` need not belong to one sample. Outputs flattened to tokens,
+``(B*T, V)``: rows ``b*T .. b*T + T - 1`` all depend on sample ``b`` (through
+attention, say), so ``J_n`` is the Jacobian of that row of sample ``b``'s output;
+the generic path then runs per sample with ``T * K`` columns, column ``(t, k)``
+being ``s_{bT+t,k}`` in row ``t`` and zero elsewhere. BatchNorm in train mode
+(batch statistics couple all samples) or any other mixing of samples: ``J_n`` is
+the Jacobian of row ``n`` of the *whole batch*, and ``J_n^T s_nk`` is one VJP of
+the batch output with cotangent ``s_nk`` in row ``n``; these ``N * K`` VJPs go
+through one graph of the batch in batched backward passes (``is_grads_batched``),
+a few rows at a time. The first batch decides the path: rows group by sample if
+the output has ``R`` rows per input sample and running the first and last
+samples alone reproduces their rows; otherwise they are coupled.
 """
 
 from __future__ import annotations
@@ -86,34 +89,51 @@ def _linear_candidates(op: Any) -> dict[str, nn.Module]:
     return out
 
 
-def _rows_are_samples(op: Any, inputs: Any, out: torch.Tensor) -> bool:
-    """NOTE [coupled rows]: does output row ``n`` depend on input sample ``n`` alone?"""
+def _rows_per_sample(op: Any, inputs: Any, out: torch.Tensor) -> int:
+    """NOTE [coupled rows]: ``R`` if output rows ``b*R .. b*R + R - 1`` depend on input
+    sample ``b`` alone (``R = 1``: one row per sample), 0 if rows are coupled."""
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
-    n = out.shape[0]
-    if not leaves or any(t.dim() == 0 or t.shape[0] != n for t in leaves):
-        return False
+    if not leaves or any(t.dim() == 0 for t in leaves):
+        return 0
+    b, n = leaves[0].shape[0], out.shape[0]
+    if any(t.shape[0] != b for t in leaves) or n % b:
+        return 0
     if any(
         isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
         for mod in op.model.modules()
     ):
-        return False
-    for i in sorted({0, n - 1}):
+        return 0
+    r = n // b
+    for i in sorted({0, b - 1}):
         try:
             with torch.no_grad():
                 alone = op._forward(op._x, tree_map(lambda t, i=i: t[i : i + 1], inputs))
         except Exception:  # noqa: BLE001 - a model that cannot run one sample couples them
-            return False
-        if alone.shape != out[i : i + 1].shape or not torch.allclose(
-            alone, out[i : i + 1].detach(), rtol=1e-5, atol=1e-6 * float(out.detach().abs().max())
+            return 0
+        rows = out[i * r : (i + 1) * r].detach()
+        if alone.shape != rows.shape or not torch.allclose(
+            alone, rows, rtol=1e-5, atol=1e-6 * float(out.detach().abs().max())
         ):
-            return False
-    return True
+            return 0
+    return r
+
+
+def _group_rows(S: torch.Tensor, r: int) -> torch.Tensor:
+    """``(N, D, K)`` row factors as ``(N / r, r * D, r * K)`` per-sample factors: column
+    ``(t, k)`` of sample ``b`` is ``s_{b r + t, k}`` in row ``t`` and zero elsewhere."""
+    N, D, K = S.shape
+    grouped = S.new_zeros(N // r, r, D, r, K)
+    t = torch.arange(r, device=S.device)
+    grouped[:, t, :, t, :] = S.reshape(N // r, r, D, K).transpose(0, 1)
+    return grouped.reshape(N // r, r * D, r * K)
 
 
 class _BatchPass:
     """One batch's forward pass, output factor ``S`` and VJPs at the fast layers' outputs.
 
     ``coupled``: NOTE [coupled rows] holds and only ``out``, ``x``, ``S`` are set.
+    ``rows > 1``: output rows are grouped ``rows`` per sample and ``S`` is the
+    per-sample factor of :func:`_group_rows` (``rows * K`` columns).
     Otherwise ``fast`` maps a layer prefix to its input ``a`` and the VJPs ``d``
     (``(K, *output)``) of all ``K`` columns at its output, and ``rest`` lists the
     selected parameters left to the generic path.
@@ -141,10 +161,15 @@ class _BatchPass:
                 h.remove()
         self.S = S = factor(index, out.detach(), targets).detach()
         N, _, K = S.shape
-        if op._rows_independent is None:  # decided on the first batch: NOTE [coupled rows]
-            op._rows_independent = _rows_are_samples(op, inputs, out)
-        self.coupled = not op._rows_independent
+        if op._rows_per_sample is None:  # decided on the first batch: NOTE [coupled rows]
+            op._rows_per_sample = _rows_per_sample(op, inputs, out)
+        self.rows = op._rows_per_sample
+        self.coupled = not self.rows
         if self.coupled:
+            return
+        if self.rows > 1:  # rows grouped by sample (tokens): the generic path, r * K columns
+            self.S = _group_rows(S, self.rows)
+            self.fast, self.rest, self.out = {}, list(op.param_names), None
             return
         cot = S.permute(2, 0, 1).reshape(K, *out.shape)
         self.rules = rules = {p: _rule(mod) for p, mod in candidates.items()}
@@ -244,6 +269,8 @@ def batch_factor_squares(
             op, inputs, bp.S, idx, chunk_size=chunk_size, per_column=per_column, call=call
         )
         result[..., idx] = sq
+    if per_column and bp.rows > 1:  # columns (t, k) back to the loss's K columns
+        result = result.reshape(bp.rows, -1, op.shape[0]).sum(0)
     return result
 
 
@@ -257,8 +284,11 @@ def batch_factor_gram(
     columns: torch.Tensor | None,
     chunk_size: int | None,
     verify: bool,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """One batch's ``sum_{n,k} (J_n^T s_nk)(J_n^T s_nk)^T``, restricted to ``columns``.
+
+    ``None`` where rows are coupled and ``N * K`` exceeds ``n``: the ``N * K``
+    whole-batch VJPs would cost more than ``n`` operator products.
 
     # NOTE [factor Gram]
     The dense GGN / Fisher of a batch is the Gram matrix ``M^T M`` of the ``N * K``
@@ -270,6 +300,12 @@ def batch_factor_gram(
     as many as keep one group's ``M`` near ``EFFICIENT_CHUNK_BYTES``) through
     :func:`hesse._chunking.map_chunks`, each group one GEMM into the sum: ``N * K``
     VJPs and ``O(N K m^2)`` flops for ``m`` columns, instead of ``m`` operator products.
+
+    Between two fast-path linear layers (weights with their biases, input
+    ``a'_n = [a_n; 1]``) the block needs no ``M``: entry ``((o, i), (p, j))`` is
+    ``sum_n B_n[o, p] A_n[i, j]`` with ``B_n = sum_k d_nko d'_nkp`` and
+    ``A_n = a'_n a'_n^T``, one GEMM over the ``N`` samples of the flattened ``B_n``
+    and ``A_n`` and a permutation: ``K`` times fewer flops (used when ``K > 1``).
     """
     call = f"{op._title}.to_dense()"
     bp = _BatchPass(op, factor, index, inputs, targets, verify)
@@ -292,6 +328,8 @@ def batch_factor_gram(
         return lo, min(N, lo + group)
 
     if bp.coupled:
+        if N * K > n:  # N * K whole-batch VJPs would cost more than n products
+            return None
         flat_out = bp.out.reshape(N, D)
 
         def coupled(ids: torch.Tensor) -> torch.Tensor:
@@ -304,8 +342,21 @@ def batch_factor_gram(
 
         return map_chunks(coupled, None, num_groups, _ids, chunk_size=1, call=call, total=True)
 
+    kron = {} if columns is not None or K == 1 else _kron_layers(bp)
+    in_kron = torch.zeros(n, dtype=torch.bool, device=op.device)
+    for flat, _ in kron.values():
+        in_kron[flat] = True
+    other = (~in_kron).nonzero().reshape(-1)  # columns that need the rows M
     idx = bp.rest_index() if bp.rest else None
     sample_vjps = _sample_vjps(op, idx) if bp.rest else None
+    pairs = [(p, q) for i, p in enumerate(kron) for q in list(kron)[i:]]
+    per_sample = (
+        K * n * (other.numel() > 0)
+        + sum(kron[p][1].shape[1] * kron[q][1].shape[1] for p, q in pairs)
+        + sum(bp.fast[p][1].shape[2] * bp.fast[q][1].shape[2] for p, q in pairs)
+    ) * bp.x.element_size()
+    group = chunk_size or max(1, min(N, EFFICIENT_CHUNK_BYTES // max(1, 3 * per_sample)))
+    num_groups = -(-N // group)
 
     def rows(lo: int, hi: int, generic: torch.Tensor | None) -> torch.Tensor:
         M = bp.x.new_zeros(K, hi - lo, n)
@@ -320,23 +371,71 @@ def batch_factor_gram(
             M[:, :, idx] = generic
         return M
 
+    def group_gram(lo: int, hi: int, generic: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        if not kron:
+            return gram(rows(lo, hi, generic()))
+        G = bp.x.new_zeros(n, n)
+        for p, q in pairs:  # the linear-linear blocks, without M
+            (fp, ap), (fq, aq) = kron[p], kron[q]
+            dp, dq = bp.fast[p][1][:, lo:hi], bp.fast[q][1][:, lo:hi]
+            B = torch.einsum("kno,knp->nop", dp, dq).reshape(hi - lo, -1)
+            A = torch.einsum("ni,nj->nij", ap[lo:hi], aq[lo:hi]).reshape(hi - lo, -1)
+            shape = (dp.shape[2], dq.shape[2], ap.shape[1], aq.shape[1])
+            T = (B.T @ A).reshape(shape).permute(0, 2, 1, 3).reshape(fp.numel(), fq.numel())
+            G[fp.unsqueeze(1), fq] = T
+            if p != q:
+                G[fq.unsqueeze(1), fp] = T.T
+        if other.numel():
+            M = rows(lo, hi, generic()).reshape(-1, n)
+            Mo = M[:, other]
+            G[other.unsqueeze(1), other] = Mo.T @ Mo
+            lin = in_kron.nonzero().reshape(-1)
+            cross = M[:, lin].T @ Mo
+            G[lin.unsqueeze(1), other] = cross
+            G[other.unsqueeze(1), lin] = cross.T
+        return G
+
     def batched(ids: torch.Tensor) -> torch.Tensor:
         lo, hi = bounds(ids[0])
-        generic = None
-        if sample_vjps is not None:
+
+        def generic() -> torch.Tensor | None:
+            if sample_vjps is None:
+                return None
             chunk = tree_map(lambda t: t[lo:hi], inputs)
-            generic = vmap(sample_vjps)(chunk, S[lo:hi]).transpose(0, 1)  # (K, g, idx)
-        return gram(rows(lo, hi, generic))
+            return vmap(sample_vjps)(chunk, S[lo:hi]).transpose(0, 1)  # (K, g, idx)
+
+        return group_gram(lo, hi, generic)
 
     def single(gid: torch.Tensor) -> torch.Tensor:
         lo, hi = bounds(gid)
-        generic = None
-        if sample_vjps is not None:
+
+        def generic() -> torch.Tensor | None:
+            if sample_vjps is None:
+                return None
             vjps = [sample_vjps(tree_map(lambda t, i=i: t[i], inputs), S[i]) for i in range(lo, hi)]
-            generic = torch.stack(vjps, 1)
-        return gram(rows(lo, hi, generic))
+            return torch.stack(vjps, 1)
+
+        return group_gram(lo, hi, generic)
 
     return map_chunks(batched, single, num_groups, _ids, chunk_size=1, call=call, total=True)
+
+
+def _kron_layers(bp: _BatchPass) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fast-path linear layers with a selected weight: their flat entries ``(out, in')``
+    (weight columns, then the bias if selected) and inputs ``a'`` (``(N, in')``)."""
+    layers = {}
+    for p, (a, _) in bp.fast.items():
+        if not isinstance(bp.rules[p], _LinearRule) or p + "weight" not in bp.offsets:
+            continue
+        out, inp = bp.modules[p].weight.shape
+        o = bp.offsets[p + "weight"]
+        flat = torch.arange(o, o + out * inp, device=a.device).reshape(out, inp)
+        if p + "bias" in bp.offsets:
+            b = bp.offsets[p + "bias"]
+            flat = torch.cat([flat, torch.arange(b, b + out, device=a.device).unsqueeze(1)], 1)
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+        layers[p] = (flat.reshape(-1), a)
+    return layers
 
 
 def _ids(start: int, stop: int) -> torch.Tensor:
@@ -440,11 +539,20 @@ _LINEAR, _CONV2D = _LinearRule(), _Conv2dRule()
 def _grads(
     out: torch.Tensor, wrt: list[torch.Tensor], cot: torch.Tensor, *, batched: bool
 ) -> list[torch.Tensor]:
-    """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``."""
-    if batched:  # NOTE [batched backward] in hesse/_hvp.py
-        return batched_grad(out, wrt, cot)
-    grads = torch.autograd.grad(out, wrt, cot, retain_graph=True, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
+    """VJPs at the recorded module outputs; zeros for outputs that do not reach ``out``.
+
+    The VJP at the model output itself (a last linear layer) is the cotangent: no pass.
+    """
+    inner = [w for w in wrt if w is not out]
+    if not inner:
+        grads: list[torch.Tensor] = []
+    elif batched:  # NOTE [batched backward] in hesse/_hvp.py
+        grads = batched_grad(out, inner, cot)
+    else:
+        found = torch.autograd.grad(out, inner, cot, retain_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(found, inner)]
+    it = iter(grads)
+    return [cot if w is out else next(it) for w in wrt]
 
 
 def _coupled(

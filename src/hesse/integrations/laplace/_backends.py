@@ -20,9 +20,12 @@ The parameters are every trainable parameter of the model, those of
 last layer applied to the features, computed once per batch), or the entries
 ``subnetwork_indices`` of the flattened parameter vector for subnetwork Laplace.
 Here each call builds a hesse operator on the one batch ``[(x, y)]`` with the
-same summed loss, so hesse's normalisation rule (NOTE [aggregation]) gives
-exactly the sum; ``full`` is the operator's dense matrix (``P`` products, or one
-per selected index), ``diag`` hesse's exact diagonal (:func:`hesse.diagonal`,
+same summed loss (the layer plan of the exact diagonal and the Gram, a property of
+the module, is carried over from the previous batch), so hesse's normalisation rule (NOTE [aggregation]) gives
+exactly the sum; ``full`` is the operator's dense matrix (for GGN/Fisher the Gram
+product of per-sample VJPs, NOTE [factor Gram] in ``operators/_squares.py``, restricted
+to the selected indices for a subnetwork; for the Hessian ``P`` products, or one per
+selected index), ``diag`` hesse's exact diagonal (:func:`hesse.diagonal`,
 ``method="exact"``: per-sample VJPs for GGN/Fisher, curvature backpropagation for
 the Hessian) and ``kron`` hesse's KFAC factors.
 
@@ -96,21 +99,22 @@ class _HesseCurvature:
         key = (id(module), tuple(names), tuple(m.training for m in module.modules()))
         plan = getattr(self, "_plans", {}).get(key)
         if plan is not None and hasattr(op, "_linear_plan"):
-            op._linear_plan, op._rows_independent = plan
+            op._linear_plan, op._rows_per_sample = plan
         return op
 
     def _keep_plan(self, op: LinearOperator, module: nn.Module, names: list[str]) -> None:
-        if getattr(op, "_linear_plan", None) is None or op._rows_independent is None:
+        if getattr(op, "_linear_plan", None) is None or op._rows_per_sample is None:
             return
         key = (id(module), tuple(names), tuple(m.training for m in module.modules()))
-        self._plans = {key: (op._linear_plan, op._rows_independent)}
+        self._plans = {key: (op._linear_plan, op._rows_per_sample)}
 
     # -- the curvature interface ----------------------------------------------------
     def full(self, x: Any, y: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, H)``: the dense ``P x P`` curvature of ``factor * lossfunc`` on the batch.
 
-        Cost: ``P`` operator products (one per selected index for a subnetwork),
-        vectorised in chunks.
+        Cost: GGN / Fisher: ``N * K`` batched per-sample VJPs and one Gram product
+        (NOTE [factor Gram]); Hessian: ``P`` operator products (one per selected
+        index for a subnetwork), vectorised in chunks.
         """
         call = self._call("full")
         module, data, names = self._problem(call, x, y)
