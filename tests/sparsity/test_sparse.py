@@ -354,3 +354,50 @@ def test_diagonal_coloring_errors(gen):
         r"method, got method='dense'.*method='coloring'",
     ):
         hesse.hessian_diagonal(SP.rosenbrock, method="dense", coloring="distance1")(x)
+
+
+def test_fully_coupled_pattern_takes_the_dense_path(gen, monkeypatch):
+    # NOTE [dense fallback]: no colouring runs, the result is the same CSR tensor
+    import hesse.sparsity._sparse as sparse_module
+
+    def no_colouring(kind, P):
+        raise AssertionError(f"{kind} colouring ran for a complete graph")
+
+    monkeypatch.setattr(sparse_module, "_coloured", no_colouring)
+    f = lambda x: x.sum() ** 4 + (x**3).sum()  # noqa: E731 - every pair coupled
+    x = torch.randn(7, generator=gen, dtype=torch.float64)
+    H = hesse.sparse_hessian(f)(x)
+    assert H.layout == torch.sparse_csr and H._nnz() == 49
+    _close(H.to_dense(), hessian(f)(x))
+    # stored entries are the detected pattern's, zeros at this point included
+    g = lambda x: x.sum() ** 2 - (x**2).sum()  # noqa: E731 - zero diagonal, all pairs
+    H = hesse.sparse_hessian(g)(x)
+    assert H._nnz() == hesse.hessian_sparsity(g)(x)._nnz()
+    _close(H.to_dense(), hessian(g)(x))
+
+
+@pytest.mark.parametrize(
+    "name, f, neutral",
+    [
+        ("hub", lambda x: x[0] * x[1:].sum(), True),
+        ("arrow", lambda x: torch.sin(x[0]) * x[1:].sum() + (x[1:] * x[:-1]).sum(), True),
+        ("path", lambda x: (x[1:] * x[:-1]).sum(), False),
+        ("rosenbrock", SP.rosenbrock, False),
+    ],
+)
+def test_neutral_colours_drop_unread_classes_exactly(gen, name, f, neutral):
+    # NOTE [neutral colours]: fewer products where a class is never read, same values
+    from hesse.sparsity._sparse import _plan, _symmetric
+
+    x = torch.randn(20, generator=gen, dtype=torch.float64)
+    P = _symmetric(_from_torch("c", hesse.hessian_sparsity(f)(x), (20, 20)))
+    greedy = star_coloring(P)
+    plan = _plan("star", P)
+    assert (plan.coloring.num_colors < greedy.num_colors) == neutral
+    assert plan.coloring.seeds().shape == (plan.coloring.num_colors, 20)
+    if name == "hub":  # H e_0 holds every nonzero: one product
+        assert plan.coloring.num_colors == 1
+    ref = hessian(f)(x)
+    for coloring in ("star", "auto"):
+        H = hesse.sparse_hessian(f, coloring=coloring)(x).to_dense()
+        assert (H - ref).abs().max() <= 1e-10 * max(1.0, float(ref.abs().max()))

@@ -64,7 +64,8 @@ ITERATED_PASSES = 4
 
 @dataclass(frozen=True)
 class Coloring:
-    """Colours ``0 .. num_colors - 1`` of the columns of a sparse matrix."""
+    """Colours ``0 .. num_colors - 1`` of the columns of a sparse matrix; colour
+    ``num_colors`` is neutral: in no seed (NOTE [neutral colours])."""
 
     colors: np.ndarray
     num_colors: int
@@ -75,8 +76,10 @@ class Coloring:
     def seeds(self) -> sp.csr_matrix:
         """``(num_colors, n)`` boolean matrix: row ``c`` is the seed of colour ``c``."""
         n = len(self.colors)
+        seeded = np.flatnonzero(self.colors < self.num_colors)
         return sp.csr_matrix(
-            (np.ones(n, dtype=bool), (self.colors, np.arange(n))), shape=(self.num_colors, n)
+            (np.ones(len(seeded), dtype=bool), (self.colors[seeded], seeded)),
+            shape=(self.num_colors, n),
         )
 
 

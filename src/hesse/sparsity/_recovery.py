@@ -132,8 +132,31 @@ class Plan:
 def star_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     """Direct recovery from a star colouring: one entry of ``B`` per nonzero."""
     rows, cols, src_color, src_row = star_recovery(P, coloring)
+    coloring, src_color = _neutral(coloring, src_color)
     direct = torch.from_numpy(src_color * P.shape[0] + src_row)
     return Plan(P.shape[0], rows, cols, coloring, direct=direct)
+
+
+def _neutral(coloring: Coloring, src_color: np.ndarray) -> tuple[Coloring, np.ndarray]:
+    """Drop the colours no entry is read from.
+
+    # NOTE [neutral colours]
+    After direct recovery is planned, a colour class from whose product no entry is
+    read (its members' diagonals are structural zeros and every edge at them is read
+    from the other end's colour) gets the *neutral* colour ``num_colors``, which is in
+    no seed (:func:`hesse.sparsity._sparse._seed_rows`), and the other colours are
+    renumbered. Whole classes only: every kept seed is unchanged, so every read stays
+    exact. A zero-diagonal star (``x_0 * sum(x_1:)``) needs 1 product instead of 2.
+    Montoison, Dalle & Gebremedhin (2025), Revisiting sparse matrix coloring and
+    bicoloring, arXiv:2505.07308 (postprocessing with a neutral colour)."""
+    used = np.zeros(max(coloring.num_colors, 1), dtype=bool)
+    used[src_color] = True
+    if used[: coloring.num_colors].all():
+        return coloring, src_color
+    k = int(used.sum())
+    new = np.full(len(used), k, dtype=np.int64)  # dropped classes: neutral colour k
+    new[used] = np.arange(k)
+    return Coloring(new[coloring.colors], k, coloring.kind), new[src_color]
 
 
 def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:

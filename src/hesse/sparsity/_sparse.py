@@ -45,6 +45,7 @@ from hesse._validation import (
     fail,
 )
 from hesse.sparsity._coloring import (
+    ORDERS,
     Coloring,
     acyclic_coloring,
     column_coloring,
@@ -365,11 +366,23 @@ def _substitution_safe(worst: float, dtype: torch.dtype) -> bool:
     return worst <= torch.finfo(dtype).eps ** 0.5
 
 
+#: ``coloring="auto"`` computes the best star colouring of all orders only when the one
+#: of the first order needs at most this many colours more than the acyclic one (0: ties
+#: that only other star orders reach are given to substitution, checked by its estimate).
+_STAR_PROBE_SLACK = 0
+
+
 def _kind(coloring: str, P: sp.csr_matrix) -> str:
     """The colouring that runs for ``coloring=`` on ``P`` (NOTE [colouring choice])."""
     if coloring != "auto":
         return coloring
-    star, acyclic = _coloured("star", P).num_colors, _coloured("acyclic", P).num_colors
+    acyclic = _coloured("acyclic", P).num_colors
+    # a star colouring in one order first: the best of all orders (several times its
+    # cost, most of a small one-shot) is only computed when it can tie or win
+    probe = _cached("star-probe", P, lambda: star_coloring(P, orders=ORDERS[:1])).num_colors
+    if probe > acyclic + _STAR_PROBE_SLACK:
+        return "acyclic"
+    star = _plan("star", P).coloring.num_colors  # after NOTE [neutral colours]
     return "star" if star <= acyclic else "acyclic"  # a tie: direct recovery
 
 
@@ -387,6 +400,20 @@ def _seeds(plan: Plan, like: torch.Tensor) -> torch.Tensor:
     if key not in cache:
         cache[key] = _seed_rows(plan.coloring, like)(0, plan.coloring.num_colors)
     return cache[key]
+
+
+def _coupled_pairs(P: sp.csr_matrix) -> int:
+    """How many ordered pairs ``i != j`` the (symmetrised) pattern couples.
+
+    # NOTE [dense fallback]
+    When every pair is coupled (the adjacency graph is complete), no colouring needs
+    fewer than ``n`` colours: the ``n`` products with basis vectors cost the same HVPs
+    and skip the colouring (``O(n^2)`` edges, ``O(n^3)`` greedy work) and the recovery.
+    The result is the same CSR tensor (the pattern's entries, every one read directly).
+    This is the cost model of ``hessian_diagonal(method="auto")`` (colours against
+    ``n``), decided before colouring from the pattern alone."""
+    S = _symmetric(P)
+    return int(S.nnz - np.count_nonzero(S.diagonal()))
 
 
 def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
@@ -465,8 +492,10 @@ def sparse_hessian(
         TypeError, ValueError: for a malformed ``pattern``, a ``pattern`` found to miss
             nonzeros, or bad input.
 
-    Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 3 for a
-    5-point stencil; star 3 and 5), memory ``O(K n + nnz)``; recovery ``O(nnz)``.
+    Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 4 for a
+    5-point stencil from the greedy orders (3 in theory); star 3 and 5), memory
+    ``O(K n + nnz)``; recovery ``O(nnz)``. A detected pattern that couples every pair
+    takes ``n`` HVPs with basis vectors instead, without colouring (NOTE [dense fallback]).
 
     References:
         Coleman, T. F. & Moré, J. J. (1984). Estimation of sparse Hessian matrices and
@@ -512,7 +541,20 @@ def sparse_hessian(
                 pass
         P = _detect(engine.g, engine.x, call).hessian()
         _remember_pattern(f, signature, P)
+        if _coupled_pairs(P) == n * (n - 1):  # NOTE [dense fallback]
+            return _dense_csr(engine, P)
         return _compute(engine, P)[0]
+
+    def _dense_csr(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
+        """``n`` HVPs with basis vectors, read at the pattern's entries."""
+        n, x = engine.n, engine.x
+        S = _symmetric(P)
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
+        cols = S.indices.astype(np.int64)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        B = engine.apply(n, lambda a, b: eye[a:b], chunk_size=chunk_size)
+        values = B[torch.from_numpy(rows).to(x.device), torch.from_numpy(cols).to(x.device)]
+        return csr_tensor(*csr_index(rows, cols, n), values.detach(), (n, n))
 
     def _compute(engine: FlatHVP, P: sp.csr_matrix) -> tuple[torch.Tensor, Plan]:
         kind = _kind(coloring, P)
