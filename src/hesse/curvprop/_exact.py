@@ -463,12 +463,29 @@ def _general(ni: NodeInfo, env, g) -> tuple[list, torch.Tensor]:
 
     h = hessian(psi)(flat)
     h = 0.5 * (h + h.T)
-    lam, vec = torch.linalg.eigh(h)
+    lam, vec = _symmetric_eigh(h)
     colsm = (vec * lam.abs().sqrt()).T  # (m, m): row c is column u_c
     parts = []
     for pos, piece, t in zip(ni.active, torch.split(colsm, sizes, dim=1), prims):
         parts.append((pos, piece.reshape(m, *t.shape)))
     return parts, torch.sign(lam)
+
+
+def _symmetric_eigh(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a finite symmetric ``h``, retried in float64 on failure.
+
+    LAPACK's float32 divide-and-conquer can fail to converge on exact, finite local
+    Hessians with large null spaces (many repeated zero eigenvalues, e.g. a bilinear
+    coupling of a few inputs with many). The float64 solve of the same matrix is
+    exact to float32 precision, so the factors are cast back to ``h``'s dtype.
+    """
+    try:
+        return torch.linalg.eigh(h)
+    except torch.linalg.LinAlgError:
+        if h.dtype == torch.float64:
+            raise
+        lam, vec = torch.linalg.eigh(h.to(torch.float64))
+        return lam.to(h.dtype), vec.to(h.dtype)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch._decomp import core_aten_decompositions, get_decompositions
+from torch._decomp.decompositions import native_batch_norm_helper
 from torch.func import functionalize
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -141,7 +142,26 @@ def _curvature() -> dict:
     )
     table[aten.var_mean.correction] = _var_mean
     table[aten.var.correction] = _var
+    # nn.BatchNorm traces to these; left whole, an eval-mode one falls to the dense
+    # "general" rule: an (N + 2C)^2 local Hessian per sample, whose float32 eigh can
+    # fail to converge on its large null space.
+    table[aten.native_batch_norm.default] = _batch_norm_eval
+    table[aten._native_batch_norm_legit.default] = _batch_norm_eval
     return table
+
+
+def _batch_norm_eval(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Eval-mode batch norm as an affine map of ``x`` times ``weight``; else not decomposed.
+
+    Training mode stays whole (the "general" rule, exact on the batch): decomposed,
+    its batch statistics make the signed curvature factors cancel badly in float32.
+    """
+    if training:
+        return NotImplemented
+    out, mean, rstd, _, _ = native_batch_norm_helper(
+        x, weight, bias, running_mean, running_var, False, momentum, eps, True
+    )
+    return out, mean, rstd
 
 
 #: Sparsity detection: the core ATen set (its rules cover softmax, norms and losses whole).
