@@ -64,13 +64,21 @@ def probe_index(model: nn.Module) -> torch.Tensor:
 @pytest.mark.filterwarnings("error::hesse.curvprop.CurvpropFallbackWarning")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_exact_diagonal_of_torchvision_resnet(dtype, train):
-    # Regression: BatchNorm traced to aten.native_batch_norm fell to the dense "general"
-    # rule, whose float32 eigh failed to converge (examples/resnet_factory.py).
+def test_exact_diagonal_of_torchvision_resnet(dtype, train, monkeypatch):
+    # Regression: eval-mode BatchNorm traced to aten.native_batch_norm fell to the dense
+    # "general" rule, whose float32 eigh failed to converge (examples/resnet_factory.py).
+    general = []
+    dense_rule = _exact._general
+
+    def recording(ni, env, g):
+        general.append(ni.name)
+        return dense_rule(ni, env, g)
+
+    monkeypatch.setattr(_exact, "_general", recording)
     model = tiny_resnet(dtype, train)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, 8, 8, generator=g).to(dtype)
-    y = torch.randint(0, 3, (3,), generator=g)
+    x = torch.randn(4, 3, 8, 8, generator=g).to(dtype)
+    y = torch.randint(0, 3, (4,), generator=g)
     loss_fn = nn.CrossEntropyLoss()
     op = hesse.HessianOperator(model, loss_fn, [(x, y)])
     diag = hesse.diagonal(op, method="exact")
@@ -80,6 +88,8 @@ def test_exact_diagonal_of_torchvision_resnet(dtype, train):
     tol = {"rtol": 1e-7, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-5}
     torch.testing.assert_close(diag[index], ref, **tol)
     assert ref.abs().max() > 1e-3  # the probed entries are not all zero
+    if not train:  # eval mode: affine batch norm, decomposed; no dense local Hessian
+        assert general == [], general
 
 
 def test_symmetric_eigh_retries_float32_in_float64(monkeypatch):
