@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import hesse
+import hesse.testing
 
 try:  # as a package (benchmarks.run) or as a script folder on sys.path
     from benchmarks._measure import measure
@@ -181,10 +182,11 @@ def _product_rows(quick: bool, H: hesse.HessianOperator) -> list[dict[str, Any]]
 
 # -- ResNet-18 block ----------------------------------------------------------------
 def resnet_rows(quick: bool) -> list[dict[str, Any]]:
-    _examples()
-    from _torchvision_compat import import_torchvision
-
-    tv = import_torchvision()
+    hesse.testing.torchvision_cpu_shim()
+    try:
+        import torchvision as tv
+    except ImportError:
+        tv = None
     if tv is None:
         return [
             {"workload": "resnet18-block/eigsh-top5", "method": "hesse", "note": "no torchvision"}
