@@ -43,6 +43,13 @@ def gaussian(
     return out.to(dtype=dtype, device=device)
 
 
+def stream_seed(generator: torch.Generator | None) -> int:
+    """The key of a stream for :func:`keyed_generator`, drawn once from ``generator``
+    (a generator seeded with 0 when ``None``, so results are reproducible by default)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    return int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+
+
 def keyed_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
     """A generator for item ``index`` of a stream keyed by ``seed`` (e.g. one per batch).
 

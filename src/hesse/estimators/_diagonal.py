@@ -33,7 +33,7 @@ from hesse._estimate import (
     merge_moments,
 )
 from hesse._hvp import basis_rows, tensor_rows
-from hesse._probes import keyed_generator, rademacher, resolve_generator
+from hesse._probes import keyed_generator, rademacher, resolve_generator, stream_seed
 from hesse._validation import check_chunk_size, check_generator, fail
 from hesse.operators._base import DenseOperator, LinearOperator, as_operator
 from hesse.operators._function import FunctionHessianOperator
@@ -435,7 +435,7 @@ def _sampler(op: _OuterProductOperator, call: str, generator: torch.Generator | 
     # One seed from the caller's generator, then one stream per batch keyed by the batch's
     # (global) index: the draws do not depend on the order or the process that visits a
     # batch, so a data-parallel operator reproduces the single-process estimate exactly.
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+    seed = stream_seed(gen)
 
     def sample(index: int, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return op.curvature.sample(output, targets, keyed_generator(seed, index, op.device), m)

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from hesse._probes import keyed_generator
+from hesse._probes import keyed_generator, stream_seed
 from hesse._validation import check_choice, check_generator, describe, fail
 from hesse.kfac._capture import capture
 from hesse.kfac._kron import Eigen, diagonal_of
@@ -115,8 +115,7 @@ class KroneckerOperator(_ModelOperator):
                 NotImplementedError,
             )
         self.fisher_type, self.kfac_approx, self.mc_samples = fisher_type, kfac_approx, mc_samples
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        self._seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+        self._seed = stream_seed(generator)
         super().__init__(
             model,
             loss_fn,

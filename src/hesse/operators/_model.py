@@ -40,7 +40,7 @@ from hesse._attention import math_attention, raise_if_no_derivative
 from hesse._chunking import default_memory_budget, map_chunks, saved_bytes
 from hesse._flat import Flat
 from hesse._hvp import batched_grad, tensor_rows
-from hesse._probes import keyed_generator
+from hesse._probes import keyed_generator, stream_seed
 from hesse._validation import (
     check_choice,
     check_differentiable_leaves,
@@ -788,8 +788,7 @@ class FisherOperator(_OuterProductOperator):
         curvature = output_curvature(
             call, loss_fn, output_hessian, required=kind == "mc", loss_count=loss_count
         )
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        self._seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+        self._seed = stream_seed(generator)
         super().__init__(
             model,
             loss_fn,
