@@ -150,3 +150,17 @@ PROBLEMS: list[Problem] = [
 ]
 
 PROBLEM_IDS = [p.name for p in PROBLEMS]
+
+
+class Residual(torch.nn.Module):
+    """Linear -> LayerNorm -> tanh in a residual branch, then Linear: the case where
+    ``torch.func.hessian`` is wrong on torch 2.13 (references use double backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.out = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + torch.tanh(self.norm(self.inp(x))))

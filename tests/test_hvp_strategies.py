@@ -16,6 +16,7 @@ from torch.func import functional_call
 import hesse
 import hesse._hvp as hvp_module
 from hesse._hvp import FlatHVP, batched_grad
+from tests.problems import Residual
 
 DT = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -45,17 +46,6 @@ def param_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
 
     return f, flat
-
-
-class LinearLayerNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(4, 4)
-        self.norm = nn.LayerNorm(4)
-        self.out = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.out(x + torch.tanh(self.norm(self.inp(x))))
 
 
 class TiedWeight(nn.Module):
@@ -95,7 +85,7 @@ def _seeded(model: nn.Module) -> nn.Module:
 CASES = {
     # torch.func.hessian (forward over reverse) gets these input-weight terms wrong in
     # torch 2.13; the batched double backward must not.
-    "linear-layernorm": lambda: (_seeded(LinearLayerNorm()), (5, 4)),
+    "linear-layernorm": lambda: (_seeded(Residual()), (5, 4)),
     "tied-weight": lambda: (_seeded(TiedWeight()), (5, 4)),
     "batchnorm-train": lambda: (
         _seeded(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))),

@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import hesse
+from tests.problems import Residual
 
 DT = torch.float64
 
@@ -29,17 +30,6 @@ def hessian(f):
         return torch.stack(out).reshape(*x.shape, *x.shape)
 
     return rows
-
-
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(4, 4)
-        self.norm = nn.LayerNorm(4)
-        self.out = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.out(x + torch.tanh(self.norm(self.inp(x))))
 
 
 def mlp():
