@@ -95,6 +95,15 @@ class Plan:
         ratio = mass * torch.finfo(B.dtype).eps / scale.clamp_min(torch.finfo(wide).tiny)
         return values, float(ratio.max())
 
+    def seeds(self, like: torch.Tensor) -> torch.Tensor:
+        """The ``(K, n)`` seed matrix in ``like``'s dtype and device, made once."""
+        key = (like.dtype, like.device)
+        cache = self.__dict__.setdefault("_seeds", {})
+        if key not in cache:
+            S = torch.from_numpy(self.coloring.seeds().toarray())
+            cache[key] = S.to(dtype=like.dtype, device=like.device)
+        return cache[key]
+
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse CSR tensor ``(n, n)`` of the pattern holding ``values``."""
         cache = self.__dict__.setdefault("_index", {})
@@ -135,6 +144,20 @@ def star_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     coloring, src_color = _neutral(coloring, src_color)
     direct = torch.from_numpy(src_color * P.shape[0] + src_row)
     return Plan(P.shape[0], rows, cols, coloring, direct=direct)
+
+
+def dense_plan(P: sp.csr_matrix) -> Plan:
+    """Every variable its own colour: ``B`` holds ``n`` Hessian rows, each entry read
+    directly (NOTE [dense fallback]); no colouring runs."""
+    n = P.shape[0]
+    S = sp.csr_matrix(P, dtype=bool)
+    S = (S + S.T).tocsr()
+    S.sum_duplicates()
+    S.sort_indices()
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
+    cols = S.indices.astype(np.int64)
+    coloring = Coloring(np.arange(n, dtype=np.int64), n, "dense")
+    return Plan(n, rows, cols, coloring, direct=torch.from_numpy(cols * n + rows))
 
 
 def _neutral(coloring: Coloring, src_color: np.ndarray) -> tuple[Coloring, np.ndarray]:

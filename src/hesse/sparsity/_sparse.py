@@ -22,6 +22,9 @@ Detected patterns are cached per function and signature (NOTE [pattern cache]).
 from __future__ import annotations
 
 import hashlib
+import math
+import sys
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -36,7 +39,7 @@ from torch.utils._pytree import tree_leaves
 
 from hesse._chunking import chunk_size_for, default_memory_budget, map_chunks
 from hesse._flat import Flat, FlatArgs
-from hesse._hvp import FlatHVP
+from hesse._hvp import FlatHVP, basis_rows
 from hesse._validation import (
     call_form,
     check_choice,
@@ -53,9 +56,18 @@ from hesse.sparsity._coloring import (
     row_coloring,
     star_coloring,
 )
+from hesse.sparsity._kernels import JIT_EDGES
 from hesse.sparsity._maps import PatternTooLarge
+from hesse.sparsity._prepared import Prepared, entries
 from hesse.sparsity._propagate import Propagation
-from hesse.sparsity._recovery import Plan, csr_index, csr_tensor, star_plan, substitution_plan
+from hesse.sparsity._recovery import (
+    Plan,
+    csr_index,
+    csr_tensor,
+    dense_plan,
+    star_plan,
+    substitution_plan,
+)
 from hesse.sparsity._tracing import trace
 
 
@@ -227,14 +239,18 @@ _CACHE_SIZE = 16
 
 def _cached(kind: str, P: sp.csr_matrix, make: Callable[[], Any]) -> Any:
     """``make()``, cached on ``kind`` and the pattern's content (colourings, recovery maps)."""
-    digest = hashlib.blake2b(P.indptr.tobytes(), digest_size=16)
-    digest.update(P.indices.tobytes())
-    key = (kind, P.shape, P.nnz, digest.hexdigest())
+    key = _key(kind, P)
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = make()
     return _CACHE[key]
+
+
+def _key(kind: str, P: sp.csr_matrix) -> tuple:
+    digest = hashlib.blake2b(P.indptr.tobytes(), digest_size=16)
+    digest.update(P.indices.tobytes())
+    return (kind, P.shape, P.nnz, digest.hexdigest())
 
 
 def _coloured(kind: str, P: sp.csr_matrix) -> Coloring:
@@ -393,15 +409,6 @@ def _plan(kind: str, P: sp.csr_matrix) -> Plan:
     return _cached("star-plan", P, lambda: star_plan(P, _coloured("star", P)))
 
 
-def _seeds(plan: Plan, like: torch.Tensor) -> torch.Tensor:
-    """The ``(K, n)`` seed matrix of a plan, made once per dtype and device."""
-    key = (like.dtype, like.device)
-    cache = plan.__dict__.setdefault("_seeds", {})
-    if key not in cache:
-        cache[key] = _seed_rows(plan.coloring, like)(0, plan.coloring.num_colors)
-    return cache[key]
-
-
 def _coupled_pairs(P: sp.csr_matrix) -> int:
     """How many ordered pairs ``i != j`` the (symmetrised) pattern couples.
 
@@ -414,6 +421,73 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
     ``n``), decided before colouring from the pattern alone."""
     S = _symmetric(P)
     return int(S.nnz - np.count_nonzero(S.diagonal()))
+
+
+# NOTE [one-shot cost model]
+# A one-shot sparse Hessian of a new pattern pays its colouring; ``n`` dense HVPs in
+# batched passes pay none. Once the pattern is known (detected or cached), and when its
+# colouring is not cached, the two are compared:
+# * dense: ``n`` products in ``ceil(n / chunk)`` passes, timed on the function itself:
+#   one product (``t_1``, the per-pass cost) and a batch of ``PROBE_ROWS`` (``t_b``),
+#   ``t_dense = passes * t_1 + n * (t_b - t_1) / (PROBE_ROWS - 1)``; the probed rows are
+#   Hessian rows, kept when the dense path runs.
+# * colouring: ``COLOR_EDGE_SECONDS`` per stored edge with the Python kernels, ``JIT_*``
+#   with the compiled ones (plus numba's start-up, ``NUMBA_START_SECONDS``, in a process
+#   that has not imported it), NOTE [kernels]; rough per-edge costs measured on a 2-core
+#   x86 machine, they only decide near the crossover (at n = 1e3 the dense products cost
+#   tens of ms and colouring hundreds; at n = 1e4 the dense products cost seconds).
+# Only ``n <= DENSE_MAX_N`` is considered. The dense result stores the same pattern's
+# entries as the sparse one, with the same values (up to rounding).
+DENSE_MAX_N = 4096
+PROBE_ROWS = 16
+COLOR_EDGE_SECONDS = 2e-5
+JIT_EDGE_SECONDS = 5e-7
+NUMBA_START_SECONDS = 1.0
+
+
+def _coloring_seconds(P: sp.csr_matrix) -> float:
+    """The estimated colouring time of ``P`` (NOTE [one-shot cost model])."""
+    if _key("acyclic-plan", P) in _CACHE or _key("star-plan", P) in _CACHE:
+        return 0.0
+    edges = _coupled_pairs(P)
+    if edges <= JIT_EDGES:
+        return COLOR_EDGE_SECONDS * edges
+    return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
+
+
+def _dense_cheaper(engine: FlatHVP, P: sp.csr_matrix, chunk_size: int | None) -> bool:
+    """Whether ``n`` dense HVPs beat colouring ``P`` (NOTE [one-shot cost model])."""
+    n = engine.n
+    if n > DENSE_MAX_N or n < 2 * PROBE_ROWS:
+        return False
+    colour = _coloring_seconds(P)
+    if colour == 0.0:
+        return False
+    x = engine.x
+    clock = time.process_time if x.device.type == "cpu" else time.perf_counter
+    rows = basis_rows(n, x, capacity=PROBE_ROWS)
+    engine.apply(1, rows, chunk_size=1)  # builds the gradient graph, settles the strategy
+    start = clock()
+    engine.apply(1, lambda a, b: rows(1 + a, 1 + b), chunk_size=1)
+    one = clock() - start
+    start = clock()
+    engine.apply(PROBE_ROWS, lambda a, b: rows(2 + a, 2 + b), chunk_size=PROBE_ROWS)
+    batch = clock() - start
+    per_row = max(batch - one, 0.0) / (PROBE_ROWS - 1)
+    dense = math.ceil(n / (chunk_size or n)) * one + n * per_row
+    return dense < colour
+
+
+def _check_compile(call: str, compile: Any, pattern: Any) -> None:
+    """``compile=`` is a bool, and needs ``pattern=`` (NOTE [compiled reuse])."""
+    if not isinstance(compile, bool):
+        fail(call, f"expected compile to be True or False, got {describe(compile)}.", TypeError)
+    if compile and pattern is None:
+        fail(
+            call,
+            "compile=True compiles the prepared evaluator of a known pattern; got no "
+            "pattern=. Pass pattern=hesse.hessian_sparsity(f)(*args), or drop compile=.",
+        )
 
 
 def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
@@ -445,6 +519,7 @@ def sparse_hessian(
     pattern: torch.Tensor | None = None,
     coloring: str = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """The exact Hessian as a sparse CSR tensor, from a few compressed HVPs.
 
@@ -464,16 +539,22 @@ def sparse_hessian(
     error exceeds ``sqrt(eps)`` relative to an entry (badly scaled Hessians), the star
     products are computed and used instead.
 
-    # NOTE [prepared reuse]
-    The transform returned with ``pattern=`` is a prepared evaluator: its first call
-    colours the pattern, builds the seed matrix and the recovery gathers, and checks
-    the pattern with one extra HVP (NOTE [pattern check]); later calls with arguments
-    of the same size cost the ``K`` batched HVPs and a few index gathers.
+    The transform returned with ``pattern=`` is a prepared evaluator (NOTE [prepared
+    reuse] in :mod:`hesse.sparsity._prepared`): its first call for a size ``n``
+    colours the pattern, plans the recovery, checks the pattern and picks the fastest
+    HVP strategy; later calls cost the ``K`` batched HVPs and one gather.
+    ``compile=True`` (with ``pattern=``) compiles that repeated call with
+    ``torch.compile`` (NOTE [compiled reuse]), falling back to eager with a warning.
+    Without ``pattern=``, a small problem whose ``n`` dense HVPs cost less than
+    colouring its pattern takes the dense products (NOTE [one-shot cost model]).
 
     # NOTE [pattern check]
-    A supplied pattern is checked on the first call of the transform: the recovered
+    A supplied pattern is checked once, on the first call of the transform for a size
+    ``n`` (not on the repeated calls, which would cost one more HVP each): the recovered
     Hessian times a fixed pseudo-random vector is compared with one HVP. Missing
-    nonzeros that are nonzero at that point are reported (a ``ValueError``).
+    nonzeros that are nonzero at that point are reported (a ``ValueError``). A function
+    that changes its structure between calls of one prepared transform is not detected;
+    a new ``sparse_hessian(f, pattern=...)`` checks again.
 
     Args:
         f: a function returning a real scalar tensor.
@@ -482,6 +563,8 @@ def sparse_hessian(
             reused without tracing; symmetrised. Entries outside it are taken as zero.
         coloring: ``"auto"``, ``"acyclic"`` (substitution) or ``"star"`` (direct).
         chunk_size: seed vectors per vectorised pass (default: sized from free memory).
+        compile: compile the prepared evaluator with ``torch.compile`` (needs
+            ``pattern``; NOTE [compiled reuse]).
 
     Returns:
         A function of ``*args`` returning a ``torch.sparse_csr`` tensor ``(n, n)`` in
@@ -494,8 +577,11 @@ def sparse_hessian(
 
     Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 4 for a
     5-point stencil from the greedy orders (3 in theory); star 3 and 5), memory
-    ``O(K n + nnz)``; recovery ``O(nnz)``. A detected pattern that couples every pair
-    takes ``n`` HVPs with basis vectors instead, without colouring (NOTE [dense fallback]).
+    ``O(K n + nnz)``; recovery ``O(nnz)``. A pattern that couples every pair, or a
+    small one cheaper to read from dense products (NOTE [one-shot cost model]), takes
+    ``n`` HVPs with basis vectors instead, without colouring (NOTE [dense fallback]).
+    The first call with ``pattern=`` adds one checking HVP and a race of three
+    strategies (about six more evaluations); ``compile=True`` adds the compilation.
 
     References:
         Coleman, T. F. & Moré, J. J. (1984). Estimation of sparse Hessian matrices and
@@ -513,26 +599,30 @@ def sparse_hessian(
                 [1., 6., 1.],
                 [0., 1., 6.]], dtype=torch.float64)
     """
-    prepared: dict[int, Plan] = {}  # NOTE [prepared reuse]: the chosen plan per size n
+    prepared: dict[int, Prepared] = {}  # NOTE [prepared reuse]: one evaluator per size n
 
     def wrapped(*args: Any) -> torch.Tensor:
         call = call_form("hesse.sparse_hessian", len(args))
+        if pattern is not None and args and (n := _size(args)) in prepared:
+            return prepared[n](args)  # NOTE [prepared reuse]: validated on the first call
         check_chunk_size(call, chunk_size)
         check_choice(call, "coloring", coloring, HESSIAN_COLORINGS)
+        _check_compile(call, compile, pattern)
         engine = FlatHVP(f, args, argnums, call=call)
         n = engine.n
-        if pattern is not None and n in prepared:
-            plan = prepared[n]
-            return plan.csr(_evaluate(engine, plan, estimate=False)[0])
         if pattern is not None:
             P = _symmetric(_from_torch(call, pattern, (n, n)))
             H, plan = _compute(engine, P)
             _check_pattern(call, engine, H)
-            prepared[n] = plan
+            prep = Prepared(f, argnums, plan, chunk_size=chunk_size, compile=compile, call=call)
+            prep.settle(args, H.values())
+            prepared[n] = prep
             return H
         signature = _signature(args, argnums)
         P = _cached_pattern(f, signature)
         if P is not None:  # NOTE [pattern cache]: used only if the check confirms it
+            if _dense_cheaper(engine, P, chunk_size):
+                return _dense(engine, P)
             H, _ = _compute(engine, P)
             try:
                 _check_pattern(call, engine, H)
@@ -541,38 +631,35 @@ def sparse_hessian(
                 pass
         P = _detect(engine.g, engine.x, call).hessian()
         _remember_pattern(f, signature, P)
-        if _coupled_pairs(P) == n * (n - 1):  # NOTE [dense fallback]
-            return _dense_csr(engine, P)
+        if _dense_cheaper(engine, P, chunk_size):  # NOTE [dense fallback]
+            return _dense(engine, P)
         return _compute(engine, P)[0]
 
-    def _dense_csr(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
+    def _size(args: tuple) -> int | None:
+        try:
+            return FlatArgs.of("", args, argnums).flat.n
+        except Exception:  # noqa: BLE001 - malformed: the full validation below reports it
+            return None
+
+    def _dense(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
         """``n`` HVPs with basis vectors, read at the pattern's entries."""
-        n, x = engine.n, engine.x
-        S = _symmetric(P)
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
-        cols = S.indices.astype(np.int64)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        B = engine.apply(n, lambda a, b: eye[a:b], chunk_size=chunk_size)
-        values = B[torch.from_numpy(rows).to(x.device), torch.from_numpy(cols).to(x.device)]
-        return csr_tensor(*csr_index(rows, cols, n), values.detach(), (n, n))
+        plan = dense_plan(P)
+        return plan.csr(entries(engine, plan, chunk_size)[0])
 
     def _compute(engine: FlatHVP, P: sp.csr_matrix) -> tuple[torch.Tensor, Plan]:
+        n = engine.n
+        if _coupled_pairs(P) == n * (n - 1):  # NOTE [dense fallback]: no colouring helps
+            plan = dense_plan(P)
+            return plan.csr(entries(engine, plan, chunk_size)[0]), plan
         kind = _kind(coloring, P)
         plan = _plan(kind, P)
-        values, worst = _evaluate(engine, plan, estimate=kind == "acyclic" and coloring == "auto")
+        estimate = kind == "acyclic" and coloring == "auto"
+        values, worst = entries(engine, plan, chunk_size, estimate=estimate)
         if not _substitution_safe(worst, engine.x.dtype):
             # "auto": substitution is not accurate here; direct recovery instead
             plan = _plan("star", P)
-            values, _ = _evaluate(engine, plan, estimate=False)
+            values, _ = entries(engine, plan, chunk_size)
         return plan.csr(values), plan
-
-    def _evaluate(engine: FlatHVP, plan: Plan, estimate: bool) -> tuple[torch.Tensor, float]:
-        k = plan.coloring.num_colors
-        if k == 0 or len(plan.rows) == 0:
-            return engine.x.new_zeros(len(plan.rows)), 0.0
-        S = _seeds(plan, engine.x)
-        B = engine.apply(k, lambda a, b: S[a:b], chunk_size=chunk_size)
-        return plan.recover(B, estimate=estimate)
 
     return wrapped
 
