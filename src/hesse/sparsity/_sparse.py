@@ -436,8 +436,11 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
 #   that has not imported it), NOTE [kernels]; rough per-edge costs measured on a 2-core
 #   x86 machine, they only decide near the crossover (at n = 1e3 the dense products cost
 #   tens of ms and colouring hundreds; at n = 1e4 the dense products cost seconds).
-# Only ``n <= DENSE_MAX_N`` is considered. The dense result stores the same pattern's
-# entries as the sparse one, with the same values (up to rounding).
+# Only ``coloring="auto"`` and ``DENSE_MIN_N <= n <= DENSE_MAX_N`` are considered (below,
+# both paths take milliseconds; an explicit colouring is honoured). The dense result
+# stores the same pattern's entries as the sparse one, with the same values (up to
+# rounding).
+DENSE_MIN_N = 256
 DENSE_MAX_N = 4096
 PROBE_ROWS = 16
 COLOR_EDGE_SECONDS = 2e-5
@@ -458,7 +461,7 @@ def _coloring_seconds(P: sp.csr_matrix) -> float:
 def _dense_cheaper(engine: FlatHVP, P: sp.csr_matrix, chunk_size: int | None) -> bool:
     """Whether ``n`` dense HVPs beat colouring ``P`` (NOTE [one-shot cost model])."""
     n = engine.n
-    if n > DENSE_MAX_N or n < 2 * PROBE_ROWS:
+    if not DENSE_MIN_N <= n <= DENSE_MAX_N:
         return False
     colour = _coloring_seconds(P)
     if colour == 0.0:
@@ -621,9 +624,7 @@ def sparse_hessian(
         signature = _signature(args, argnums)
         P = _cached_pattern(f, signature)
         if P is not None:  # NOTE [pattern cache]: used only if the check confirms it
-            if _dense_cheaper(engine, P, chunk_size):
-                return _dense(engine, P)
-            H, _ = _compute(engine, P)
+            H = _one_shot(engine, P)
             try:
                 _check_pattern(call, engine, H)
                 return H
@@ -631,8 +632,11 @@ def sparse_hessian(
                 pass
         P = _detect(engine.g, engine.x, call).hessian()
         _remember_pattern(f, signature, P)
-        if _dense_cheaper(engine, P, chunk_size):  # NOTE [dense fallback]
-            return _dense(engine, P)
+        return _one_shot(engine, P)
+
+    def _one_shot(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
+        if coloring == "auto" and _dense_cheaper(engine, P, chunk_size):
+            return _dense(engine, P)  # NOTE [one-shot cost model]
         return _compute(engine, P)[0]
 
     def _size(args: tuple) -> int | None:
