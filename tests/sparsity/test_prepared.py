@@ -11,6 +11,7 @@ import hesse
 import hesse.sparsity._prepared as prepared_module
 import hesse.sparsity._sparse as sparse_module
 from hesse.sparsity._prepared import STRATEGIES, CompileFallbackWarning
+from tests.problems import double_backward_hessian
 
 from .classic import ARWHEAD, BDQRTIC
 
@@ -46,14 +47,6 @@ PROBLEMS = {
     "arwhead": (ARWHEAD, 30),
     "bdqrtic": (BDQRTIC, 30),
 }
-
-
-def double_backward_hessian(f, x):
-    """Plain autograd double backward: the reference (independent of torch.func)."""
-    x = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
-    rows = [torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(x.numel())]
-    return torch.stack(rows)
 
 
 def _point(n, seed):
