@@ -154,33 +154,40 @@ def test_compiled_reuse_equals_dense():
         _close(step(x), double_backward_hessian(f, x))
 
 
+def _one_shot(f, x, monkeypatch, detect_products, edge_seconds):
+    monkeypatch.setattr(sparse_module, "DETECT_PRODUCTS", detect_products)
+    monkeypatch.setattr(sparse_module, "COLOR_EDGE_SECONDS", edge_seconds)
+    monkeypatch.setattr(sparse_module, "JIT_EDGE_SECONDS", edge_seconds)
+    sparse_module._CACHE.clear()
+    sparse_module._PATTERNS.clear()
+    return hesse.sparse_hessian(f)(x)
+
+
 @pytest.mark.parametrize("name", ["rosenbrock", "bdqrtic"])
-def test_cost_model_dense_path_gives_the_same_hessian(name, monkeypatch):
-    # NOTE [one-shot cost model]: forced either way, same stored entries, same values
+def test_cost_model_dense_paths_give_the_same_hessian(name, monkeypatch):
+    # NOTE [one-shot cost model], forced each way: sparse, dense after detection (the
+    # same stored entries), dense before detection (all n^2 entries stored)
     f = PROBLEMS[name][0]
     n = 300
     x = _point(n, 1)
-    results = {}
-    for seconds in (0.0, 1e9):  # colouring free (sparse) or prohibitive (dense)
-        monkeypatch.setattr(sparse_module, "COLOR_EDGE_SECONDS", seconds)
-        monkeypatch.setattr(sparse_module, "JIT_EDGE_SECONDS", seconds)
-        sparse_module._CACHE.clear()
-        sparse_module._PATTERNS.clear()
-        results[seconds] = hesse.sparse_hessian(f)(x)
-    sparse, dense = results[0.0], results[1e9]
-    assert torch.equal(sparse.crow_indices(), dense.crow_indices())
-    assert torch.equal(sparse.col_indices(), dense.col_indices())
+    sparse = _one_shot(f, x, monkeypatch, 0, 0.0)
+    after = _one_shot(f, x, monkeypatch, 0, 1e9)
+    before = _one_shot(f, x, monkeypatch, 1e12, 0.0)
+    assert torch.equal(sparse.crow_indices(), after.crow_indices())
+    assert torch.equal(sparse.col_indices(), after.col_indices())
+    assert before.values().numel() == n * n
     ref = double_backward_hessian(f, x)
-    _close(sparse, ref)
-    _close(dense, ref)
+    for H in (sparse, after, before):
+        _close(H, ref)
 
 
-def test_cost_model_prefers_dense_when_colouring_is_prohibitive(monkeypatch):
-    calls = []
-    monkeypatch.setattr(sparse_module, "COLOR_EDGE_SECONDS", 1e9)
-    monkeypatch.setattr(sparse_module, "_plan", lambda *a: calls.append(a))  # never reached
-    sparse_module._CACHE.clear()
+def test_cost_model_skips_colouring_and_detection_when_dense_is_cheaper(monkeypatch):
+    def never(*args):
+        raise AssertionError("not reached")
+
     f = PROBLEMS["rosenbrock"][0]
     x = _point(300, 2)
-    _close(hesse.sparse_hessian(f)(x), double_backward_hessian(f, x))
-    assert calls == []
+    monkeypatch.setattr(sparse_module, "_plan", never)
+    _close(_one_shot(f, x, monkeypatch, 0, 1e9), double_backward_hessian(f, x))
+    monkeypatch.setattr(sparse_module, "_detect", never)
+    _close(_one_shot(f, x, monkeypatch, 1e12, 0.0), double_backward_hessian(f, x))

@@ -146,16 +146,22 @@ def star_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     return Plan(P.shape[0], rows, cols, coloring, direct=direct)
 
 
-def dense_plan(P: sp.csr_matrix) -> Plan:
-    """Every variable its own colour: ``B`` holds ``n`` Hessian rows, each entry read
-    directly (NOTE [dense fallback]); no colouring runs."""
-    n = P.shape[0]
-    S = sp.csr_matrix(P, dtype=bool)
-    S = (S + S.T).tocsr()
-    S.sum_duplicates()
-    S.sort_indices()
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
-    cols = S.indices.astype(np.int64)
+def dense_plan(P: sp.csr_matrix | int) -> Plan:
+    """Every variable its own colour: ``B`` holds ``n`` Hessian rows, each entry of the
+    (symmetrised) pattern read directly (NOTE [dense fallback]); no colouring runs.
+    ``P`` an int ``n``: all ``n^2`` entries."""
+    if isinstance(P, int):
+        n = P
+        rows = np.repeat(np.arange(n, dtype=np.int64), n)
+        cols = np.tile(np.arange(n, dtype=np.int64), n)
+    else:
+        n = P.shape[0]
+        S = sp.csr_matrix(P, dtype=bool)
+        S = (S + S.T).tocsr()
+        S.sum_duplicates()
+        S.sort_indices()
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
+        cols = S.indices.astype(np.int64)
     coloring = Coloring(np.arange(n, dtype=np.int64), n, "dense")
     return Plan(n, rows, cols, coloring, direct=torch.from_numpy(cols * n + rows))
 

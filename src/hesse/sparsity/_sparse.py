@@ -424,25 +424,32 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
 
 
 # NOTE [one-shot cost model]
-# A one-shot sparse Hessian of a new pattern pays its colouring; ``n`` dense HVPs in
-# batched passes pay none. Once the pattern is known (detected or cached), and when its
-# colouring is not cached, the two are compared:
-# * dense: ``n`` products in ``ceil(n / chunk)`` passes, timed on the function itself:
-#   one product (``t_1``, the per-pass cost) and a batch of ``PROBE_ROWS`` (``t_b``),
-#   ``t_dense = passes * t_1 + n * (t_b - t_1) / (PROBE_ROWS - 1)``; the probed rows are
-#   Hessian rows, kept when the dense path runs.
-# * colouring: ``COLOR_EDGE_SECONDS`` per stored edge with the Python kernels, ``JIT_*``
-#   with the compiled ones (plus numba's start-up, ``NUMBA_START_SECONDS``, in a process
-#   that has not imported it), NOTE [kernels]; rough per-edge costs measured on a 2-core
-#   x86 machine, they only decide near the crossover (at n = 1e3 the dense products cost
-#   tens of ms and colouring hundreds; at n = 1e4 the dense products cost seconds).
-# Only ``coloring="auto"`` and ``DENSE_MIN_N <= n <= DENSE_MAX_N`` are considered (below,
-# both paths take milliseconds; an explicit colouring is honoured). The dense result
-# stores the same pattern's entries as the sparse one, with the same values (up to
-# rounding).
+# A one-shot sparse Hessian of a new function pays detection (tracing and propagation)
+# and colouring; ``n`` dense HVPs in batched passes pay neither. With
+# ``coloring="auto"`` and ``DENSE_MIN_N <= n <= DENSE_MAX_N`` (below, both paths take
+# milliseconds; an explicit colouring is honoured), the costs are compared twice:
+# * dense: ``n`` products in ``ceil(n / chunk)`` passes, timed on the function itself
+#   (once per call, 18 probe products): one product ``t_1`` (the per-pass cost) and a
+#   batch of ``PROBE_ROWS`` (``t_b``), ``t_dense = passes * t_1 + n * (t_b - t_1) /
+#   (PROBE_ROWS - 1)``.
+# * before detection (no cached pattern, ``n <= DENSE_EARLY_MAX_N``): detection costs
+#   about ``DETECT_PRODUCTS`` single products (tracing and propagation go through the
+#   same operators one at a time; measured 50-160 on the five benchmark problems, the low
+#   end taken). Dense wins: the result stores all ``n^2`` entries (no pattern is known,
+#   and a stored entry must be structural: the result can be passed back as
+#   ``pattern=``).
+# * after detection, when the colouring is not cached: ``COLOR_EDGE_SECONDS`` per
+#   coupled pair with the Python kernels, ``JIT_EDGE_SECONDS`` with the compiled ones
+#   (plus numba's start-up, ``NUMBA_START_SECONDS``, in a process that has not imported
+#   it), NOTE [kernels]; rough costs measured on a 2-core x86 machine, they only decide
+#   near the crossover (at n = 1e3 dense products cost tens of ms and colouring
+#   hundreds; at n = 1e4 dense products cost seconds). Dense wins: the result stores the
+#   detected pattern's entries, as the sparse path does.
 DENSE_MIN_N = 256
 DENSE_MAX_N = 4096
+DENSE_EARLY_MAX_N = 2048
 PROBE_ROWS = 16
+DETECT_PRODUCTS = 50
 COLOR_EDGE_SECONDS = 2e-5
 JIT_EDGE_SECONDS = 5e-7
 NUMBA_START_SECONDS = 1.0
@@ -458,27 +465,46 @@ def _coloring_seconds(P: sp.csr_matrix) -> float:
     return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
 
 
-def _dense_cheaper(engine: FlatHVP, P: sp.csr_matrix, chunk_size: int | None) -> bool:
-    """Whether ``n`` dense HVPs beat colouring ``P`` (NOTE [one-shot cost model])."""
-    n = engine.n
-    if not DENSE_MIN_N <= n <= DENSE_MAX_N:
-        return False
-    colour = _coloring_seconds(P)
-    if colour == 0.0:
-        return False
-    x = engine.x
-    clock = time.process_time if x.device.type == "cpu" else time.perf_counter
-    rows = basis_rows(n, x, capacity=PROBE_ROWS)
-    engine.apply(1, rows, chunk_size=1)  # builds the gradient graph, settles the strategy
-    start = clock()
-    engine.apply(1, lambda a, b: rows(1 + a, 1 + b), chunk_size=1)
-    one = clock() - start
-    start = clock()
-    engine.apply(PROBE_ROWS, lambda a, b: rows(2 + a, 2 + b), chunk_size=PROBE_ROWS)
-    batch = clock() - start
-    per_row = max(batch - one, 0.0) / (PROBE_ROWS - 1)
-    dense = math.ceil(n / (chunk_size or n)) * one + n * per_row
-    return dense < colour
+class _DenseCost:
+    """The probed cost of ``n`` dense products of one call (NOTE [one-shot cost model])."""
+
+    def __init__(self, engine: FlatHVP, chunk_size: int | None, coloring: str) -> None:
+        self.engine, self.chunk_size = engine, chunk_size
+        self.eligible = coloring == "auto" and DENSE_MIN_N <= engine.n <= DENSE_MAX_N
+        self._seconds: tuple[float, float] | None = None
+
+    def seconds(self) -> tuple[float, float]:
+        """``(t_dense, t_1)``, probed on first use."""
+        if self._seconds is None:
+            engine, n = self.engine, self.engine.n
+            x = engine.x
+            clock = time.process_time if x.device.type == "cpu" else time.perf_counter
+            rows = basis_rows(n, x, capacity=PROBE_ROWS)
+            engine.apply(1, rows, chunk_size=1)  # builds the gradient graph, settles the mode
+            start = clock()
+            engine.apply(1, lambda a, b: rows(1 + a, 1 + b), chunk_size=1)
+            one = clock() - start
+            start = clock()
+            engine.apply(PROBE_ROWS, lambda a, b: rows(2 + a, 2 + b), chunk_size=PROBE_ROWS)
+            batch = clock() - start
+            per_row = max(batch - one, 0.0) / (PROBE_ROWS - 1)
+            dense = math.ceil(n / (self.chunk_size or n)) * one + n * per_row
+            self._seconds = (dense, one)
+        return self._seconds
+
+    def before_detection(self) -> bool:
+        """Dense products cost less than detecting the pattern."""
+        if not self.eligible or self.engine.n > DENSE_EARLY_MAX_N:
+            return False
+        dense, one = self.seconds()
+        return dense < DETECT_PRODUCTS * one
+
+    def before_coloring(self, P: sp.csr_matrix) -> bool:
+        """Dense products cost less than colouring ``P``."""
+        if not self.eligible:
+            return False
+        colour = _coloring_seconds(P)
+        return colour > 0.0 and self.seconds()[0] < colour
 
 
 def _check_compile(call: str, compile: Any, pattern: Any) -> None:
@@ -623,21 +649,19 @@ def sparse_hessian(
             return H
         signature = _signature(args, argnums)
         P = _cached_pattern(f, signature)
+        cost = _DenseCost(engine, chunk_size, coloring)  # NOTE [one-shot cost model]
         if P is not None:  # NOTE [pattern cache]: used only if the check confirms it
-            H = _one_shot(engine, P)
+            H = _dense(engine, P) if cost.before_coloring(P) else _compute(engine, P)[0]
             try:
                 _check_pattern(call, engine, H)
                 return H
             except ValueError:
                 pass
+        elif cost.before_detection():
+            return _dense(engine, n)
         P = _detect(engine.g, engine.x, call).hessian()
         _remember_pattern(f, signature, P)
-        return _one_shot(engine, P)
-
-    def _one_shot(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
-        if coloring == "auto" and _dense_cheaper(engine, P, chunk_size):
-            return _dense(engine, P)  # NOTE [one-shot cost model]
-        return _compute(engine, P)[0]
+        return _dense(engine, P) if cost.before_coloring(P) else _compute(engine, P)[0]
 
     def _size(args: tuple) -> int | None:
         try:
@@ -645,8 +669,9 @@ def sparse_hessian(
         except Exception:  # noqa: BLE001 - malformed: the full validation below reports it
             return None
 
-    def _dense(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
-        """``n`` HVPs with basis vectors, read at the pattern's entries."""
+    def _dense(engine: FlatHVP, P: sp.csr_matrix | int) -> torch.Tensor:
+        """``n`` HVPs with basis vectors, read at the pattern's entries (``P`` an int
+        ``n``: all ``n^2``)."""
         plan = dense_plan(P)
         return plan.csr(entries(engine, plan, chunk_size)[0])
 
