@@ -339,7 +339,15 @@ def twin_positions(indptr, indices):
     return twin
 
 
-def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
+def star(indptr, indices, order):
+    """Greedy star colouring in ``order``: :func:`star_sided` with one side, all seeded."""
+    n = len(indptr) - 1
+    return star_sided(
+        indptr, indices, order, np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.bool_)
+    )
+
+
+def star_sided(indptr, indices, order, side, seeded):  # noqa: C901 - the algorithm in one piece
     """Greedy star colouring in ``order``: distance-1, and no path on four vertices uses
     only two colours (every two-coloured component is a star).
 
@@ -351,7 +359,13 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
     how many there are and whether they are hubs towards it, so a dense row costs its
     length times the colours, not its square.
 
-    Returns colours ``0..K-1``.
+    Bicolouring (NOTE [bicolouring]): vertices of different ``side`` draw from separate
+    palettes (colour numbers may repeat across sides; adjacent vertices of different
+    sides need not differ); vertices not ``seeded`` are neutral: never coloured (colour
+    ``-1``, absent from ``order``) and never counted on a path, but their neighbours
+    must differ. One side, all seeded: the plain star colouring.
+
+    Returns colours ``0..K-1`` per side, ``-1`` for neutral vertices.
     """
     n = len(indptr) - 1
     nnz = len(indices)
@@ -364,9 +378,17 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
     for v in order:
         bv = indptr[v]
         for p in range(indptr[v], indptr[v + 1]):
-            c = color[indices[p]]
+            u = indices[p]
+            if not seeded[u]:  # a neutral neighbour: its entries are read from v's product
+                for q in range(indptr[u], indptr[u + 1]):
+                    c = color[indices[q]]
+                    if c >= 0:
+                        forbidden[c] = v
+                continue
+            c = color[u]
             if c >= 0:
-                forbidden[c] = v
+                if side[u] == side[v]:
+                    forbidden[c] = v
                 s = _slot(slot_col, slot_cnt, slot_hub, nslots, bv, v, c)
                 slot_cnt[s] += 1
         for p in range(indptr[v], indptr[v + 1]):
@@ -403,4 +425,4 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
 
 
 #: Functions that kernels call (compiled before the kernels that use them).
-_HELPERS = (_slot, _first_free)
+_HELPERS = (_slot, _first_free, star_sided)
