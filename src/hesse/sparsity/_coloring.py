@@ -14,7 +14,9 @@ sum of each group's basis vectors (a *seed*) yields entries of that group.
 * Diagonal alone: a distance-1 colouring of the adjacency graph: if no two
   vertices of one colour are adjacent, ``H_ii = (H s_{c(i)})_i``.
 * Jacobian, direct recovery: a distance-1 colouring of the column-intersection
-  graph (columns in one group share no row), Curtis, Powell & Reid (1974).
+  graph (columns in one group share no row), Curtis, Powell & Reid (1974); the same
+  for rows (VJPs); or a star bicolouring of columns and rows together
+  (NOTE [bicolouring]).
 
 Every colouring is greedy, run by the sequential kernels of
 :mod:`hesse.sparsity._kernels` (NOTE [kernels]) in several vertex orders

@@ -700,11 +700,9 @@ def sparse_jacobian(
         Curtis, A. R., Powell, M. J. D. & Reid, J. K. (1974). On the estimation of sparse
         Jacobian matrices. IMA J. Appl. Math. 13.
         Coleman, T. F. & Verma, A. (1998). The efficient computation of sparse Jacobian
-        matrices using automatic differentiation. SIAM J. Sci. Comput. 19(4).
-        Gebremedhin, A. H., Manne, F. & Pothen, A. (2005). What color is your Jacobian?
-        Graph coloring for computing derivatives. SIAM Review 47(4).
-        Montoison, A., Dalle, G. & Gebremedhin, A. (2025). Revisiting sparse matrix
-        coloring and bicoloring. arXiv:2505.07308.
+        matrices using automatic differentiation. SIAM J. Sci. Comput. 19(4). (Star
+        bicolouring; the other references of NOTE [bicolouring],
+        :func:`hesse.sparsity._coloring.bicoloring`.)
 
     Example:
         >>> J = sparse_jacobian(lambda x: x[1:] * x[:-1])(torch.tensor([1.0, 2.0, 3.0]))
