@@ -175,6 +175,16 @@ def test_auto_takes_bicolouring_only_when_it_needs_fewer_products():
     assert _products("column", banded(30, 30, 2)) == 5
 
 
+def test_a_constant_function_takes_no_product(gen):
+    empty = sp.csr_matrix((5, 4), dtype=bool)
+    for kind in ("column", "row", "bidirectional"):
+        assert _products(kind, empty) == 0
+    x = torch.randn(4, generator=gen, dtype=torch.float64)
+    f = lambda v: torch.ones(5, dtype=v.dtype) + 0 * v.sum()  # noqa: E731
+    J = hesse.sparse_jacobian(f, pattern=torch.zeros(5, 4, dtype=torch.bool))(x)
+    assert J.shape == (5, 4) and J._nnz() == 0
+
+
 # -- validity of a bicolouring, from the definition ----------------------------------------------
 
 

@@ -216,6 +216,14 @@ def one_sided(J: sp.csr_matrix, side: str) -> Bicoloring:
     :class:`Bicoloring` whose other side is all neutral."""
     J = sp.csr_matrix(J, dtype=bool)
     m, n = J.shape
+    if J.nnz == 0:  # nothing to read: no product
+        none = np.zeros(J.nnz, dtype=bool)
+        return Bicoloring(
+            Coloring(np.zeros(n, dtype=np.int64), 0, "column"),
+            Coloring(np.zeros(m, dtype=np.int64), 0, "row"),
+            none,
+            side,
+        )
     if side == "column":
         c = column_coloring(J)
         return Bicoloring(
