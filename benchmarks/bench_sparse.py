@@ -217,18 +217,9 @@ JACOBIANS = {
 
 
 def _jacobian_colors(P) -> dict[str, int]:
-    """Products of each colouring of ``P`` (column, row, bidirectional) and auto's choice.
-    A one-sided colouring whose bound (the longest row, resp. column) is the number of
-    columns (rows) needs exactly that many: it is not computed (an arrowhead's column
-    intersection graph is complete)."""
-    out = {}
-    for side, bound, size in (
-        ("column", P.getnnz(axis=1).max(), P.shape[1]),
-        ("row", P.getnnz(axis=0).max(), P.shape[0]),
-    ):
-        out[side] = size if bound == size else _sparse._jacobian_plan(side, P).bicoloring.products
-    out["bidirectional"] = _sparse._jacobian_plan("bidirectional", P).bicoloring.products
-    return out
+    """Products of each colouring of ``P`` (column, row, bidirectional)."""
+    kinds = ("column", "row", "bidirectional")
+    return {k: _sparse._jacobian_plan(k, P).bicoloring.products for k in kinds}
 
 
 def _asdex_jacobian_calls(f, x: np.ndarray) -> tuple[dict[str, Callable], int | None]:

@@ -170,6 +170,11 @@ def test_auto_takes_bicolouring_only_when_it_needs_fewer_products():
             assert bi < min(col, row), name
         if kind == "row":
             assert row < col, name  # ties go to column (JVPs)
+    # dense: min(m, n) products is optimal for any colouring; decided without colouring
+    S._CACHE.clear()
+    assert S._jacobian_kind("auto", sp.csr_matrix(np.ones((9, 7), dtype=bool))) == "column"
+    assert S._jacobian_kind("auto", sp.csr_matrix(np.ones((7, 9), dtype=bool))) == "row"
+    assert not S._CACHE
     # banded: column colouring is optimal (2w + 1 colours, a full row); auto keeps it
     assert S._jacobian_kind("auto", banded(30, 30, 2)) == "column"
     assert _products("column", banded(30, 30, 2)) == 5

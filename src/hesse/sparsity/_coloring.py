@@ -224,12 +224,16 @@ def one_sided(J: sp.csr_matrix, side: str) -> Bicoloring:
             none,
             side,
         )
+    # a full row (column) needs every column (row) in its own colour: no graph is built
+    # (an arrowhead's column-intersection graph is complete)
     if side == "column":
-        c = column_coloring(J)
+        full = J.getnnz(axis=1).max() == n
+        c = Coloring(np.arange(n), n, "column") if full else column_coloring(J)
         return Bicoloring(
             c, Coloring(np.zeros(m, dtype=np.int64), 0, "row"), np.ones(J.nnz, dtype=bool), "column"
         )
-    r = row_coloring(J)
+    full = J.getnnz(axis=0).max() == m
+    r = Coloring(np.arange(m), m, "row") if full else row_coloring(J)
     return Bicoloring(
         Coloring(np.zeros(n, dtype=np.int64), 0, "column"), r, np.zeros(J.nnz, dtype=bool), "row"
     )

@@ -620,6 +620,9 @@ def _jacobian_kind(coloring: str, P: sp.csr_matrix) -> str:
     """The colouring that runs for ``coloring=`` on ``P`` (NOTE [jacobian colouring choice])."""
     if coloring != "auto" or P.nnz == 0:
         return "column" if coloring == "auto" else coloring
+    m, n = P.shape
+    if P.nnz == m * n:  # dense: min(m, n) products, no bicolouring does better
+        return "column" if n <= m else "row"
     bi = _jacobian_plan("bidirectional", P).bicoloring.products
     # a row with d entries needs d column colours, a column with d entries d row colours:
     # a one-sided colouring whose bound exceeds the bicolouring's products is not computed
