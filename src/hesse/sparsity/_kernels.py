@@ -339,15 +339,7 @@ def twin_positions(indptr, indices):
     return twin
 
 
-def star(indptr, indices, order):
-    """Greedy star colouring in ``order``: :func:`star_sided` with one side, all seeded."""
-    n = len(indptr) - 1
-    return star_sided(
-        indptr, indices, order, np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.bool_)
-    )
-
-
-def star_sided(indptr, indices, order, side, seeded):  # noqa: C901 - the algorithm in one piece
+def star(indptr, indices, order, side=None, seeded=None):  # noqa: C901 - the algorithm in one piece
     """Greedy star colouring in ``order``: distance-1, and no path on four vertices uses
     only two colours (every two-coloured component is a star).
 
@@ -363,12 +355,18 @@ def star_sided(indptr, indices, order, side, seeded):  # noqa: C901 - the algori
     palettes (colour numbers may repeat across sides; adjacent vertices of different
     sides need not differ); vertices not ``seeded`` are neutral: never coloured (colour
     ``-1``, absent from ``order``) and never counted on a path, but their neighbours
-    must differ. One side, all seeded: the plain star colouring.
+    must differ. Every edge joins one side to itself (all of one side) or to the other
+    (a bipartite graph), so the colours around a vertex come from one palette. One side,
+    all seeded (the default): the plain star colouring.
 
     Returns colours ``0..K-1`` per side, ``-1`` for neutral vertices.
     """
     n = len(indptr) - 1
     nnz = len(indices)
+    if side is None:
+        side = np.zeros(n, dtype=np.int64)
+    if seeded is None:
+        seeded = np.ones(n, dtype=np.bool_)
     color = -np.ones(n, dtype=np.int64)
     forbidden = -np.ones(n + 2, dtype=np.int64)
     slot_col = np.empty(nnz, dtype=np.int64)
@@ -425,4 +423,4 @@ def star_sided(indptr, indices, order, side, seeded):  # noqa: C901 - the algori
 
 
 #: Functions that kernels call (compiled before the kernels that use them).
-_HELPERS = (_slot, _first_free, star_sided)
+_HELPERS = (_slot, _first_free)

@@ -44,6 +44,7 @@ from hesse._validation import (
     describe,
     fail,
 )
+from hesse.sparsity import _recovery
 from hesse.sparsity._coloring import (
     ORDERS,
     Coloring,
@@ -57,15 +58,7 @@ from hesse.sparsity._coloring import (
 )
 from hesse.sparsity._maps import PatternTooLarge
 from hesse.sparsity._propagate import Propagation
-from hesse.sparsity._recovery import (
-    JacobianPlan,
-    Plan,
-    csr_index,
-    csr_tensor,
-    jacobian_plan,
-    star_plan,
-    substitution_plan,
-)
+from hesse.sparsity._recovery import Plan, csr_index, csr_tensor, star_plan, substitution_plan
 from hesse.sparsity._tracing import trace
 
 
@@ -426,6 +419,14 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
     return int(S.nnz - np.count_nonzero(S.diagonal()))
 
 
+def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
+    """One HVP with a fixed pseudo-random vector against ``H @ v``: a supplied pattern
+    that misses nonzeros of the Hessian at this point fails here (NOTE [pattern check])."""
+    v = _check_vector(engine.n, engine.x)
+    hv = engine.apply(1, lambda a, b: v[None], chunk_size=1)[0]  # with the fallbacks
+    _compare_product(call, "Hessian", "a Hessian-vector product", hv, H, v, "hessian")
+
+
 def _check_vector(n: int, like: torch.Tensor) -> torch.Tensor:
     """The fixed pseudo-random vector of NOTE [pattern check], entries in ``[0.5, 1.5)``."""
     gen = torch.Generator().manual_seed(0x5EED)
@@ -457,14 +458,6 @@ def _compare_product(
             f"{tol:.3g}). Fix: pass a pattern that contains every nonzero (e.g. from "
             f"hesse.{detector}_sparsity), or omit pattern= to detect it.",
         )
-
-
-def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
-    """One HVP with the fixed vector of :func:`_check_vector` against ``H @ v``
-    (NOTE [pattern check])."""
-    v = _check_vector(engine.n, engine.x)
-    hv = engine.apply(1, lambda a, b: v[None], chunk_size=1)[0]  # with the fallbacks
-    _compare_product(call, "Hessian", "a Hessian-vector product", hv, H, v, "hessian")
 
 
 def sparse_hessian(
@@ -610,10 +603,10 @@ def sparse_hessian(
 JACOBIAN_COLORINGS = ("auto", "column", "row", "bidirectional")
 
 
-def _jacobian_plan(kind: str, P: sp.csr_matrix) -> JacobianPlan:
+def _jacobian_plan(kind: str, P: sp.csr_matrix) -> _recovery.JacobianPlan:
     """The bicolouring of the given kind and its recovery plan (cached on ``P``)."""
     make = bicoloring if kind == "bidirectional" else lambda J: one_sided(J, kind)
-    return _cached(f"jacobian-{kind}", P, lambda: jacobian_plan(P, make(P)))
+    return _cached(f"jacobian-{kind}", P, lambda: _recovery.jacobian_plan(P, make(P)))
 
 
 def _jacobian_kind(coloring: str, P: sp.csr_matrix) -> str:
@@ -636,7 +629,7 @@ def _jacobian_kind(coloring: str, P: sp.csr_matrix) -> str:
 
 
 def _jacobian_products(
-    prob: _Vector, plan: JacobianPlan, chunk_size: int | None, call: str
+    prob: _Vector, plan: _recovery.JacobianPlan, chunk_size: int | None, call: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Bc`` (``K_col`` JVPs with the column seeds) and ``Br`` (``K_row`` VJPs)."""
     x, m = prob.x, prob.m
