@@ -50,10 +50,8 @@ from hesse.sparsity._coloring import (
     Coloring,
     acyclic_coloring,
     bicoloring,
-    column_coloring,
     diagonal_coloring,
     one_sided,
-    row_coloring,
     star_coloring,
 )
 from hesse.sparsity._maps import PatternTooLarge
@@ -246,8 +244,6 @@ def _coloured(kind: str, P: sp.csr_matrix) -> Coloring:
         "acyclic": acyclic_coloring,
         "star": star_coloring,
         "diagonal": diagonal_coloring,
-        "column": column_coloring,
-        "row": row_coloring,
     }[kind]
     return _cached(kind, P, lambda: fn(P))
 
