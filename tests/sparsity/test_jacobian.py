@@ -37,6 +37,14 @@ def arrowhead(n: int) -> sp.csr_matrix:
     return A.tocsr()
 
 
+def banded_arrow(n: int, w: int, k: int) -> sp.csr_matrix:
+    """A band of half-width ``w`` with its first ``k`` rows and columns dense."""
+    A = banded(n, n, w).tolil()
+    A[:k, :] = True
+    A[:, :k] = True
+    return A.tocsr()
+
+
 def blocks(nb: int, r: int, c: int) -> sp.csr_matrix:
     return sp.block_diag([np.ones((r, c), dtype=bool)] * nb, format="csr")
 
@@ -49,6 +57,7 @@ PATTERNS = {
     "banded": banded(30, 30, 2),
     "arrowhead": arrowhead(40),
     "blocks": blocks(6, 4, 3),
+    "banded arrow": banded_arrow(30, 1, 2),
     "wide (m<n)": random_pattern(15, 40, 0.12, 1),
     "tall (m>n)": random_pattern(40, 15, 0.12, 2),
     "wide band (m<n)": banded(20, 35, 3),
@@ -157,6 +166,16 @@ def test_bicolouring_of_an_arrowhead_takes_three_products():
     assert S._jacobian_kind("auto", P) == "bidirectional"
     assert _products("bidirectional", P) == 3
     assert not any(key[0] in ("jacobian-column", "jacobian-row") for key in S._CACHE)
+
+
+@pytest.mark.parametrize("w,k", [(1, 1), (1, 2), (2, 3), (3, 1)])
+def test_bicolouring_of_a_band_with_dense_rows_and_columns(w, k):
+    # one VJP per dense row, one JVP per dense column, and a column colouring of the
+    # band without them (2w + 1 colours) is a valid bicolouring: 2k + 2w + 1 products;
+    # one-sided colourings need n (a dense row meets every column)
+    P = banded_arrow(200, w, k)
+    assert _products("bidirectional", P) <= 2 * k + 2 * w + 1
+    assert _products("column", P) == 200 and _products("row", P) == 200
 
 
 def test_auto_takes_bicolouring_only_when_it_needs_fewer_products():
