@@ -55,9 +55,9 @@ from hesse.sparsity import _kernels as K
 ORDERS = ("natural", "largest_first", "smallest_last", "incidence_degree", "dynamic_largest_first")
 
 #: After the first attempt (NOTE [colouring budget]), further attempts run while the time
-#: spent stays under ``max(ORDER_BUDGET_FLOOR_S, (1 + ORDER_BUDGET_RATIO) t_first)``.
+#: spent stays under ``ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) t_first``.
 ORDER_BUDGET_RATIO = 1.0
-ORDER_BUDGET_FLOOR_S = 0.02
+ORDER_BUDGET_FLOOR_S = 0.005
 
 #: Passes of Culberson's iterated greedy after a distance-1 colouring.
 ITERATED_PASSES = 4
@@ -136,30 +136,30 @@ def _int64(A: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return A.indptr.astype(np.int64), A.indices.astype(np.int64)
 
 
-def _best_of(attempts, bound: int):
+def _best_of(attempts, bound: int, always: int = 1):
     """Runs ``attempt(k)`` -> ``(colors, extra)`` for each of ``attempts`` (``k``: the fewest
     colours so far, ``None`` at first) and keeps the colouring with the fewest colours.
 
     # NOTE [colouring budget]
-    The first attempt always runs. The next one runs only while the colours are above
-    ``bound`` (a proven lower bound) and, judged by the last attempt's time, it would end
-    within ``max(ORDER_BUDGET_FLOOR_S, (1 + ORDER_BUDGET_RATIO) t_first)``: small graphs
+    The first ``always`` attempts run while the colours are above ``bound`` (a proven
+    lower bound); a later one only if, judged by the last attempt's time, it would end
+    within ``ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) t_first``: small graphs
     try every attempt, large ones at most about ``1 + ORDER_BUDGET_RATIO`` greedy passes
     (a one-shot colouring stays within a small multiple of one pass, ``O(|E| K)``).
     """
     best = None
     start = time.perf_counter()
     budget = last = 0.0
-    for attempt in attempts:
+    for i, attempt in enumerate(attempts):
         if best is not None:
             spent = time.perf_counter() - start
-            if best[0].max() + 1 <= bound or spent + last > budget:
+            if best[0].max() + 1 <= bound or (i >= always and spent + last > budget):
                 break
         began = time.perf_counter()
         got = attempt(None if best is None else int(best[0].max()) + 1)
         last = time.perf_counter() - began
         if best is None:
-            budget = max(ORDER_BUDGET_FLOOR_S, (1 + ORDER_BUDGET_RATIO) * last)
+            budget = ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) * last
         if best is None or got[0].max() < best[0].max():
             best = got
     assert best is not None
@@ -380,7 +380,7 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
         return go
 
     attempts = [attempt(name, palette) for name in orders for palette in (False, True)]
-    colors, trees = _best_of(attempts, _acyclic_bound(A))
+    colors, trees = _best_of(attempts, _acyclic_bound(A), always=2)
     return Coloring(colors, int(colors.max()) + 1, "acyclic", trees=trees)
 
 
