@@ -4,6 +4,9 @@ Workloads (issue 16), each at n in {1e3, 1e4, 1e5, 1e6}: extended Rosenbrock, a 
 5-point-stencil (Bratu) energy, the 2-D Brusselator as a Hessian (half the squared
 residual of its reaction-diffusion right-hand side, periodic grid), and the CUTEst
 problems ARWHEAD and BDQRTIC (a dense row and column). ``--quick``: n = 1e3 and 1e4.
+Colouring alone (:func:`coloring_rows`, ``--coloring`` runs only these): hesse's
+colourings against asdex's on patterns built directly, bands, stencils, arrowheads,
+BDQRTIC and the Brusselator.
 
 Methods, all float64 on the CPU, default threads, timed side by side:
 
@@ -362,6 +365,133 @@ def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
                     "note": note,
                 }
             )
+    rows.extend(coloring_rows(quick, only=only))
+    return rows
+
+
+# -- colouring alone: hesse against asdex on the same patterns ---------------------------------
+def _band(n: int, k: int):
+    import scipy.sparse as sp
+
+    A = sp.diags([np.ones(n - abs(d)) for d in range(-k, k + 1)], list(range(-k, k + 1)))
+    return A.astype(bool)
+
+
+def _stencil(n: int, nine: bool):
+    import scipy.sparse as sp
+
+    m = int(round(n**0.5))
+    T, eye = _band(m, 1), sp.identity(m, dtype=bool)
+    return sp.kron(T, T) if nine else sp.kron(eye, T) + sp.kron(T, eye)
+
+
+def _arrow(n: int, hub: int):
+    import scipy.sparse as sp
+
+    A = sp.lil_matrix((n, n), dtype=bool)
+    A.setdiag(True)
+    A[hub, :] = True
+    A[:, hub] = True
+    return A
+
+
+def _brusselator_pattern(n: int):
+    """``J^T J`` for the Jacobian ``J`` of the Brusselator residual (as in
+    :func:`brusselator`): each field's periodic 5-point Laplacian, ``u`` and ``v`` coupled
+    at each grid point."""
+    import scipy.sparse as sp
+
+    m = int(round((n / 2) ** 0.5))
+    ring = sp.diags([1, 1, 1, 1, 1], [-(m - 1), -1, 0, 1, m - 1], shape=(m, m))
+    eye = sp.identity(m)
+    L = (sp.kron(eye, ring) + sp.kron(ring, eye)).astype(bool).astype(float)
+    Id = sp.identity(m * m)
+    J = sp.bmat([[L, Id], [Id, L]]).tocsr()
+    return (J.T @ J) != 0
+
+
+COLORING_PATTERNS: dict[str, Callable[[int], Any]] = {
+    **{f"band rho={2 * k}": (lambda n, k=k: _band(n, k)) for k in range(1, 6)},
+    "stencil-5": lambda n: _stencil(n, nine=False),
+    "stencil-9": lambda n: _stencil(n, nine=True),
+    "arrowhead": lambda n: _arrow(n, 0),
+    "arwhead": lambda n: _arrow(n, n - 1),
+    "bdqrtic": lambda n: _band(n, 3) + _arrow(n, n - 1),
+    "brusselator": _brusselator_pattern,
+}
+
+#: asdex's star colouring costs about ``(max row nnz)^2`` on a dense row (40 s for an
+#: arrowhead at n = 1e5): beyond this many, its row reads "skipped".
+ASDEX_DENSE_ROW_WORK = 2e9
+
+
+def coloring_rows(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
+    """Colouring time and colours alone, on patterns built directly (no tracing): hesse's
+    acyclic and star colourings, the colouring and recovery plan its one-shot computes
+    (``coloring="auto"``), and asdex's star colouring (``hessian_coloring_from_sparsity``,
+    LargestFirst order, with its star set for decompression), at n in {1e3, 1e4} (quick)
+    or {1e3, 1e4, 1e5, 1e6}. Every compiled kernel is warmed up first."""
+    import scipy.sparse as sp
+
+    import hesse.sparsity._coloring as C
+
+    try:
+        from asdex import SparsityPattern, hessian_coloring_from_sparsity
+    except ImportError:
+        hessian_coloring_from_sparsity = None
+    warm = sp.csr_matrix(_band(20_000, 3) + _arrow(20_000, 0))
+    for fn in (C.acyclic_coloring, C.star_coloring, C.diagonal_coloring):
+        fn(warm)
+    if hessian_coloring_from_sparsity is not None:
+        hessian_coloring_from_sparsity(SparsityPattern.from_coo(*warm.nonzero(), warm.shape))
+
+    def auto(P):
+        _sparse._CACHE.clear()
+        return _sparse._plan(_sparse._kind("auto", P), P).coloring
+
+    rows: list[dict[str, Any]] = []
+    sizes = (1_000, 10_000) if quick else (1_000, 10_000, 100_000, 1_000_000)
+    for size in sizes:
+        for name, make in COLORING_PATTERNS.items():
+            wname = f"colouring {name} (n={size:.0e})"
+            if only is not None and only not in wname:
+                continue
+            P = sp.csr_matrix(make(size), dtype=bool)
+            P.sort_indices()
+            calls = {
+                "hesse acyclic colouring": lambda P=P: C.acyclic_coloring(P),
+                "hesse star colouring": lambda P=P: C.star_coloring(P),
+                "hesse colouring + plan (auto)": lambda P=P: auto(P),
+            }
+            note = ""
+            if hessian_coloring_from_sparsity is None:
+                note = "asdex not installed"
+            elif float(np.diff(P.indptr).max()) ** 2 > ASDEX_DENSE_ROW_WORK:
+                note = "asdex skipped: quadratic in the dense row"
+            else:
+                pattern = SparsityPattern.from_coo(*P.nonzero(), P.shape)
+                calls["asdex star colouring"] = lambda p=pattern: hessian_coloring_from_sparsity(p)
+            stats = measure(
+                calls,
+                repeats=3 if quick else 5,
+                max_seconds=20.0 if quick else 60.0,
+                summarize=lambda _, got: {"colors": int(got.num_colors)},
+            )
+            for method, st in stats.items():
+                rows.append(
+                    {
+                        "workload": wname,
+                        "method": method,
+                        "time_s": st["time_s"],
+                        "cpu_s": st["cpu_s"],
+                        "peak_mem_bytes": st["peak_mem_bytes"],
+                        "colors": st["colors"],
+                        "note": "",
+                        "reference": method == "hesse acyclic colouring",
+                    }
+                )
+            if note:
+                rows.append({"workload": wname, "method": "asdex", "time_s": None, "note": note})
     return rows
 
 
@@ -370,5 +500,6 @@ if __name__ == "__main__":  # pragma: no cover - one suite alone, rows as JSON l
     import sys
 
     only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
-    for r in run("--quick" in sys.argv, only=only):
+    suite = coloring_rows if "--coloring" in sys.argv else run
+    for r in suite("--quick" in sys.argv, only=only):
         print(json.dumps(r, default=str), flush=True)

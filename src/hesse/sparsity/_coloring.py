@@ -22,10 +22,9 @@ Every colouring is greedy, run by the sequential kernels of
 :mod:`hesse.sparsity._kernels` (NOTE [kernels]) in several vertex orders
 (:data:`ORDERS`: natural, largest first, smallest last, incidence degree, dynamic
 largest first); the colouring with the fewest colours is kept, stopping at a cheap
-lower bound or once :data:`ORDER_BUDGET_S` seconds are spent (the first order always
-runs). Distance-1 colourings then run Culberson's iterated greedy (colour classes
-recoloured in reverse order, which never adds a colour). Each kernel costs
-``O(|E| K)`` for ``K`` colours.
+lower bound or when the time budget is spent (NOTE [colouring budget]). Distance-1
+colourings then run Culberson's iterated greedy (colour classes recoloured in reverse
+order, which never adds a colour). Each kernel costs ``O(|E| K)`` for ``K`` colours.
 
 References:
     Curtis, A. R., Powell, M. J. D. & Reid, J. K. (1974). On the estimation of sparse
@@ -57,8 +56,10 @@ from hesse.sparsity import _kernels as K
 #: Vertex orders tried by every colouring, in this order (NOTE [colouring]).
 ORDERS = ("natural", "largest_first", "smallest_last", "incidence_degree", "dynamic_largest_first")
 
-#: Extra orders are tried while the colouring time stays under this many seconds.
-ORDER_BUDGET_S = 0.25
+#: After the first attempt (NOTE [colouring budget]), further attempts run while the time
+#: spent stays under ``ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) t_first``.
+ORDER_BUDGET_RATIO = 1.0
+ORDER_BUDGET_FLOOR_S = 0.005
 
 #: Passes of Culberson's iterated greedy after a distance-1 colouring.
 ITERATED_PASSES = 4
@@ -137,18 +138,39 @@ def _int64(A: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return A.indptr.astype(np.int64), A.indices.astype(np.int64)
 
 
-def _best_of(A: sp.csr_matrix, run, bound: int, orders: tuple[str, ...]):
-    """``run(order)`` -> ``(colors, extra)`` in each order; the fewest colours are kept."""
+def _best_of(attempts, bound: int, always: int = 1):
+    """Runs ``attempt(k)`` -> ``(colors, extra)`` for each of ``attempts`` (``k``: the fewest
+    colours so far, ``None`` at first) and keeps the colouring with the fewest colours.
+
+    # NOTE [colouring budget]
+    The first ``always`` attempts run while the colours are above ``bound`` (a proven
+    lower bound); a later one only if, judged by the last attempt's time, it would end
+    within ``ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) t_first``: small graphs
+    try every attempt, large ones at most about ``1 + ORDER_BUDGET_RATIO`` greedy passes
+    (a one-shot colouring stays within a small multiple of one pass, ``O(|E| K)``).
+    """
     best = None
     start = time.perf_counter()
-    for name in orders:
-        colors, extra = run(vertex_order(A, name))
-        if best is None or colors.max() < best[0].max():
-            best = (colors, extra)
-        if best[0].max() + 1 <= bound or time.perf_counter() - start > ORDER_BUDGET_S:
-            break
+    budget = last = 0.0
+    for i, attempt in enumerate(attempts):
+        if best is not None:
+            spent = time.perf_counter() - start
+            if best[0].max() + 1 <= bound or (i >= always and spent + last > budget):
+                break
+        began = time.perf_counter()
+        got = attempt(None if best is None else int(best[0].max()) + 1)
+        last = time.perf_counter() - began
+        if best is None:
+            budget = ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) * last
+        if best is None or got[0].max() < best[0].max():
+            best = got
     assert best is not None
     return best
+
+
+def _in_orders(A: sp.csr_matrix, run, orders: tuple[str, ...]):
+    """One attempt per vertex order: ``run(order)`` -> ``(colors, extra)``."""
+    return [lambda k, name=name: run(vertex_order(A, name)) for name in orders]
 
 
 def _distance1(A: sp.csr_matrix, kind: str, orders: tuple[str, ...] = ORDERS) -> Coloring:
@@ -158,7 +180,8 @@ def _distance1(A: sp.csr_matrix, kind: str, orders: tuple[str, ...] = ORDERS) ->
     indptr, indices = _int64(A)
     greedy = K.kernel(K.greedy, A.nnz)
     colors, _ = _best_of(
-        A, lambda order: (greedy(indptr, indices, order), None), _lower_bound(A, False), orders
+        _in_orders(A, lambda order: (greedy(indptr, indices, order), None), orders),
+        _lower_bound(A, False),
     )
     for _ in range(ITERATED_PASSES):  # Culberson: classes in reverse order
         order = np.argsort(-colors, kind="stable").astype(np.int64)
@@ -365,7 +388,8 @@ def star_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Col
     indptr, indices = _int64(A)
     run = K.kernel(K.star, A.nnz)
     colors, _ = _best_of(
-        A, lambda order: (run(indptr, indices, order), None), _lower_bound(A, True), orders
+        _in_orders(A, lambda order: (run(indptr, indices, order), None), orders),
+        _lower_bound(A, True),
     )
     return Coloring(colors, int(colors.max()) + 1, "star")
 
@@ -467,13 +491,21 @@ def vertex_order(A: sp.csr_matrix, name: str) -> np.ndarray:
 
 
 def _acyclic_bound(A: sp.csr_matrix) -> int:
-    """A lower bound on acyclic colours: the distance-1 bound, 3 when ``A`` has a cycle."""
+    """A lower bound on acyclic colours: the distance-1 bound, and the forest bound.
+
+    The two colour classes ``i, j`` of an acyclic colouring with ``K`` nonempty classes
+    induce a forest, with at most ``n_i + n_j - 1`` edges; summed over the pairs,
+    ``|E| <= (K - 1) n - K (K - 1) / 2``. The smallest such ``K`` is optimal on bands
+    (``rho`` off-diagonal bands: ``floor(rho/2) + 1``) and gives 3 on a 5-point stencil.
+    A graph with a cycle needs 3."""
     bound = _lower_bound(A, star=False)
-    if A.nnz:
-        ncomp = sp.csgraph.connected_components(A, directed=False)[0]
-        if A.nnz // 2 > A.shape[0] - ncomp:
-            bound = max(bound, 3)
-    return bound
+    n, edges = A.shape[0], A.nnz // 2
+    if edges > n - sp.csgraph.connected_components(A, directed=False)[0]:
+        bound = max(bound, 3)  # a cycle
+    k = bound
+    while (k - 1) * n - k * (k - 1) // 2 < edges:
+        k += 1
+    return k
 
 
 def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Coloring:
@@ -487,8 +519,11 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     at the price of recovery by substitution (NOTE [substitution]). The greedy
     algorithm of Gebremedhin, Tarafdar, Manne & Pothen (2007) runs in several vertex
     orders (:data:`ORDERS`: natural, largest first, smallest last, incidence degree,
-    dynamic largest first); the colouring with the fewest colours is kept, stopping at
-    a lower bound or once :data:`ORDER_BUDGET_S` is spent (the first order always runs).
+    dynamic largest first), each by first fit and then by the least-merging rule of
+    :func:`hesse.sparsity._kernels.acyclic` with one colour fewer than the best so far
+    (this reaches 3 colours on a 5-point stencil, where first fit needs 4 in every
+    order); the colouring with the fewest colours is kept, stopping at the lower bound
+    of :func:`_acyclic_bound` or when the time budget is spent (NOTE [colouring budget]).
 
     References:
         Gebremedhin, A. H., Tarafdar, A., Manne, F. & Pothen, A. (2007). New acyclic and
@@ -506,9 +541,18 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     indptr, indices = _int64(A)
     twin = twins(A)
     run = K.kernel(K.acyclic, A.nnz)
-    colors, trees = _best_of(
-        A, lambda order: run(indptr, indices, twin, order), _acyclic_bound(A), orders
-    )
+    made: dict[str, np.ndarray] = {}
+
+    def attempt(name: str, palette: bool):
+        def go(k: int | None):
+            if name not in made:
+                made[name] = vertex_order(A, name)
+            return run(indptr, indices, twin, made[name], k - 1 if palette and k else 0)
+
+        return go
+
+    attempts = [attempt(name, palette) for name in orders for palette in (False, True)]
+    colors, trees = _best_of(attempts, _acyclic_bound(A), always=2)
     return Coloring(colors, int(colors.max()) + 1, "acyclic", trees=trees)
 
 

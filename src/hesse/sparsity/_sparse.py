@@ -510,8 +510,8 @@ def sparse_hessian(
         TypeError, ValueError: for a malformed ``pattern``, a ``pattern`` found to miss
             nonzeros, or bad input.
 
-    Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 4 for a
-    5-point stencil from the greedy orders (3 in theory); star 3 and 5), memory
+    Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 3 for a
+    5-point stencil; star 3 and 5), memory
     ``O(K n + nnz)``; recovery ``O(nnz)``. A detected pattern that couples every pair
     takes ``n`` HVPs with basis vectors instead, without colouring (NOTE [dense fallback]).
 
