@@ -376,7 +376,7 @@ def bicoloring(J: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Bicoloring:
         # _best_of keeps the fewest colours: scored here by products (K_col + K_row)
         return np.array([best.products - 1]), best
 
-    return _best_of(B, attempt, 1, orders)[1]
+    return _best_of(_in_orders(B, attempt, orders), 1)[1]
 
 
 def star_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Coloring:
