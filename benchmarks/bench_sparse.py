@@ -12,7 +12,9 @@ Methods, all float64 on the CPU, default threads, timed side by side:
 
 - ``hesse detection``: ``hesse.hessian_sparsity`` from scratch (caches cleared).
 - ``hesse one-shot``: ``hesse.sparse_hessian(f)(x)`` from scratch: trace, propagate,
-  colour (acyclic, NOTE [colouring choice]), compressed HVPs, substitution.
+  colour (acyclic, NOTE [colouring choice]), compressed HVPs, substitution; at
+  256 <= n <= 4096 the cost model may take ``n`` dense products instead (NOTE [one-shot
+  cost model]; the ``colors`` column still shows the colouring's count).
 - ``hesse reuse (pattern=)``: the prepared transform ``sparse_hessian(f, pattern=P)``
   after its first call (NOTE [prepared reuse]), as in an optimisation loop.
 - ``hesse reuse compiled``: the same with ``compile=True`` (NOTE [compiled reuse]),
