@@ -85,6 +85,29 @@ def test_every_raced_strategy_gives_the_same_hessian(strategy, monkeypatch):
     _close(step(x), double_backward_hessian(f, x))
 
 
+def test_the_repeated_call_neither_colours_nor_checks(monkeypatch):
+    # NOTE [prepared reuse]: after the first call, only the products and the recovery run
+    f, n = PROBLEMS["bdqrtic"]
+    step = hesse.sparse_hessian(f, pattern=hesse.hessian_sparsity(f)(_point(n, 0)))
+    step(_point(n, 0))
+
+    def never(*args, **kwargs):
+        raise AssertionError("ran on a repeated call")
+
+    for name in ("_plan", "_kind", "_check_pattern", "_from_torch", "_symmetric"):
+        monkeypatch.setattr(sparse_module, name, never)
+    x = _point(n, 4)
+    _close(step(x), double_backward_hessian(f, x))
+
+
+def test_reuse_of_a_zero_hessian():
+    empty = torch.zeros(5, 5, dtype=torch.bool)
+    step = hesse.sparse_hessian(lambda x: 3 * x.sum(), pattern=empty, compile=True)
+    for seed in (0, 1):
+        H = step(_point(5, seed))
+        assert H.to_dense().abs().max().item() == 0.0
+
+
 def test_reuse_with_a_changing_extra_argument():
     def f(x, a):
         return (a * (x[1:] - x[:-1] ** 2) ** 2).sum() + (x**4).sum()
