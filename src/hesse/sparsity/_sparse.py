@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -59,7 +58,7 @@ from hesse.sparsity._coloring import (
 )
 from hesse.sparsity._kernels import JIT_EDGES
 from hesse.sparsity._maps import PatternTooLarge
-from hesse.sparsity._prepared import Prepared, entries
+from hesse.sparsity._prepared import Prepared, clock, entries
 from hesse.sparsity._propagate import Propagation
 from hesse.sparsity._recovery import (
     Plan,
@@ -430,11 +429,13 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
 #   batch of ``PROBE_ROWS`` (``t_b``), ``t_dense = passes * t_1 + n * (t_b - t_1) /
 #   (PROBE_ROWS - 1)``.
 # * before detection (no cached pattern, ``n <= DENSE_EARLY_MAX_N``): detection costs
-#   about ``DETECT_PRODUCTS`` single products (tracing and propagation go through the
-#   same operators one at a time; measured 50-160 on the five benchmark problems, the low
-#   end taken). Dense wins: the result stores all ``n^2`` entries (no pattern is known,
-#   and a stored entry must be structural: the result can be passed back as
-#   ``pattern=``).
+#   about ``DETECT_NODE_SECONDS`` per node of the gradient's autograd graph (tracing and
+#   propagation are Python work per operator, independent of ``n`` and of the threads;
+#   measured 0.45-0.82 ms per node, median 0.68, on the five benchmark problems on a
+#   quiet 16-core x86 machine, 0.4-0.95 on a loaded 2-core one; a value below the median
+#   is taken, erring towards detection). Dense wins: the result stores all
+#   ``n^2`` entries (no pattern is known, and a stored entry must be structural: the
+#   result can be passed back as ``pattern=``).
 # * after detection, when the colouring is not cached: ``COLOR_EDGE_SECONDS`` per
 #   coupled pair with the Python kernels, ``JIT_EDGE_SECONDS`` with the compiled ones
 #   (plus numba's start-up, ``NUMBA_START_SECONDS``, in a process that has not imported
@@ -446,7 +447,7 @@ DENSE_MIN_N = 256
 DENSE_MAX_N = 4096
 DENSE_EARLY_MAX_N = 2048
 PROBE_ROWS = 16
-DETECT_PRODUCTS = 50
+DETECT_NODE_SECONDS = 6e-4
 COLOR_EDGE_SECONDS = 2e-5
 JIT_EDGE_SECONDS = 5e-7
 NUMBA_START_SECONDS = 1.0
@@ -462,6 +463,17 @@ def _coloring_seconds(P: sp.csr_matrix) -> float:
     return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
 
 
+def _graph_nodes(root: Any, limit: int = 100_000) -> int:
+    """The nodes of an autograd graph (counted up to ``limit``)."""
+    seen, stack = {root}, [root]
+    while stack and len(seen) < limit:
+        for child, _ in stack.pop().next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return len(seen)
+
+
 class _DenseCost:
     """The probed cost of ``n`` dense products of one call (NOTE [one-shot cost model])."""
 
@@ -475,15 +487,15 @@ class _DenseCost:
         if self._seconds is None:
             engine, n = self.engine, self.engine.n
             x = engine.x
-            clock = time.process_time if x.device.type == "cpu" else time.perf_counter
+            now = clock(x)  # wall time: the products use every thread, detection one
             rows = basis_rows(n, x, capacity=PROBE_ROWS)
             engine.apply(1, rows, chunk_size=1)  # builds the gradient graph, settles the mode
-            start = clock()
+            start = now()
             engine.apply(1, lambda a, b: rows(1 + a, 1 + b), chunk_size=1)
-            one = clock() - start
-            start = clock()
+            one = now() - start
+            start = now()
             engine.apply(PROBE_ROWS, lambda a, b: rows(2 + a, 2 + b), chunk_size=PROBE_ROWS)
-            batch = clock() - start
+            batch = now() - start
             per_row = max(batch - one, 0.0) / (PROBE_ROWS - 1)
             dense = math.ceil(n / (self.chunk_size or n)) * one + n * per_row
             self._seconds = (dense, one)
@@ -493,8 +505,11 @@ class _DenseCost:
         """Dense products cost less than detecting the pattern."""
         if not self.eligible or self.engine.n > DENSE_EARLY_MAX_N:
             return False
-        dense, one = self.seconds()
-        return dense < DETECT_PRODUCTS * one
+        dense, _ = self.seconds()
+        graph = self.engine._graph  # built by the probe (reverse-over-reverse)
+        if graph is None or graph[1].grad_fn is None:
+            return False
+        return dense < DETECT_NODE_SECONDS * _graph_nodes(graph[1].grad_fn)
 
     def before_coloring(self, P: sp.csr_matrix) -> bool:
         """Dense products cost less than colouring ``P``."""
