@@ -21,6 +21,12 @@ Methods, all float64 on the CPU, default threads, timed side by side:
   ``asdex jit (coloring reused)`` (``jax.jit(asdex.hessian_from_coloring)``, timed after
   compilation). Rows read "not installed" without ``jax``/``asdex``.
 
+Sparse Jacobians (:func:`run_jacobians`, n = 1e3 and 1e4): the Brusselator residual and
+an arrowhead residual (dense first row and column), ``hesse.sparse_jacobian`` one-shot
+and with ``pattern=`` (``coloring="auto"``: column, row or bidirectional, whichever needs
+the fewest products; the note lists each one's products) against ``asdex.jacobian``
+(column or row colouring) one-shot and jitted, and ``torch.func.jacrev``.
+
 Columns: ``colors`` = HVPs per Hessian (hesse: the colouring its one-shot used; asdex:
 its colouring), ``max_abs_err`` of hesse against the dense Hessian where one exists,
 else against asdex's; peak memory as in NOTE [peak memory] (benchmarks/_measure.py).
@@ -69,8 +75,8 @@ def stencil5(u, xp=torch):
     return 0.5 * (dx**2).sum() + 0.5 * (dy**2).sum() - 0.1 * xp.exp(g).sum()
 
 
-def brusselator(w, xp=torch):
-    """``0.5 |F(u, v)|^2`` of the 2-D Brusselator's right-hand side on a periodic grid:
+def brusselator_residual(w, xp=torch):
+    """The 2-D Brusselator's right-hand side on a periodic grid:
     ``F_u = 1 + u^2 v - 4.4 u + a lap(u)``, ``F_v = 3.4 u - u^2 v + a lap(v)``."""
     m = int(round((w.shape[0] // 2) ** 0.5))
     u, v = w[: m * m].reshape(m, m), w[m * m :].reshape(m, m)
@@ -83,7 +89,22 @@ def brusselator(w, xp=torch):
 
     fu = 1 + u * u * v - 4.4 * u + a * lap(u)
     fv = 3.4 * u - u * u * v + a * lap(v)
-    return 0.5 * ((fu**2).sum() + (fv**2).sum())
+    return _cat(xp, [fu.reshape(-1), fv.reshape(-1)])
+
+
+def brusselator(w, xp=torch):
+    """``0.5 |F(u, v)|^2`` of :func:`brusselator_residual`."""
+    return 0.5 * (brusselator_residual(w, xp) ** 2).sum()
+
+
+def arrow_residual(x, xp=torch):
+    """``f_0 = sum x^2``, ``f_i = x_0 x_i + x_i^3``: an arrowhead Jacobian (dense first row
+    and column, diagonal)."""
+    return _cat(xp, [(x**2).sum()[None], x[0] * x[1:] + x[1:] ** 3])
+
+
+def _cat(xp, parts):
+    return torch.cat(parts) if xp is torch else xp.concatenate(parts)
 
 
 def arwhead(x, xp=torch):
@@ -184,10 +205,115 @@ def _dense_of(result: Any) -> torch.Tensor | None:
     return None
 
 
+# -- sparse Jacobians ---------------------------------------------------------------------------
+JAC_ONE_SHOT = "hesse sparse_jacobian one-shot"
+JAC_REUSE = "hesse sparse_jacobian reuse (pattern=)"
+JAC_DENSE = "torch.func.jacrev (dense)"
+ASDEX_JAC_ONE_SHOT = "asdex jacobian one-shot"
+ASDEX_JAC_JIT = "asdex jacobian jit (coloring reused)"
+
+JACOBIANS = {
+    "brusselator residual": (brusselator_residual, lambda n: 2 * int(round((n / 2) ** 0.5)) ** 2),
+    "arrowhead residual": (arrow_residual, lambda n: n),
+}
+
+
+def _jacobian_colors(P) -> dict[str, int]:
+    """Products of each colouring of ``P`` (column, row, bidirectional)."""
+    kinds = ("column", "row", "bidirectional")
+    return {k: _sparse._jacobian_plan(k, P).bicoloring.products for k in kinds}
+
+
+def _asdex_jacobian_calls(f, x: np.ndarray) -> tuple[dict[str, Callable], int | None]:
+    try:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import asdex
+        import jax.numpy as jnp
+    except ImportError:
+        return {}, None
+    import warnings
+
+    fj = lambda v: f(v, jnp)  # noqa: E731
+    xj = jnp.asarray(x)
+    with warnings.catch_warnings():  # an arrowhead: "no speedup over dense", as expected
+        warnings.simplefilter("ignore", asdex.DenseColoringWarning)
+        coloring = asdex.jacobian_coloring(fj, xj)  # fewer of column / row colours
+    jitted = jax.jit(asdex.jacobian_from_coloring(fj, coloring))
+    jitted(xj).data.block_until_ready()  # compile outside the timing
+    calls = {
+        ASDEX_JAC_ONE_SHOT: lambda: _ready(asdex.jacobian(fj, xj)(xj)),
+        ASDEX_JAC_JIT: lambda: jitted(xj).data.block_until_ready(),
+    }
+    return calls, int(coloring.num_colors)
+
+
+def run_jacobians(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
+    """Sparse Jacobians (issue 16): hesse's column / row / bidirectional colouring
+    (``coloring="auto"``) against asdex's (column or row) and dense ``jacrev``, at
+    n = 1e3 and 1e4. ``colors``: products of the run's method; ``note``: each colouring's
+    products and auto's choice."""
+    rows: list[dict[str, Any]] = []
+    for size in (1_000, 10_000):
+        for name, (f, fit) in JACOBIANS.items():
+            wname = f"jacobian: {name} (n={size:.0e})"
+            if only is not None and only not in wname:
+                continue
+            n = fit(size)
+            x = 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            pattern = hesse.jacobian_sparsity(f)(x)
+            reused = hesse.sparse_jacobian(f, pattern=pattern)
+            reused(x)  # colours, plans and checks the pattern once
+            P = _sparse._from_torch("bench", pattern, tuple(pattern.shape))
+            P.sort_indices()
+            counts = _jacobian_colors(P)
+            auto = _sparse._jacobian_kind("auto", P)
+            calls: dict[str, Callable[[], Any]] = {
+                JAC_ONE_SHOT: _fresh(lambda f=f, x=x: hesse.sparse_jacobian(f)(x)),
+                JAC_REUSE: lambda reused=reused, x=x: reused(x),
+            }
+            if n <= DENSE_LIMIT:
+                calls[JAC_DENSE] = lambda f=f, x=x: torch.func.jacrev(f)(x)
+            asdex_calls, asdex_colors = _asdex_jacobian_calls(f, x.numpy())
+            calls.update(asdex_calls)
+            keep = {JAC_ONE_SHOT, JAC_DENSE, ASDEX_JAC_ONE_SHOT}
+
+            def summarize(name: str, result: Any, keep=keep) -> dict:
+                return {"_dense": _dense_of(result) if name in keep else None}
+
+            stats = measure(calls, repeats=3, max_seconds=20.0, summarize=summarize)
+            ref = (stats.get(JAC_DENSE) or stats.get(ASDEX_JAC_ONE_SHOT) or {}).get("_dense")
+            mine = stats[JAC_ONE_SHOT].get("_dense")
+            err = None if ref is None or mine is None else (mine - ref).abs().max().item()
+            note = ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; auto: {auto}"
+            for method, st in stats.items():
+                st.pop("_dense", None)
+                colors = counts[auto] if method.startswith("hesse") else None
+                rows.append(
+                    {
+                        "workload": wname,
+                        "method": method,
+                        "time_s": st["time_s"],
+                        "cpu_s": st["cpu_s"],
+                        "peak_mem_bytes": st["peak_mem_bytes"],
+                        "colors": colors
+                        if colors is not None
+                        else asdex_colors
+                        if "asdex" in method
+                        else n,
+                        "max_abs_err": err if method == JAC_ONE_SHOT else None,
+                        "note": note if method == JAC_ONE_SHOT else "",
+                        "reference": method == JAC_ONE_SHOT,
+                    }
+                )
+    return rows
+
+
 def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
     """All (workload, method) rows; see the module docstring."""
     prepare_process(threads=None)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = run_jacobians(quick, only)
     for wname, spec in workloads(quick).items():
         if only is not None and only not in wname:
             continue

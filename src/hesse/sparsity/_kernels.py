@@ -368,7 +368,7 @@ def twin_positions(indptr, indices):
     return twin
 
 
-def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
+def star(indptr, indices, order, side=None, seeded=None):  # noqa: C901 - the algorithm in one piece
     """Greedy star colouring in ``order``: distance-1, and no path on four vertices uses
     only two colours (every two-coloured component is a star).
 
@@ -380,10 +380,22 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
     how many there are and whether they are hubs towards it, so a dense row costs its
     length times the colours, not its square.
 
-    Returns colours ``0..K-1``.
+    Bicolouring (NOTE [bicolouring]): vertices of different ``side`` draw from separate
+    palettes (colour numbers may repeat across sides; adjacent vertices of different
+    sides need not differ); vertices not ``seeded`` are neutral: never coloured (colour
+    ``-1``, absent from ``order``) and never counted on a path, but their neighbours
+    must differ. Every edge joins one side to itself (all of one side) or to the other
+    (a bipartite graph), so the colours around a vertex come from one palette. One side,
+    all seeded (the default): the plain star colouring.
+
+    Returns colours ``0..K-1`` per side, ``-1`` for neutral vertices.
     """
     n = len(indptr) - 1
     nnz = len(indices)
+    if side is None:
+        side = np.zeros(n, dtype=np.int64)
+    if seeded is None:
+        seeded = np.ones(n, dtype=np.bool_)
     color = -np.ones(n, dtype=np.int64)
     forbidden = -np.ones(n + 2, dtype=np.int64)
     slot_col = np.empty(nnz, dtype=np.int64)
@@ -393,9 +405,17 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
     for v in order:
         bv = indptr[v]
         for p in range(indptr[v], indptr[v + 1]):
-            c = color[indices[p]]
+            u = indices[p]
+            if not seeded[u]:  # a neutral neighbour: its entries are read from v's product
+                for q in range(indptr[u], indptr[u + 1]):
+                    c = color[indices[q]]
+                    if c >= 0:
+                        forbidden[c] = v
+                continue
+            c = color[u]
             if c >= 0:
-                forbidden[c] = v
+                if side[u] == side[v]:
+                    forbidden[c] = v
                 s = _slot(slot_col, slot_cnt, slot_hub, nslots, bv, v, c)
                 slot_cnt[s] += 1
         for p in range(indptr[v], indptr[v + 1]):
