@@ -165,7 +165,7 @@ def _hesse_calls(f, x, compiled: bool) -> tuple[dict[str, Callable[[], Any]], in
     reused = hesse.sparse_hessian(f, pattern=pattern)
     reused(x)  # prepares the plan, as an optimisation loop's first step would
     n = x.numel()
-    P = _sparse._symmetric(_sparse._from_torch("bench", pattern, (n, n)))
+    P = _sparse.symmetric(_sparse._from_torch("bench", pattern, (n, n)))
     k = _sparse._plan(_sparse._kind("auto", P), P).coloring.num_colors  # cached above
     calls = {
         DETECT: _fresh(lambda: hesse.hessian_sparsity(f)(x)),

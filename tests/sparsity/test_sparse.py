@@ -387,10 +387,10 @@ def test_fully_coupled_pattern_takes_the_dense_path(gen, monkeypatch):
 )
 def test_neutral_colours_drop_unread_classes_exactly(gen, name, f, neutral):
     # NOTE [neutral colours]: fewer products where a class is never read, same values
-    from hesse.sparsity._sparse import _plan, _symmetric
+    from hesse.sparsity._sparse import _plan, symmetric
 
     x = torch.randn(20, generator=gen, dtype=torch.float64)
-    P = _symmetric(_from_torch("c", hesse.hessian_sparsity(f)(x), (20, 20)))
+    P = symmetric(_from_torch("c", hesse.hessian_sparsity(f)(x), (20, 20)))
     greedy = star_coloring(P)
     plan = _plan("star", P)
     assert (plan.coloring.num_colors < greedy.num_colors) == neutral

@@ -45,7 +45,9 @@ References:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -86,14 +88,50 @@ class Coloring:
         )
 
 
+def derived(pattern: sp.spmatrix, name: str, make: Callable[[], Any]) -> Any:
+    """``make()``, kept on ``pattern`` (a scipy matrix) under ``name``.
+
+    # NOTE [derived graphs]
+    A one-shot sparse Hessian colours a pattern (acyclic, a star probe), plans its
+    recovery and keys its caches on it; each step needs the same symmetrised pattern,
+    adjacency graph, reverse positions and content hash. They are made once per pattern
+    object and kept on it, stamped with the identity of its index arrays and its size:
+    the pipeline never changes a pattern in place after it is built (a new pattern is a
+    new object), and an object whose arrays were replaced is derived again.
+    """
+    stamp = (id(pattern.indptr), id(pattern.indices), pattern.nnz)
+    memo = pattern.__dict__.setdefault("_hesse_derived", {})
+    if name not in memo or memo[name][0] != stamp:
+        memo[name] = (stamp, make())
+    return memo[name][1]
+
+
+def symmetric(pattern: sp.spmatrix) -> sp.csr_matrix:
+    """``pattern + pattern.T`` as a boolean CSR matrix, canonical (NOTE [derived graphs])."""
+
+    def make() -> sp.csr_matrix:
+        P = sp.csr_matrix(pattern, dtype=bool)
+        S = (P + P.T).tocsr()
+        S.sum_duplicates()
+        S.sort_indices()
+        derived(S, "symmetric", lambda: S)  # already symmetric: not symmetrised again
+        return S
+
+    return derived(pattern, "symmetric", make) if sp.issparse(pattern) else make()
+
+
 def adjacency(pattern: sp.spmatrix) -> sp.csr_matrix:
-    """The symmetric boolean adjacency (no self loops) of a square pattern."""
-    A = sp.csr_matrix(pattern, dtype=bool)
-    A = (A + A.T).tocsr()
-    A.setdiag(False)
-    A.eliminate_zeros()
-    A.sort_indices()
-    return A
+    """The symmetric boolean adjacency (no self loops) of a square pattern
+    (NOTE [derived graphs])."""
+
+    def make() -> sp.csr_matrix:
+        A = symmetric(pattern).copy()
+        A.setdiag(False)
+        A.eliminate_zeros()
+        A.sort_indices()
+        return A
+
+    return derived(pattern, "adjacency", make) if sp.issparse(pattern) else make()
 
 
 def _edges(A: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -427,10 +465,8 @@ def star_recovery(pattern: sp.spmatrix, coloring: Coloring) -> tuple[np.ndarray,
     Raises:
         AssertionError: if the colouring does not allow direct recovery.
     """
-    P = sp.csr_matrix(pattern, dtype=bool)
-    P = (P + P.T).tocsr()
-    P.sort_indices()
-    A = adjacency(P)
+    P = symmetric(pattern)
+    A = adjacency(pattern)
     colors, k = coloring.colors, max(coloring.num_colors, 1)
     count = _colour_counter(A, colors, k)
     rows, cols = _edges(P)
@@ -476,7 +512,7 @@ def is_column_coloring(J: sp.spmatrix, colors: np.ndarray) -> bool:
 def twins(A: sp.csr_matrix) -> np.ndarray:
     """For each CSR position ``p`` of a symmetric ``A`` (sorted indices, no self loops),
     the position of the reverse entry."""
-    return K.kernel(K.twin_positions, A.nnz)(*_int64(A))
+    return derived(A, "twins", lambda: K.kernel(K.twin_positions, A.nnz)(*_int64(A)))
 
 
 def vertex_order(A: sp.csr_matrix, name: str) -> np.ndarray:

@@ -38,7 +38,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from hesse.sparsity._coloring import Bicoloring, Coloring, adjacency, star_recovery, twins
+from hesse.sparsity._coloring import (
+    Bicoloring,
+    Coloring,
+    adjacency,
+    star_recovery,
+    symmetric,
+    twins,
+)
 
 
 @dataclass
@@ -156,10 +163,7 @@ def dense_plan(P: sp.csr_matrix | int) -> Plan:
         cols = np.tile(np.arange(n, dtype=np.int64), n)
     else:
         n = P.shape[0]
-        S = sp.csr_matrix(P, dtype=bool)
-        S = (S + S.T).tocsr()
-        S.sum_duplicates()
-        S.sort_indices()
+        S = symmetric(P)
         rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
         cols = S.indices.astype(np.int64)
     coloring = Coloring(np.arange(n, dtype=np.int64), n, "dense")
@@ -193,11 +197,8 @@ def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     from hesse.sparsity._kernels import forest_preorder, kernel
 
     n = P.shape[0]
-    S = sp.csr_matrix(P, dtype=bool)
-    S = (S + S.T).tocsr()
-    S.sum_duplicates()
-    S.sort_indices()
-    A = adjacency(S)
+    S = symmetric(P)
+    A = adjacency(P)
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
     cols = S.indices.astype(np.int64)
     colors = coloring.colors

@@ -52,9 +52,11 @@ from hesse.sparsity._coloring import (
     Coloring,
     acyclic_coloring,
     bicoloring,
+    derived,
     diagonal_coloring,
     one_sided,
     star_coloring,
+    symmetric,
 )
 from hesse.sparsity._kernels import JIT_EDGES
 from hesse.sparsity._maps import PatternTooLarge
@@ -246,9 +248,14 @@ def _cached(kind: str, P: sp.csr_matrix, make: Callable[[], Any]) -> Any:
 
 
 def _key(kind: str, P: sp.csr_matrix) -> tuple:
+    return (kind, P.shape, P.nnz, derived(P, "digest", lambda: _digest(P)))
+
+
+def _digest(P: sp.csr_matrix) -> str:
+    """The content hash of ``P``'s index arrays (once per pattern, NOTE [derived graphs])."""
     digest = hashlib.blake2b(P.indptr.tobytes(), digest_size=16)
     digest.update(P.indices.tobytes())
-    return (kind, P.shape, P.nnz, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def _coloured(kind: str, P: sp.csr_matrix) -> Coloring:
@@ -276,13 +283,6 @@ def _seed_rows(coloring: Coloring, like: torch.Tensor) -> Callable[[int, int], t
         return out
 
     return rows
-
-
-def _symmetric(P: sp.csr_matrix) -> sp.csr_matrix:
-    S = (P + P.T).tocsr()
-    S.sum_duplicates()
-    S.sort_indices()
-    return S
 
 
 # -- public transforms ------------------------------------------------------------------
@@ -415,7 +415,7 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
     The result is the same CSR tensor (the pattern's entries, every one read directly).
     This is the cost model of ``hessian_diagonal(method="auto")`` (colours against
     ``n``), decided before colouring from the pattern alone."""
-    S = _symmetric(P)
+    S = symmetric(P)
     return int(S.nnz - np.count_nonzero(S.diagonal()))
 
 
@@ -671,7 +671,7 @@ def sparse_hessian(
         engine = FlatHVP(f, args, argnums, call=call)
         n = engine.n
         if pattern is not None:
-            P = _symmetric(_from_torch(call, pattern, (n, n)))
+            P = symmetric(_from_torch(call, pattern, (n, n)))
             H, plan = _compute(engine, P)
             _check_pattern(call, engine, H)
             prep = Prepared(f, argnums, plan, chunk_size=chunk_size, compile=compile, call=call)
