@@ -172,8 +172,9 @@ def _lower_bound(A: sp.csr_matrix, star: bool) -> int:
     return bound
 
 
-def _int64(A: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    return A.indptr.astype(np.int64), A.indices.astype(np.int64)
+def int64_graph(A: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """``A``'s index arrays as int64, the kernels' type (once per graph)."""
+    return derived(A, "int64", lambda: (A.indptr.astype(np.int64), A.indices.astype(np.int64)))
 
 
 def _best_of(attempts, bound: int, always: int = 1):
@@ -215,7 +216,7 @@ def _distance1(A: sp.csr_matrix, kind: str, orders: tuple[str, ...] = ORDERS) ->
     n = A.shape[0]
     if n == 0:
         return Coloring(np.zeros(0, dtype=np.int64), 0, kind)
-    indptr, indices = _int64(A)
+    indptr, indices = int64_graph(A)
     greedy = K.kernel(K.greedy, A.nnz)
     colors, _ = _best_of(
         _in_orders(A, lambda order: (greedy(indptr, indices, order), None), orders),
@@ -321,7 +322,7 @@ def _bicolor_cover(
     m, n = J.shape
     side = np.repeat(np.array([0, 1], dtype=np.int64), [n, m])
     run = K.kernel(K.star, B.nnz)
-    colors = run(*_int64(B), order[cover[order]], side, cover)
+    colors = run(*int64_graph(B), order[cover[order]], side, cover)
     on_col, on_row = cover[:n], cover[n:]
     k = int(colors.max()) + 1 if len(colors) else 1
     cc = np.where(on_col, colors[:n], k)  # k: neutral in the counts below
@@ -423,7 +424,7 @@ def star_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Col
     A = adjacency(pattern)
     if A.shape[0] == 0:
         return Coloring(np.zeros(0, dtype=np.int64), 0, "star")
-    indptr, indices = _int64(A)
+    indptr, indices = int64_graph(A)
     run = K.kernel(K.star, A.nnz)
     colors, _ = _best_of(
         _in_orders(A, lambda order: (run(indptr, indices, order), None), orders),
@@ -512,7 +513,7 @@ def is_column_coloring(J: sp.spmatrix, colors: np.ndarray) -> bool:
 def twins(A: sp.csr_matrix) -> np.ndarray:
     """For each CSR position ``p`` of a symmetric ``A`` (sorted indices, no self loops),
     the position of the reverse entry."""
-    return derived(A, "twins", lambda: K.kernel(K.twin_positions, A.nnz)(*_int64(A)))
+    return derived(A, "twins", lambda: K.kernel(K.twin_positions, A.nnz)(*int64_graph(A)))
 
 
 def vertex_order(A: sp.csr_matrix, name: str) -> np.ndarray:
@@ -523,7 +524,7 @@ def vertex_order(A: sp.csr_matrix, name: str) -> np.ndarray:
     if name == "largest_first":
         return np.argsort(-np.diff(A.indptr), kind="stable").astype(np.int64)
     mode = {"smallest_last": 0, "dynamic_largest_first": 1, "incidence_degree": 2}[name]
-    return K.kernel(K.bucket_order, A.nnz)(*_int64(A), mode)
+    return K.kernel(K.bucket_order, A.nnz)(*int64_graph(A), mode)
 
 
 def _acyclic_bound(A: sp.csr_matrix) -> int:
@@ -536,7 +537,8 @@ def _acyclic_bound(A: sp.csr_matrix) -> int:
     A graph with a cycle needs 3."""
     bound = _lower_bound(A, star=False)
     n, edges = A.shape[0], A.nnz // 2
-    if edges > n - sp.csgraph.connected_components(A, directed=False)[0]:
+    # a forest has fewer edges than vertices: components are counted only below that
+    if edges >= n or edges > n - sp.csgraph.connected_components(A, directed=False)[0]:
         bound = max(bound, 3)  # a cycle
     k = bound
     while (k - 1) * n - k * (k - 1) // 2 < edges:
@@ -574,7 +576,7 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     n = A.shape[0]
     if A.nnz == 0:
         return Coloring(np.zeros(n, dtype=np.int64), 1 if n else 0, "acyclic", trees=None)
-    indptr, indices = _int64(A)
+    indptr, indices = int64_graph(A)
     twin = twins(A)
     run = K.kernel(K.acyclic, A.nnz)
     made: dict[str, np.ndarray] = {}

@@ -42,6 +42,7 @@ from hesse.sparsity._coloring import (
     Bicoloring,
     Coloring,
     adjacency,
+    int64_graph,
     star_recovery,
     symmetric,
     twins,
@@ -218,21 +219,22 @@ def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
             gather=gather,
         )
     assert coloring.trees is not None, "substitution needs the trees of an acyclic colouring"
-    indptr, indices = A.indptr.astype(np.int64), A.indices.astype(np.int64)
+    indptr, indices = int64_graph(A)  # the colouring's: converted once per graph
     twin = twins(A)
     v, p, sign, end, q = kernel(forest_preorder, A.nnz)(indptr, indices, twin, coloring.trees)
     assert 2 * len(v) == A.nnz, "substitution: the two-coloured subgraphs are not forests"
     # edge value k sits at A-positions q[k] and twin[q[k]]
     edge_of = np.empty(A.nnz, dtype=np.int64)
-    edge_of[q] = np.arange(len(v))
-    edge_of[twin[q]] = np.arange(len(v))
+    ids = np.arange(n, n + len(v))  # edge k is entry n + k of cat([diagonal, edges])
+    edge_of[q] = ids
+    edge_of[twin[q]] = ids
     # map entries of S to diagonal (index i) or edge (n + edge id)
     gather = rows.copy()
     off = rows != cols
     # S + S.T stores no zeros, so A (S without its diagonal) holds S's off-diagonal
     # entries in the same CSR order: the k-th of them is A's position k
     assert np.count_nonzero(off) == A.nnz, "substitution: adjacency and pattern disagree"
-    gather[off] = n + edge_of
+    gather[off] = edge_of
     return Plan(
         n,
         rows,
