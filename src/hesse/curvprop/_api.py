@@ -21,14 +21,26 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from hesse._attention import math_attention
-from hesse._chunking import allocated_bytes, chunk_size_for, default_memory_budget, map_chunks
+from hesse._chunking import chunk_size_for, default_memory_budget, map_chunks
 from hesse._validation import check_choice, check_chunk_size, check_generator, describe, fail
 from hesse.curvprop._chain import chain_diagonal, chain_plan
-from hesse.curvprop._exact import Propagation, assemble_term, diagonal_from_cols
+from hesse.curvprop._exact import Propagation, _nbytes, assemble_term, diagonal_from_cols
 from hesse.curvprop._graph import Plan, UnsupportedGraph, plan, sink_chain, trace
 
 METHODS = ("exact", "becker-lecun")
 GGN_METHODS = ("ggn", "ggn-mc")  # per_sample_diagonal only: through hesse.GGNOperator
+
+
+# NOTE [memory estimate from the sweep]
+# Chunks of samples are sized from one sample's memory. Counting every allocation
+# with a dispatch mode (hesse._chunking.allocated_bytes) ran the first sample
+# again under Python dispatch, at up to twice a sample's cost, and on a loaded
+# machine dominated the first call. Instead the sweep adds up, in passing, the
+# bytes of every node value and column block it makes (``made_bytes``). The
+# dispatch counter's total, itself an upper bound on the peak, was 0.37-2.6x that
+# sum on tiny GPT-2, ResNet-18 and MLP graphs (exact and Becker-LeCun sweeps, see
+# tests/curvprop/test_memory.py), so four times the sum bounds it.
+SWEEP_OVERHEAD = 4
 
 
 class CurvpropFallbackWarning(UserWarning):
@@ -191,6 +203,7 @@ class Layout:
 
     dense: list[int]  # parameter positions with a dense per-sample diagonal
     terms: list[tuple[int, list, bool, float, str, list[torch.Size]]]
+    made_bytes: int = 0  # NOTE [memory estimate from the sweep]
 
 
 def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> torch.Tensor:
@@ -214,6 +227,8 @@ def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> tor
         if d_out is None:
             d_out = torch.zeros_like(out)
         diags, terms = propagate_diagonal(run_m, g_out, d_out)
+        # One diagonal per node, like the gradients (NOTE [memory estimate from the sweep]).
+        prop.made_bytes += sum(_nbytes(v) for v in run_m["env"].values())
     dense = [i for i in range(len(plist)) if diags[i] is not None]
     layout = Layout(dense, [])
     pieces = [diags[i].reshape(-1) for i in dense]
@@ -221,6 +236,7 @@ def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> tor
         index, chain = sink_chain(tr.model, t.leaf)
         layout.terms.append((index, chain, t.left, t.scale, t.kind, [q.shape for q in t.parts]))
         pieces.extend(q.reshape(-1) for q in t.parts)
+    layout.made_bytes = prop.made_bytes + sum(_nbytes(q) for q in pieces)
     holder[:] = [layout]
     return torch.cat(pieces) if pieces else out.new_zeros(1)
 
@@ -320,9 +336,10 @@ def diagonals(
     done, out = 0, None
     if method not in tr.sample_bytes:
         # The first sample of a new trace runs alone: it surfaces an unsupported op
-        # before any vmap fallback could hide it, and measures one sample's memory.
-        head, used = allocated_bytes(lambda: batched(rows(0, 1)))
-        tr.sample_bytes[method] = int(used)
+        # before any vmap fallback could hide it, and its sweep counts one sample's
+        # memory in passing (NOTE [memory estimate from the sweep]).
+        head = batched(rows(0, 1))
+        tr.sample_bytes[method] = SWEEP_OVERHEAD * holder[0].made_bytes
         out = head.new_empty((b, head.shape[1]))
         out[:1] = head
         done = 1

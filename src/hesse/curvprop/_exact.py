@@ -55,6 +55,9 @@ from hesse.curvprop._graph import NodeInfo, Plan, UnsupportedGraph
 # Largest input (per sample) of an op that has no structured rule and is handled
 # by a dense local Hessian.
 GENERAL_LIMIT = 4096
+# NOTE [one pull per node]: column blocks smaller than this (per sample) share one
+# vectorised VJP. About what a copy moves in the ~0.2 ms a VJP call costs in Python.
+CONCAT_BYTES = 512 * 1024
 
 
 def _floats(out: Any) -> tuple[list[torch.Tensor], list[int], bool]:
@@ -92,6 +95,9 @@ class Propagation:
         self.signs: dict[int, torch.Tensor] = {}
         self.relevant: dict[int, frozenset[int] | None] = {}
         self._next = 0
+        # NOTE [memory estimate from the sweep]: bytes of every node value and
+        # column block made, counted in passing (no dispatch mode, no second run).
+        self.made_bytes = 0
 
     def new_source(self, signs: torch.Tensor, relevant: frozenset[int] | None) -> int:
         s = self._next
@@ -116,6 +122,8 @@ class Propagation:
                 env[ni.node], vjps[ni.node] = ni.call(env), (fast, [0], False)
                 continue
             env[ni.node], vjps[ni.node] = _vjp(ni, env)
+        # Each value, and the gradient the sweep makes for it.
+        self.made_bytes += 2 * sum(_nbytes(v) for v in env.values())
         return {"env": env, "vjps": vjps, "plan": p}
 
     # -- backward -----------------------------------------------------------------
@@ -174,6 +182,7 @@ class Propagation:
             return
         if not p.deps.get(leaf):
             return
+        self.made_bytes += _nbytes(c)
         bucket = cols.setdefault(leaf, {})
         if slot is not None:
             index, n = slot
@@ -185,15 +194,37 @@ class Propagation:
     def _transport(self, p, ni: NodeInfo, env, vjp_fn, fpos, is_tuple, here, cols) -> None:
         """Apply the transposed Jacobian of ``ni`` to all columns that reached it.
 
-        One vectorised VJP per source: concatenating the sources would copy every
-        column at every node.
+        NOTE [one pull per node]: a transformer's node is reached by tens of sources,
+        and a vectorised VJP costs a fixed ~0.2 ms of Python (``vmap`` and pytree
+        handling) whatever its size, so per-source VJPs made that overhead the
+        sweep's cost. Rearrangements are transposed by hand, source by source (a
+        reshape or permute of a ``(K, ...)`` block is a view); at every other node
+        the small blocks (under :data:`CONCAT_BYTES` per sample, where the fixed cost
+        dominates) are concatenated along ``K``, pulled back in one vectorised VJP
+        and split again (views); large blocks are pulled alone, as copying them
+        would cost more than the call it saves.
         """
-        value = env[ni.node]
         inputs = [ni.leaves[i] for i in ni.active]
+        direct = _rearrangement_vjp(ni, env, lead=1)
+        if direct is not None:
+            for s, c in here.items():
+                for leaf, part in zip(inputs, direct((c,))):
+                    self._add_cols(p, cols, leaf, s, part)
+            return
+        value = env[ni.node]
         pull = vmap(lambda *cs: vjp_fn(cs))
-        for s, c in here.items():
-            for leaf, part in zip(inputs, pull(*_pick_batched(c, fpos, is_tuple, value))):
-                self._add_cols(p, cols, leaf, s, part)
+        small = [s for s in here if _nbytes(here[s]) < CONCAT_BYTES]
+        groups = [[s] for s in here if s not in small] + ([small] if small else [])
+        for sources in groups:
+            blocks = [_pick_batched(here[s], fpos, is_tuple, value) for s in sources]
+            sizes = [block[0].shape[0] for block in blocks]
+            stacked = blocks[0]
+            if len(blocks) > 1:
+                stacked = tuple(torch.cat(slot) for slot in zip(*blocks))
+            for leaf, part in zip(inputs, pull(*stacked)):
+                pieces = torch.split(part, sizes) if len(sizes) > 1 else (part,)
+                for s, piece in zip(sources, pieces):
+                    self._add_cols(p, cols, leaf, s, piece)
 
     def _transport_mm(self, p, ni: NodeInfo, env, here, cols, terms) -> None:
         """``mm``/``addmm`` by hand, summing squares at sink weights (NOTE [parameter sinks])."""
@@ -246,31 +277,35 @@ class Propagation:
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _rearrangement_vjp(ni: NodeInfo, env):
+def _rearrangement_vjp(ni: NodeInfo, env, *, lead: int = 0):
     """The VJP of a view-like op written out, or None.
 
     Views, permutations and broadcasts are most of the nodes of a traced model;
-    writing their transposes by hand spares a ``torch.func.vjp`` per node.
+    writing their transposes by hand spares a ``torch.func.vjp`` per node. ``lead``:
+    the number of leading batch dimensions of the cotangents (1 for ``(K, ...)``
+    column blocks, NOTE [one pull per node]).
     """
     if ni.active != [0] or not isinstance(ni.node.args[0], fx.Node):
         return None
     x = env[ni.node.args[0]]
     shape, name, args = x.shape, ni.name, ni.node.args
     if name in ("view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "squeeze_dims"):
-        return lambda cots: (cots[0].reshape(shape),)
+        return lambda cots: (cots[0].reshape(*cots[0].shape[:lead], *shape),)
     if name in ("clone", "alias", "contiguous", "lift_fresh_copy"):
         return lambda cots: (cots[0],)
     if name == "expand":
+        if lead:
+            return lambda cots: (reduce_to(cots[0], shape),)
         return lambda cots: (cots[0].sum_to_size(shape),)
     if name == "permute":
         dims = [d % x.dim() for d in args[1]]
-        inverse = [dims.index(i) for i in range(len(dims))]
+        inverse = [*range(lead), *(dims.index(i) + lead for i in range(len(dims)))]
         return lambda cots: (cots[0].permute(inverse),)
     if name in ("transpose", "t"):
-        d0, d1 = (args[1], args[2]) if name == "transpose" else (0, 1)
         if x.dim() < 2:
             return lambda cots: (cots[0],)
-        return lambda cots: (cots[0].transpose(d0, d1),)
+        d0, d1 = (args[1] % x.dim(), args[2] % x.dim()) if name == "transpose" else (0, 1)
+        return lambda cots: (cots[0].transpose(d0 + lead, d1 + lead),)
     return None
 
 
@@ -311,6 +346,15 @@ def _vjp(ni: NodeInfo, env) -> tuple[Any, tuple]:
 
     _, vjp_fn, out = vjp(f, *prims, has_aux=True)
     return out, (vjp_fn, meta["pos"], meta["tuple"])
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of one sample's tensor, or of a tuple or list of them (``None`` entries: 0)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _add(store: dict, key, val) -> None:
