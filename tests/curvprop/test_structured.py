@@ -108,3 +108,19 @@ def test_compression_does_not_change_values(monkeypatch, limit):
     torch.testing.assert_close(
         total, autograd_diagonal(model, loss_fn, x, y), atol=1e-10, rtol=1e-10
     )
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.5])
+def test_cost_model_choice_keeps_values(monkeypatch, margin):
+    """NOTE [cost model]: margin 0 forces the basis products after the first sample;
+    the default keeps curvature propagation here. Both give the autograd diagonal."""
+    from hesse.curvprop import _api
+
+    monkeypatch.setattr(_api, "BRUTE_FORCE_MARGIN", margin)
+    sweeps = []
+    real = _api.sample_row
+    monkeypatch.setattr(_api, "sample_row", lambda *a: sweeps.append(1) or real(*a))
+    model, loss_fn, x, y = _problem()
+    got = hesse.diagonal(hesse.HessianOperator(model, loss_fn, [(x, y)]), method="exact")
+    assert len(sweeps) == (1 if margin == 0.0 else 2)  # first sample, then the rest or none
+    torch.testing.assert_close(got, autograd_diagonal(model, loss_fn, x, y), atol=1e-10, rtol=0)
