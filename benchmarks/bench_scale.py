@@ -190,18 +190,23 @@ def _product_rows(quick: bool, H: hesse.HessianOperator) -> list[dict[str, Any]]
 
 
 # -- ResNet-18 block ----------------------------------------------------------------
-def resnet_rows(quick: bool) -> list[dict[str, Any]]:
+def _resnet18() -> nn.Module | None:
+    """A random-init torchvision ResNet-18 (10 classes, eval mode), or None without it."""
     hesse.testing.torchvision_cpu_shim()
     try:
         import torchvision as tv
     except ImportError:
-        tv = None
-    if tv is None:
+        return None
+    torch.manual_seed(0)
+    return tv.models.resnet18(num_classes=10).eval()
+
+
+def resnet_rows(quick: bool) -> list[dict[str, Any]]:
+    model = _resnet18()
+    if model is None:
         return [
             {"workload": "resnet18-block/eigsh-top5", "method": "hesse", "note": "no torchvision"}
         ]
-    torch.manual_seed(0)
-    model = tv.models.resnet18(num_classes=10).eval()
     block = "layer3.1" if quick else "layer4.1"
     names = [k for k, _ in model.named_parameters() if k.startswith(block + ".conv")]
     g = torch.Generator().manual_seed(0)
@@ -238,17 +243,12 @@ def resnet_diagonal_rows(quick: bool) -> list[dict[str, Any]]:
     the time is scaled by ``n / m`` (``extrapolated``); ``error`` compares those
     entries.
     """
-    hesse.testing.torchvision_cpu_shim()
-    try:
-        import torchvision as tv
-    except ImportError:
-        tv = None
-    if tv is None:
+    model = _resnet18()
+    if model is None:
         return [
             {"workload": "resnet18-block/diag-exact", "method": "hesse", "note": "no torchvision"}
         ]
-    torch.manual_seed(0)
-    model = tv.models.resnet18(num_classes=10).eval().double()
+    model = model.double()
     names = [k for k, _ in model.named_parameters() if k.startswith("layer1.0")]
     g = torch.Generator().manual_seed(0)
     b = 2 if quick else 8
