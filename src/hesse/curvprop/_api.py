@@ -514,7 +514,9 @@ def per_sample_diagonal(
     Cost:
         One forward and one backward sweep per sample carrying ``K`` columns, where
         ``K`` is the output dimension plus the sizes of the nonlinear nodes upstream
-        (BackPACK's count for an MLP). Memory ``O(K x activations)`` per sample in a
+        (BackPACK's count for an MLP), capped at a few columns per element at small
+        nodes where they are refactored (NOTE [column compression] in
+        ``hesse.curvprop._exact``). Memory ``O(K x activations)`` per sample in a
         chunk. The brute-force fallback costs ``n`` HVPs per sample. ``"ggn"``: one
         forward pass and one backward pass batched over the ``K`` columns of the
         output Hessian's factor (``K = 1`` for ``"ggn-mc"``), with per-sample squares
@@ -745,7 +747,8 @@ def operator_diagonal(method: str, fallback: Callable | None = None) -> Callable
     not trace, has several inputs, or holds an op without a rule), ``fallback``
     (the brute-force basis products) is used for the whole operator, with a
     :class:`CurvpropFallbackWarning` naming the cause; without a fallback
-    (``"becker-lecun"``) that is an error.
+    (``"becker-lecun"``) that is an error. Where the cost model (NOTE [cost model])
+    estimates the basis products to be cheaper, they are used without a warning.
     """
 
     def run(op, *, chunk_size: int | None, call: str, **_: Any) -> torch.Tensor:

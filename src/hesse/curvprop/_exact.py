@@ -31,7 +31,10 @@ Two facts keep the column count down. A bilinear node whose two factors depend
 on disjoint sets of parameters adds nothing to the *diagonal* (its residual only
 couples the two sets), so its columns are skipped; and columns of every source
 are dropped as soon as they reach a node that depends on no parameter their
-source can still affect.
+source can still affect. Two more keep them cheap: diagonal residual columns
+travel as values (NOTE [diagonal columns]), and at small nodes the sources that
+have fully arrived are refactored into at most a few columns per element (NOTE
+[column compression]).
 
 # NOTE [per-sample]
 The engine runs on the graph of *one sample* and is ``vmap``-ed over the batch,
