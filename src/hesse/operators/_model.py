@@ -27,6 +27,7 @@ products never update running statistics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hesse._attention import math_attention, raise_if_no_derivative
@@ -107,10 +109,27 @@ def _batch_size(inputs: Any) -> int:
     return int(tree_flatten(inputs)[0][0].shape[0])
 
 
-def _same_batch(a: Any, b: Any) -> bool:
-    """Whether two batches hold the same values (identical tensors compare in O(1))."""
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
+def _leaves(batch: Any) -> tuple[list[Any], Any, tuple[int, ...]]:
+    """The leaves of a batch, its tree structure and its tensors' version counters."""
+    leaves, spec = tree_flatten(batch)
+    return leaves, spec, _versions(leaves)
+
+
+def _versions(leaves: Iterable[Any]) -> tuple[int, ...]:
+    return tuple(t._version for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _same_batch(kept: tuple[list[Any], Any, tuple[int, ...]], batch: Any) -> bool:
+    """Whether ``batch`` holds the values the kept batch held when its graph was built.
+
+    A kept tensor changed in place since (its version counter moved) never matches,
+    so an identical object compares in O(1) only while it is unmodified; a new object
+    compares by value.
+    """
+    la, sa, versions = kept
+    if _versions(la) != versions:
+        return False
+    lb, sb = tree_flatten(batch)
     if sa != sb:
         return False
     for s, t in zip(la, lb):
@@ -128,8 +147,20 @@ class _GraphCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self.entries: dict[int, tuple[Any, Any, tuple[torch.Tensor, torch.Tensor], int]] = {}
+        self.entries: dict[int, tuple[Any, tuple[torch.Tensor, torch.Tensor], int]] = {}
         self.too_large: set[int] = set()
+        self.state: tuple | None = None
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.too_large.clear()
+        self.used = 0
+
+    def check_state(self, state: tuple) -> None:
+        """Drop every kept graph if the model's state moved since they were built."""
+        if state != self.state:
+            self.clear()
+            self.state = state
 
     def get(
         self, index: int, inputs: Any, targets: Any
@@ -137,9 +168,9 @@ class _GraphCache:
         entry = self.entries.get(index)
         if entry is None:
             return None
-        if _same_batch((entry[0], entry[1]), (inputs, targets)):
-            return entry[2]
-        self.used -= entry[3]  # the pass yields a different batch here: drop the stale graph
+        if _same_batch(entry[0], (inputs, targets)):
+            return entry[1]
+        self.used -= entry[2]  # the pass yields a different batch here: drop the stale graph
         del self.entries[index]
         return None
 
@@ -149,7 +180,7 @@ class _GraphCache:
 
     def offer(self, index, inputs, targets, graph, size: int) -> None:
         if self.used + size <= self.budget:
-            self.entries[index] = (inputs, targets, graph, size)
+            self.entries[index] = (_leaves((inputs, targets)), graph, size)
             self.used += size
         else:
             self.too_large.add(index)
@@ -189,6 +220,7 @@ class _ModelOperator(LinearOperator):
         self._x = self.layout.flatten(selected).detach()
         names = set(selected)
         self._fixed = {k: p.detach() for k, p in model.named_parameters() if k not in names}
+        self._module_list = list(model.modules())
         n = self.layout.n
         self.shape = (n, n)
         self.dtype, self.device = self._x.dtype, self._x.device
@@ -198,6 +230,16 @@ class _ModelOperator(LinearOperator):
         return self._call
 
     # -- evaluation -----------------------------------------------------------------
+    def _state(self) -> tuple:
+        """Everything besides the batch that a forward pass reads and that can change
+        between products: see NOTE [graph cache]."""
+        modules = []
+        for m in self._module_list:  # (a replaced submodule shows in its parent's _modules)
+            buffers = m._buffers.values()
+            modules += (m.training, *map(id, m._modules.values()), *map(id, buffers))
+            modules += (*_versions(buffers), *m._forward_pre_hooks, *m._forward_hooks, None)
+        return self._x._version, _versions(self._fixed.values()), tuple(modules)
+
     def _tensors(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # NOTE [train/eval mode]: buffers are copies, so running statistics never change.
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
@@ -376,11 +418,17 @@ class HessianOperator(_ModelOperator):
             first batch twice, and raise if any batch or the output differs.
         cache_graphs: keep each batch's gradient graph after its first product
             while the kept graphs fit ``memory_budget`` (NOTE [graph cache]), so that
-            later products skip the forward pass and the first backward. Kept graphs
-            hold the parameter values and buffers of the first product.
+            later products skip the forward pass and the first backward. A kept
+            graph is rebuilt when its batch, a parameter or buffer (in place or
+            reassigned), a module's train/eval mode or its forward hooks change;
+            other Python state the forward reads (module attributes, global flags)
+            is not watched: rebuild the operator after changing it. Without it,
+            graphs are still kept within one call of ``to_dense``, ``eigsh``,
+            ``trace``, ``spectral_density``, ``solve`` and ``diagonal``.
         memory_budget: bytes the kept graphs may hold in total (counted as the
             tensors autograd saves downstream of the parameters); default half of
-            the memory free on the device at construction.
+            the memory free on the device at construction (for ``cache_graphs``)
+            or at the start of each call that keeps graphs.
 
     Attributes:
         layout: the :class:`hesse._flat.Flat` of the selected parameters, so
@@ -396,9 +444,10 @@ class HessianOperator(_ModelOperator):
     Cost: one product with ``k`` columns is one pass over the data; per batch one
     gradient with ``create_graph`` plus one double-backward per column
     (measured: one product ~2.7 gradients of the same data on a 784-100-100-10
-    MLP); with ``cache_graphs`` a batch whose graph is kept costs only the
-    double backward. Memory: one batch's gradient graph plus the chunk, plus the
-    kept graphs (at most ``memory_budget``).
+    MLP); with ``cache_graphs``, and from the second product of one
+    algorithm's call, a batch whose graph is kept costs only the double
+    backward. Memory: one batch's gradient graph plus the chunk, plus the kept
+    graphs (at most ``memory_budget``).
 
     Example:
         >>> model = torch.nn.Linear(3, 2).double()
@@ -446,7 +495,33 @@ class HessianOperator(_ModelOperator):
         self.memory_budget = (
             int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
         )
+        self._budget_stated = memory_budget is not None
         self._graphs = _GraphCache(self.memory_budget if cache_graphs else 0)
+
+    @contextlib.contextmanager
+    def _keep_graphs(self) -> Iterator[None]:
+        # NOTE [graph sessions] in _base.py: graphs kept for one algorithm's call only.
+        cache = self._graphs
+        random = any(
+            m.training and isinstance(m, _DropoutNd) and m.p > 0 for m in self._module_list
+        )
+        if cache.budget > 0 or random:  # already kept (cache_graphs, a nested session)
+            yield
+            return
+        cache.budget = (
+            self.memory_budget if self._budget_stated else default_memory_budget(self.device)
+        )
+        try:
+            yield
+        finally:
+            cache.budget = 0
+            cache.clear()
+            cache.state = None
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if self._graphs.budget > 0:  # NOTE [graph cache]: once per product, not per batch
+            self._graphs.check_state(self._state())
+        return super()._matmat(X)
 
     def _batch_graph(
         self, index: int, inputs: Any, targets: Any
@@ -460,8 +535,17 @@ class HessianOperator(_ModelOperator):
         graphs already kept; a later product through a kept graph is one batched
         double backward, with no forward pass and no first backward. A batch whose
         graph does not fit is rebuilt on every product (the uncached cost). A kept
-        graph is used only while the pass yields the same batch (the same tensors, or
-        equal ones), so a changed batch is rebuilt, never answered from a stale graph.
+        graph is used only while the pass yields the same batch (the same tensors,
+        unmodified since, or equal ones), and all kept graphs are dropped when
+        anything else a forward pass reads has moved since they were built
+        (:meth:`_state`, checked once per product: version counters of the
+        parameters and buffers, buffer and submodule identity, every module's
+        ``training`` flag, forward hooks). What no check can see: plain Python
+        attributes the forward reads (``module.p = 0.3``, a config field, a global
+        flag) and randomness in the forward. Hence kept graphs are opt-in across
+        products (``cache_graphs=True``) and automatic only within one algorithm's
+        call, where no user code runs between the products (NOTE [graph sessions] in
+        ``_base.py``; not at all for a model with active dropout).
         """
         hit = self._graphs.get(index, inputs, targets)
         if hit is not None:
