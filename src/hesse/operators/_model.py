@@ -220,6 +220,7 @@ class _ModelOperator(LinearOperator):
         self._x = self.layout.flatten(selected).detach()
         names = set(selected)
         self._fixed = {k: p.detach() for k, p in model.named_parameters() if k not in names}
+        self._fixed_list = list(self._fixed.values())
         self._module_list = list(model.modules())
         n = self.layout.n
         self.shape = (n, n)
@@ -233,12 +234,16 @@ class _ModelOperator(LinearOperator):
     def _state(self) -> tuple:
         """Everything besides the batch that a forward pass reads and that can change
         between products: see NOTE [graph cache]."""
-        modules = []
+        state = [self._x._version, *[t._version for t in self._fixed_list]]
         for m in self._module_list:  # (a replaced submodule shows in its parent's _modules)
-            buffers = m._buffers.values()
-            modules += (m.training, *map(id, m._modules.values()), *map(id, buffers))
-            modules += (*_versions(buffers), *m._forward_pre_hooks, *m._forward_hooks, None)
-        return self._x._version, _versions(self._fixed.values()), tuple(modules)
+            state.append(m.training)
+            state += map(id, m._modules.values())
+            if m._buffers:
+                state += [(id(b), b._version) for b in m._buffers.values() if b is not None]
+            if m._forward_pre_hooks or m._forward_hooks:
+                state += [*m._forward_pre_hooks, "/", *m._forward_hooks]
+            state.append(None)
+        return tuple(state)
 
     def _tensors(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # NOTE [train/eval mode]: buffers are copies, so running statistics never change.
@@ -265,6 +270,8 @@ class _ModelOperator(LinearOperator):
         def move(t: Any) -> Any:
             return t.to(dev) if isinstance(t, torch.Tensor) and t.device != dev else t
 
+        if all(move(t) is t for t in tree_flatten(batch)[0]):  # (the common case: no copy)
+            return batch[0], batch[1]
         return tree_map(move, batch[0]), tree_map(move, batch[1])
 
     def _batches(self) -> Iterator[Batch]:
@@ -323,16 +330,12 @@ class _ModelOperator(LinearOperator):
                 self._call,
                 "data yielded no batches on this pass. Pass a re-iterable collection of batches.",
             )
-        total, count_t = self._reduce(
-            total, torch.tensor(float(count), dtype=torch.float64, device=self.device)
-        )
+        total, count = self._reduce(total, float(count))
         if self.reduction == "mean":  # in place, as the sum: total is ours (batch-sized)
-            total = total.div_(count_t.to(total.dtype))
+            total = total.div_(count)
         return total
 
-    def _reduce(
-        self, total: torch.Tensor, count: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce(self, total: torch.Tensor, count: float) -> tuple[torch.Tensor, float]:
         """Combine partial sums across processes: the identity in one process."""
         return total, count
 
