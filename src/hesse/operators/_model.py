@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,36 +110,46 @@ def _batch_size(inputs: Any) -> int:
     return int(tree_flatten(inputs)[0][0].shape[0])
 
 
-def _leaves(batch: Any) -> tuple[list[Any], Any, tuple[int, ...]]:
-    """The leaves of a batch, its tree structure and its tensors' version counters."""
-    leaves, spec = tree_flatten(batch)
-    return leaves, spec, _versions(leaves)
-
-
 def _versions(leaves: Iterable[Any]) -> tuple[int, ...]:
     return tuple(t._version for t in leaves if isinstance(t, torch.Tensor))
 
 
-def _same_batch(kept: tuple[list[Any], Any, tuple[int, ...]], batch: Any) -> bool:
-    """Whether ``batch`` holds the values the kept batch held when its graph was built.
+@dataclass(eq=False)
+class _Kept:
+    """One batch's kept gradient graph, with what it was built from."""
 
-    A kept tensor changed in place since (its version counter moved) never matches,
-    so an identical object compares in O(1) only while it is unmodified; a new object
-    compares by value.
-    """
-    la, sa, versions = kept
-    if _versions(la) != versions:
-        return False
-    lb, sb = tree_flatten(batch)
-    if sa != sb:
-        return False
-    for s, t in zip(la, lb):
-        if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
-            if s is not t and (s.shape != t.shape or s.dtype != t.dtype or not torch.equal(s, t)):
-                return False
-        elif s is not t and s != t:
+    inputs: Any
+    targets: Any
+    graph: tuple[torch.Tensor, torch.Tensor]
+    size: int
+    count: float
+
+    def __post_init__(self) -> None:
+        self.leaves, self.spec = tree_flatten((self.inputs, self.targets))
+        self.versions = _versions(self.leaves)
+
+    def holds(self, inputs: Any, targets: Any) -> bool:
+        """Whether ``(inputs, targets)`` holds the values this graph was built from.
+
+        A kept tensor changed in place since (its version counter moved) never matches;
+        the same objects, unmodified, match in O(1); new objects compare by value.
+        """
+        if _versions(self.leaves) != self.versions:
             return False
-    return True
+        if inputs is self.inputs and targets is self.targets:
+            return True
+        leaves, spec = tree_flatten((inputs, targets))
+        if spec != self.spec:
+            return False
+        for s, t in zip(self.leaves, leaves):
+            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
+                if s is not t and (
+                    s.shape != t.shape or s.dtype != t.dtype or not torch.equal(s, t)
+                ):
+                    return False
+            elif s is not t and s != t:
+                return False
+        return True
 
 
 class _GraphCache:
@@ -147,7 +158,7 @@ class _GraphCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self.entries: dict[int, tuple[Any, tuple[torch.Tensor, torch.Tensor], int]] = {}
+        self.entries: dict[int, _Kept] = {}
         self.too_large: set[int] = set()
         self.state: tuple | None = None
 
@@ -162,15 +173,11 @@ class _GraphCache:
             self.clear()
             self.state = state
 
-    def get(
-        self, index: int, inputs: Any, targets: Any
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = self.entries.get(index)
-        if entry is None:
-            return None
-        if _same_batch(entry[0], (inputs, targets)):
-            return entry[1]
-        self.used -= entry[2]  # the pass yields a different batch here: drop the stale graph
+    def get(self, index: int, inputs: Any, targets: Any) -> _Kept | None:
+        kept = self.entries.get(index)
+        if kept is None or kept.holds(inputs, targets):
+            return kept
+        self.used -= kept.size  # the pass yields a different batch here: drop the stale graph
         del self.entries[index]
         return None
 
@@ -178,10 +185,10 @@ class _GraphCache:
         """Whether building batch ``index``'s graph is worth measuring for the cache."""
         return self.budget > 0 and index not in self.too_large and self.used < self.budget
 
-    def offer(self, index, inputs, targets, graph, size: int) -> None:
-        if self.used + size <= self.budget:
-            self.entries[index] = (_leaves((inputs, targets)), graph, size)
-            self.used += size
+    def offer(self, index: int, kept: _Kept) -> None:
+        if self.used + kept.size <= self.budget:
+            self.entries[index] = kept
+            self.used += kept.size
         else:
             self.too_large.add(index)
 
@@ -234,15 +241,15 @@ class _ModelOperator(LinearOperator):
     def _state(self) -> tuple:
         """Everything besides the batch that a forward pass reads and that can change
         between products: see NOTE [graph cache]."""
+        mods = self._module_list
         state = [self._x._version, *[t._version for t in self._fixed_list]]
-        for m in self._module_list:  # (a replaced submodule shows in its parent's _modules)
-            state.append(m.training)
-            state += map(id, m._modules.values())
+        state += [m.training for m in mods]
+        state += [id(c) for m in mods for c in m._modules.values()]  # replaced submodules
+        for m in mods:
             if m._buffers:
                 state += [(id(b), b._version) for b in m._buffers.values() if b is not None]
             if m._forward_pre_hooks or m._forward_hooks:
-                state += [*m._forward_pre_hooks, "/", *m._forward_hooks]
-            state.append(None)
+                state += [m, *m._forward_pre_hooks, "/", *m._forward_hooks]
         return tuple(state)
 
     def _tensors(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -264,14 +271,22 @@ class _ModelOperator(LinearOperator):
         """``M_b`` of one batch: see NOTE [loss normalisation] in ``_normalization.py``."""
         return self.curvature.count(targets, _batch_size(inputs))
 
+    def _batch_count(self, index: int, inputs: Any, targets: Any) -> float:
+        """``M_b`` of batch ``index`` in a pass (after its contribution was computed)."""
+        return self._count(inputs, targets)
+
     def _unpack(self, batch: Batch) -> Batch:
         dev = self.device
 
         def move(t: Any) -> Any:
             return t.to(dev) if isinstance(t, torch.Tensor) and t.device != dev else t
 
-        if all(move(t) is t for t in tree_flatten(batch)[0]):  # (the common case: no copy)
-            return batch[0], batch[1]
+        inputs, targets = batch
+        if type(inputs) is torch.Tensor and type(targets) is torch.Tensor:  # the common case
+            if inputs.device == dev and targets.device == dev:
+                return inputs, targets
+        elif all(move(t) is t for t in tree_flatten(batch)[0]):  # nothing to move: no copy
+            return inputs, targets
         return tree_map(move, batch[0]), tree_map(move, batch[1])
 
     def _batches(self) -> Iterator[Batch]:
@@ -324,7 +339,7 @@ class _ModelOperator(LinearOperator):
         for index, (inputs, targets) in enumerate(self._batches()):
             contribution = per_batch(index, inputs, targets)
             total = contribution if total is None else total.add_(contribution)
-            count += self._count(inputs, targets)
+            count += self._batch_count(index, inputs, targets)
         if total is None:
             fail(
                 self._call,
@@ -550,9 +565,9 @@ class HessianOperator(_ModelOperator):
         call, where no user code runs between the products (NOTE [graph sessions] in
         ``_base.py``; not at all for a model with active dropout).
         """
-        hit = self._graphs.get(index, inputs, targets)
-        if hit is not None:
-            return hit
+        kept = self._graphs.get(index, inputs, targets)
+        if kept is not None:
+            return kept.graph
         x = self._x.detach().requires_grad_(True)
 
         def build() -> torch.Tensor:
@@ -563,8 +578,15 @@ class HessianOperator(_ModelOperator):
         if not self._graphs.may_fit(index):
             return x, build()
         g, used = saved_bytes(build, x)
-        self._graphs.offer(index, inputs, targets, (x, g), used)
+        count = self._count(inputs, targets)
+        self._graphs.offer(index, _Kept(inputs, targets, (x, g), used, count))
         return x, g
+
+    def _batch_count(self, index: int, inputs: Any, targets: Any) -> float:
+        kept = self._graphs.entries.get(index)
+        if kept is not None and kept.holds(inputs, targets):  # O(1) for the same objects
+            return kept.count
+        return self._count(inputs, targets)
 
     def _batch_matmat(self, index, inputs, targets, X):
         # Reverse-over-reverse with plain autograd: the batch's gradient graph is built
