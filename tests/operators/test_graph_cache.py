@@ -256,3 +256,16 @@ def test_a_session_respects_the_memory_budget_and_skips_random_models():
     with random._keep_graphs():
         random @ torch.zeros(random.shape[0], dtype=DT)
         assert not random._graphs.entries  # every pass draws new masks: nothing is kept
+
+
+def test_a_dict_of_inputs_given_a_new_tensor_is_rebuilt():
+    model, data = problem(batches=1)
+    loss = nn.CrossEntropyLoss()
+    batches = [({"x": data[0][0]}, data[0][1])]  # keyword inputs: forward(x=...)
+    cached = hesse.HessianOperator(model, loss, batches, cache_graphs=True)
+    v = torch.randn(cached.shape[0], dtype=DT, generator=torch.Generator().manual_seed(7))
+    before = cached @ v
+    batches[0][0]["x"] = data[0][0] * 2  # the same dict object now holds another tensor
+    expected = hesse.HessianOperator(model, loss, batches) @ v
+    assert (expected - before).abs().max() > 1e-6
+    torch.testing.assert_close(cached @ v, expected, rtol=0, atol=1e-12)

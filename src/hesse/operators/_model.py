@@ -132,11 +132,16 @@ class _Kept:
         """Whether ``(inputs, targets)`` holds the values this graph was built from.
 
         A kept tensor changed in place since (its version counter moved) never matches;
-        the same objects, unmodified, match in O(1); new objects compare by value.
+        the same tensors, unmodified, match in O(1); new tensors compare by value.
         """
         if _versions(self.leaves) != self.versions:
             return False
-        if inputs is self.inputs and targets is self.targets:
+        if (
+            inputs is self.inputs
+            and targets is self.targets
+            and isinstance(inputs, torch.Tensor)  # (a dict or list may have new leaves)
+            and isinstance(targets, torch.Tensor)
+        ):
             return True
         leaves, spec = tree_flatten((inputs, targets))
         if spec != self.spec:
