@@ -23,15 +23,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 GiB = 1024**3
 MiB = 1024**2
 
-#: Default cap on the estimated working set of one chunk (in the units of NOTE
-#: [memory estimate], which overstate the real use about 4x). Larger chunks stop
-#: fitting in cache and get slower per row; smaller ones pay a copy of every chunk
-#: into the result and more passes. Measured at one thread (CPU time, interleaved):
-#: a 4,810-parameter MLP Hessian took 2.2x longer in one chunk than in chunks of 128;
-#: Rosenbrock (n = 2,000, float64) was fastest at 190 rows (58 rows: 1.2x, one
-#: chunk: 2.1x); ``sum(sin(x))`` (n = 2,000) 3.3x faster in one chunk than in four.
-#: This cap gives 81, 233 and 1,398 rows for these three.
+#: Cap on the estimated working set of one chunk (in the units of NOTE [memory
+#: estimate], which overstate the real use about 4x), for jobs where splitting pays
+#: (NOTE [when to split]).
 EFFICIENT_CHUNK_BYTES = 128 * MiB
+#: Splitting pays only when a row's intermediates outweigh its output this many times.
+SPLIT_MIN_RATIO = 4
+
+# NOTE [when to split]
+# A job that fits the memory budget in one pass is split into cache-sized chunks
+# (EFFICIENT_CHUNK_BYTES) only when that is cheaper. A split costs one more copy of
+# every output row (each chunk's result is written into the result: the row's bytes
+# read and written once more) and a pass over the graph per chunk; it saves, per
+# row, the trips to memory of the intermediate tensors the product creates, which a
+# chunk that fits in cache keeps there and one large pass does not. So it pays when a
+# row's intermediates (the saved tensors a product carries per vector) outweigh its
+# output by a clear factor, SPLIT_MIN_RATIO. Measured at one thread (interleaved,
+# with every allocation of 64 KiB or more served fresh from the system, as in the
+# sweep): the Hessians of sum(sin(x)) (intermediates 2 output rows) and of the forum
+# MLP w.r.t. its input (under 0.5) are 1.1-1.2x faster in one pass; Rosenbrock (8)
+# is the same either way; the parameter Hessians of MLPs (10-45) are up to 2.2x
+# faster in chunks of about 128 rows (4,810 parameters).
 
 
 class LoopFallbackWarning(UserWarning):
@@ -105,17 +117,34 @@ def map_chunks(
     return out
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """Half of the memory currently free on ``device`` (bytes)."""
+def default_memory_budget(device: torch.device, *, needed: int = 0) -> int:
+    """Half of the memory currently free on ``device`` (bytes).
+
+    With ``needed``, a small job skips the precise reading on the CPU: when half of
+    the unused memory (one cheap system call) already covers ``needed``, that is
+    returned; the available memory (``MemAvailable``, which adds reclaimable caches)
+    is at least as large in practice, so no decision about a job of ``needed`` bytes
+    changes.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
+    if needed > 0:
+        try:
+            unused = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        except (ValueError, OSError, AttributeError):
+            unused = 0
+        if unused >= needed:
+            return unused
+    try:  # one raw read: a text-mode line scan costs a share of a small Hessian
+        fd = os.open("/proc/meminfo", os.O_RDONLY)
+        try:
+            info = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        start = info.index(b"MemAvailable:") + len(b"MemAvailable:")
+        return int(info[start : info.index(b"kB", start)]) * 1024 // 2
+    except (OSError, ValueError):
         pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
@@ -196,15 +225,29 @@ def chunk_size_for(
     per_row_bytes: int,
     fixed_bytes: int,
     budget: int,
+    split: bool = True,
 ) -> int:
     """The largest chunk whose estimate ``fixed + c * per_row`` fits ``budget`` (at least 1).
 
-    The chunk's own share is also capped at :data:`EFFICIENT_CHUNK_BYTES`.
+    With ``split`` (see :func:`splitting_pays`) the chunk's own share is also capped at
+    :data:`EFFICIENT_CHUNK_BYTES`.
     """
-    room = min(budget - fixed_bytes, EFFICIENT_CHUNK_BYTES)
+    room = budget - fixed_bytes
+    if split:
+        room = min(room, EFFICIENT_CHUNK_BYTES)
     if per_row_bytes <= 0:
         return rows
     return int(max(1, min(rows, room // per_row_bytes)))
+
+
+def splitting_pays(intermediate_bytes: int, output_bytes: int) -> bool:
+    """Whether cache-sized chunks beat one pass, per NOTE [when to split].
+
+    Args:
+        intermediate_bytes: intermediate tensors one row (one product) creates.
+        output_bytes: bytes of one row of the result.
+    """
+    return intermediate_bytes >= SPLIT_MIN_RATIO * output_bytes
 
 
 def format_bytes(n: float) -> str:

@@ -34,6 +34,7 @@ from hesse._chunking import (
     default_memory_budget,
     map_chunks,
     saved_bytes,
+    splitting_pays,
 )
 from hesse._flat import FlatArgs
 from hesse._validation import (
@@ -85,6 +86,7 @@ class FlatHVP:
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
         self._row_bytes: int | None = None
+        self._split = True  # NOTE [when to split], settled with the memory estimate
         self._leaf = None if transformed else self.x.detach().requires_grad_(True)
 
     # -- the flat scalar function -------------------------------------------------
@@ -193,6 +195,7 @@ class FlatHVP:
                 gr, used = allocated_bytes(lambda: grad(self.g)(self.x))
                 self._gradient = gr.detach()  # type: ignore[union-attr]
             self._row_bytes = 4 * used + 4 * self.n * self.x.element_size()
+            self._split = splitting_pays(used, self.n * self.x.element_size())
         return self._row_bytes
 
     def _run(self, batched: Callable, single: Callable, chunk: torch.Tensor) -> torch.Tensor:
@@ -291,12 +294,15 @@ class FlatHVP:
         check_chunk_size(self.call, chunk_size)
         check_memory_budget(self.call, memory_budget)
         if chunk_size is None:
-            budget = memory_budget or default_memory_budget(self.x.device)
+            per_row = self._per_row_bytes()
+            needed = fixed_bytes + k * per_row  # the whole job in one pass
+            budget = memory_budget or default_memory_budget(self.x.device, needed=needed)
             chunk_size = chunk_size_for(
                 rows=k,
-                per_row_bytes=self._per_row_bytes(),
+                per_row_bytes=per_row,
                 fixed_bytes=fixed_bytes,
                 budget=int(budget),
+                split=self._split,
             )
         if rows is None:
             rows = basis_rows(self.n, self.x, capacity=chunk_size)
@@ -352,8 +358,14 @@ def batched_grad(
         gs = torch.autograd.grad(output, inputs, v, retain_graph=True, allow_unused=True)
         return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gs))
 
+    def single(v: torch.Tensor) -> torch.Tensor:  # one input: no tuples through vmap
+        (g,) = torch.autograd.grad(output, inputs, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(inputs[0]) if g is None else g
+
     if cotangents.shape[0] > 1:
         try:
+            if len(inputs) == 1:
+                return [vmap(single)(cotangents)]
             return list(vmap(one)(cotangents))
         except Exception:  # noqa: BLE001 - NOTE [batched backward]: the legacy batching next
             pass
