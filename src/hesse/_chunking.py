@@ -110,11 +110,21 @@ def map_chunks(
             out = result if out is None else out.add_(result)
             continue
         if out is None:
+            if chunk.shape[0] == k and not _shares_memory(result, chunk):
+                return result  # one chunk did it all: no copy
             out = result.new_empty((k, *result.shape[1:]))
         out[start : start + chunk.shape[0]] = result
     if out is None:  # k == 0
         raise ValueError(f"{call}: nothing to compute (zero rows).")
     return out
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` may alias ``b`` (row sources may reuse one buffer across chunks)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(a) or wrapped(b):  # no storage to compare under a transform
+        return a is b
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def default_memory_budget(device: torch.device, *, needed: int = 0) -> int:

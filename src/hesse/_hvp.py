@@ -153,14 +153,17 @@ class FlatHVP:
         ``torch.func``: the gradient's VJP is built once and vmapped over the rows
         (what ``jacrev(jacrev(f))`` does), with the same chunking and memory budget.
         """
+        return self._pullback()(v)[0]
+
+    def _pullback(self) -> Callable:
         if self._pull is None:
             gr, self._pull = vjp(grad(self.g), self.x)
             self._gradient = gr
-        return self._pull(v)[0]
+        return self._pull
 
     def _vjp_of_grad_batched(self, vs: torch.Tensor) -> torch.Tensor:
-        self._vjp_of_grad_single(vs[0])  # builds the VJP once, outside the row vmap
-        return vmap(self._vjp_of_grad_single)(vs)
+        pull = self._pullback()  # built once, outside the row vmap
+        return vmap(lambda v: pull(v)[0])(vs)
 
     # -- strategy resolution ------------------------------------------------------
     def _paths(self) -> tuple[Callable, Callable]:
@@ -179,7 +182,9 @@ class FlatHVP:
         gradient). A product carries, per vector, about one copy of each saved
         intermediate through the double backward, plus vectors of length ``n``;
         ``4 x`` both bounds that from above. Forward-over-reverse, when chosen
-        explicitly, counts every allocation of one ``torch.func.grad`` instead.
+        explicitly, counts every allocation of one ``torch.func.grad`` instead;
+        under a transform (NOTE [under a transform]), every allocation of building
+        the gradient's VJP, which the products then reuse.
         """
         if self._row_bytes is None:
             used = None
@@ -191,6 +196,8 @@ class FlatHVP:
                     if self.mode != "auto":
                         raise
                     self.mode = "forward-over-reverse"
+            if used is None and self.mode == "vjp-of-grad" and self._pull is None:
+                _, used = allocated_bytes(self._pullback)  # the VJP the products reuse
             if used is None:
                 gr, used = allocated_bytes(lambda: grad(self.g)(self.x))
                 self._gradient = gr.detach()  # type: ignore[union-attr]
