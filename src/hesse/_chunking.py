@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -127,6 +128,10 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+_AVPHYS_PAGES = getattr(os, "sysconf_names", {}).get("SC_AVPHYS_PAGES")  # None off POSIX
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _AVPHYS_PAGES is not None else 0
+
+
 def default_memory_budget(device: torch.device, *, needed: int = 0) -> int:
     """Half of the memory currently free on ``device`` (bytes).
 
@@ -139,10 +144,10 @@ def default_memory_budget(device: torch.device, *, needed: int = 0) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    if needed > 0:
+    if needed > 0 and _AVPHYS_PAGES is not None:
         try:
-            unused = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-        except (ValueError, OSError, AttributeError):
+            unused = os.sysconf(_AVPHYS_PAGES) * _PAGE_SIZE // 2
+        except (ValueError, OSError):
             unused = 0
         if unused >= needed:
             return unused
@@ -192,41 +197,48 @@ def allocated_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     return result, counter.bytes
 
 
-def saved_bytes(fn: Callable[[], object], wrt: torch.Tensor) -> tuple[object, int]:
+def saved_bytes(
+    fn: Callable[[], object], wrt: torch.Tensor, *, at_most: int = 0
+) -> tuple[object, int]:
     """Run ``fn()`` and return its result with the bytes autograd saved that depend on ``wrt``.
 
     Only saved tensors downstream of the leaf ``wrt`` count: they are what a
     batched product carries per vector; weights and their views are shared. Far
     cheaper than :func:`allocated_bytes`: Python runs once per saved tensor and once
-    per graph node, not once per operator call.
+    per graph node, not once per operator call. When the saved tensors that have a
+    history come to at most ``at_most`` bytes in all, that upper bound is returned
+    without walking the graph (the caller's decision is the same for any smaller
+    count).
     """
-    with torch.enable_grad():  # also under a caller's no_grad
-        source = wrt.view_as(wrt).grad_fn.next_functions[0][0]  # wrt's AccumulateGrad
-    depends: dict[object, bool] = {source: True}
-
-    def reaches(node: object) -> bool:
-        stack, order = [node], []
-        while stack:  # iterative: graphs can be deeper than Python's recursion limit
-            n = stack.pop()
-            if n is None or n in depends:
-                continue
-            order.append(n)
-            stack.extend(m for m, _ in n.next_functions if m not in depends)  # type: ignore[attr-defined]
-        for n in reversed(order):
-            depends[n] = any(depends.get(m, False) for m, _ in n.next_functions)  # type: ignore[attr-defined]
-        return node is not None and depends.get(node, False)
-
-    total = 0
+    saved: list[tuple[Any, int]] = []  # (grad_fn of a saved tensor, its bytes)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if t.grad_fn is not None and reaches(t.grad_fn):
-            total += t.numel() * t.element_size()
+        if t.grad_fn is not None:  # leaves (inputs, weights) are shared by every product
+            saved.append((t.grad_fn, t.numel() * t.element_size()))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpacked):
         result = fn()
-    return result, total
+    bound = sum(size for _, size in saved)
+    if bound <= at_most:
+        return result, bound
+    with torch.enable_grad():  # also under a caller's no_grad
+        source = wrt.view_as(wrt).grad_fn.next_functions[0][0]  # wrt's AccumulateGrad
+    depends: dict[Any, bool] = {source: True}  # whether a node's inputs reach wrt
+    stack: list[tuple[Any, bool]] = [(node, False) for node, _ in saved]
+    while stack:  # post-order, iterative: graphs can be deeper than Python's recursion limit
+        node, expanded = stack.pop()
+        if expanded:
+            depends[node] = any(depends.get(m, False) for m, _ in node.next_functions)
+        elif node not in depends:
+            depends[node] = False  # until its inputs are done (a DAG: none reaches it back)
+            stack.append((node, True))
+            stack.extend((m, False) for m, _ in node.next_functions if m is not None)
+    return result, sum(size for node, size in saved if depends[node])
+
+
+def _unpacked(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def chunk_size_for(

@@ -29,6 +29,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from hesse._attention import math_attention
 from hesse._chunking import (
+    EFFICIENT_CHUNK_BYTES,
     allocated_bytes,
     chunk_size_for,
     default_memory_budget,
@@ -173,8 +174,11 @@ class FlatHVP:
             return self._vjp_of_grad_batched, self._vjp_of_grad_single
         return self._fwdrev_batched, self._fwdrev_single
 
-    def _per_row_bytes(self) -> int:
+    def _per_row_bytes(self, enough: int = 0) -> int:
         """Estimated bytes one product adds to a chunk.
+
+        A count of saved bytes up to ``enough`` leads to the same chunks as any
+        smaller one, so an upper bound up to it is taken as is (:func:`saved_bytes`).
 
         # NOTE [memory estimate]
         The gradient graph is built once with the intermediate tensors autograd
@@ -191,7 +195,7 @@ class FlatHVP:
             revrev = self._leaf is not None and self.mode != "forward-over-reverse"
             if revrev and self._graph is None:
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
-                    _, used = saved_bytes(self._revrev_graph, self._leaf)
+                    _, used = saved_bytes(self._revrev_graph, self._leaf, at_most=enough)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
                     if self.mode != "auto":
                         raise
@@ -301,7 +305,11 @@ class FlatHVP:
         check_chunk_size(self.call, chunk_size)
         check_memory_budget(self.call, memory_budget)
         if chunk_size is None:
-            per_row = self._per_row_bytes()
+            row = self.n * self.x.element_size()
+            # Saved bytes below this keep the whole job in one chunk under the cap:
+            # no need to find which saved tensors depend on x.
+            one_pass = max(0, (EFFICIENT_CHUNK_BYTES // max(k, 1) - 4 * row) // 4)
+            per_row = self._per_row_bytes(enough=one_pass)
             needed = fixed_bytes + k * per_row  # the whole job in one pass
             budget = memory_budget or default_memory_budget(self.x.device, needed=needed)
             chunk_size = chunk_size_for(
