@@ -240,17 +240,18 @@ class FlatHVP:
         [strategies]).
         """
         clock = time.process_time if self.x.device.type == "cpu" else time.perf_counter
+        rest = k - first
+        timed = rest >= 3 * first  # else no race: no clock (a system call) either
         try:
             self._revrev_graph()
-            start = clock()
+            start = clock() if timed else 0.0
             head = self._revrev_batched(rows(0, first))
-            rev_time = clock() - start
+            rev_time = clock() - start if timed else 0.0
         except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
             self.mode = "forward-over-reverse"
             return self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
         self.mode = "reverse-over-reverse"
-        rest = k - first
-        if rest < 3 * first or rev_time * rest / first < RACE_MIN_SECONDS:
+        if not timed or rev_time * rest / first < RACE_MIN_SECONDS:
             return head
         try:
             start = clock()
@@ -320,7 +321,10 @@ class FlatHVP:
                 split=self._split,
             )
         if rows is None:
-            rows = basis_rows(self.n, self.x, capacity=chunk_size)
+            if chunk_size >= k:  # all rows at once: one call makes them
+                rows = tensor_rows(torch.eye(k, self.n, dtype=self.x.dtype, device=self.x.device))
+            else:
+                rows = basis_rows(self.n, self.x, capacity=chunk_size)
         done = 0
         if self.mode == "auto":
             head = self._settle(rows, min(k, chunk_size), k)  # NOTE [strategy race]
