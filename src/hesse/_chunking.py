@@ -44,7 +44,11 @@ SPLIT_MIN_RATIO = 4
 # sweep): the Hessians of sum(sin(x)) (intermediates 2 output rows) and of the forum
 # MLP w.r.t. its input (under 0.5) are 1.1-1.2x faster in one pass; Rosenbrock (8)
 # is the same either way; the parameter Hessians of MLPs (10-45) are up to 2.2x
-# faster in chunks of about 128 rows (4,810 parameters).
+# faster in chunks of about 128 rows (4,810 parameters). Not yet in the rule: at
+# several threads each chunk also pays one parallel-region hand-off per operator,
+# which made Rosenbrock's five chunks (n = 2,000, two threads, a loaded two-core
+# machine) 1.7-2.9x slower than one pass; a per-chunk cost (graph nodes x threads)
+# would need its own measurements.
 
 
 class LoopFallbackWarning(UserWarning):
