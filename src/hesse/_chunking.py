@@ -39,16 +39,18 @@ SPLIT_MIN_RATIO = 4
 # row, the trips to memory of the intermediate tensors the product creates, which a
 # chunk that fits in cache keeps there and one large pass does not. So it pays when a
 # row's intermediates (the saved tensors a product carries per vector) outweigh its
-# output by a clear factor, SPLIT_MIN_RATIO. Measured at one thread (interleaved,
-# with every allocation of 64 KiB or more served fresh from the system, as in the
-# sweep): the Hessians of sum(sin(x)) (intermediates 2 output rows) and of the forum
-# MLP w.r.t. its input (under 0.5) are 1.1-1.2x faster in one pass; Rosenbrock (8)
-# is the same either way; the parameter Hessians of MLPs (10-45) are up to 2.2x
-# faster in chunks of about 128 rows (4,810 parameters). Not yet in the rule: at
-# several threads each chunk also pays one parallel-region hand-off per operator,
-# which made Rosenbrock's five chunks (n = 2,000, two threads, a loaded two-core
-# machine) 1.7-2.9x slower than one pass; a per-chunk cost (graph nodes x threads)
-# would need its own measurements.
+# output by a clear factor, SPLIT_MIN_RATIO. Measured at one thread, interleaved,
+# with glibc's default allocator (freed memory reused): Rosenbrock (n = 1,000-2,000,
+# intermediates 8 output rows) 1.3-1.9x and MLP parameter Hessians (10-45; 1,042 and
+# 4,810 parameters) 1.2-2.1x faster in chunks than in one pass; sum(sin(x)) (2) and the
+# forum MLP w.r.t. its input (under 0.5) the same or slower in chunks. With every
+# allocation of 64 KiB or more fresh from the system (the sweep's peak-memory setting,
+# benchmarks/_measure.py) page faults dominate and the split gains nothing at these
+# sizes (one pass 1.0-1.15x faster), so the rule splits only where the cache gain is
+# large. Not yet in the rule: at several threads each chunk also pays one
+# parallel-region hand-off per operator (on a loaded two-core machine Rosenbrock's
+# chunks were 2-3x slower than one pass at two threads); a per-chunk cost (graph
+# nodes x threads) would need measurements on a quiet machine.
 
 
 class LoopFallbackWarning(UserWarning):
