@@ -197,13 +197,12 @@ def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     edge_of[q] = np.arange(len(v))
     edge_of[twin[q]] = np.arange(len(v))
     # map entries of S to diagonal (index i) or edge (n + edge id)
-    a_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(A.indptr))
-    a_key = a_rows * n + indices
-    s_key = rows * n + cols
     gather = rows.copy()
     off = rows != cols
-    at = np.searchsorted(a_key, s_key[off])
-    gather[off] = n + edge_of[at]
+    # S + S.T stores no zeros, so A (S without its diagonal) holds S's off-diagonal
+    # entries in the same CSR order: the k-th of them is A's position k
+    assert np.count_nonzero(off) == A.nnz, "substitution: adjacency and pattern disagree"
+    gather[off] = n + edge_of
     return Plan(
         n,
         rows,
