@@ -94,7 +94,7 @@ def test_the_repeated_call_neither_colours_nor_checks(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("ran on a repeated call")
 
-    for name in ("_plan", "_kind", "_check_pattern", "_from_torch", "_symmetric"):
+    for name in ("_plan", "_kind", "_check_pattern", "_from_torch", "symmetric"):
         monkeypatch.setattr(sparse_module, name, never)
     x = _point(n, 4)
     _close(step(x), double_backward_hessian(f, x))

@@ -89,7 +89,7 @@ class Coloring:
 
 
 def derived(pattern: sp.spmatrix, name: str, make: Callable[[], Any]) -> Any:
-    """``make()``, kept on ``pattern`` (a scipy matrix) under ``name``.
+    r"""``make()``, kept on ``pattern`` (a scipy matrix) under ``name``.
 
     # NOTE [derived graphs]
     A one-shot sparse Hessian colours a pattern (acyclic, a star probe), plans its
@@ -97,13 +97,27 @@ def derived(pattern: sp.spmatrix, name: str, make: Callable[[], Any]) -> Any:
     adjacency graph, reverse positions and content hash. They are made once per pattern
     object and kept on it, stamped with the identity of its index arrays and its size:
     the pipeline never changes a pattern in place after it is built (a new pattern is a
-    new object), and an object whose arrays were replaced is derived again.
+    new object), and an object whose arrays were replaced is derived again. A pattern
+    kept in a cache after its call (NOTE [pattern cache]) is :func:`release`\ d to its
+    hash, so the cache holds no more memory than the patterns themselves.
     """
-    stamp = (id(pattern.indptr), id(pattern.indices), pattern.nnz)
+    stamp = _stamp(pattern)
     memo = pattern.__dict__.setdefault("_hesse_derived", {})
     if name not in memo or memo[name][0] != stamp:
         memo[name] = (stamp, make())
     return memo[name][1]
+
+
+def _stamp(pattern: sp.spmatrix) -> tuple[int, int, int]:
+    return (id(pattern.indptr), id(pattern.indices), pattern.nnz)
+
+
+def release(pattern: sp.spmatrix, keep: tuple[str, ...] = ()) -> None:
+    """Drops what :func:`derived` kept on ``pattern``, except the names in ``keep``: a
+    pattern held in a cache keeps its hash, not its graphs (NOTE [derived graphs])."""
+    memo = pattern.__dict__.get("_hesse_derived", {})
+    for name in [name for name in memo if name not in keep]:
+        del memo[name]
 
 
 def symmetric(pattern: sp.spmatrix) -> sp.csr_matrix:
@@ -114,10 +128,14 @@ def symmetric(pattern: sp.spmatrix) -> sp.csr_matrix:
         S = (P + P.T).tocsr()
         S.sum_duplicates()
         S.sort_indices()
-        derived(S, "symmetric", lambda: S)  # already symmetric: not symmetrised again
+        S.__dict__["_hesse_symmetric"] = _stamp(S)  # already symmetric: not made again
         return S
 
-    return derived(pattern, "symmetric", make) if sp.issparse(pattern) else make()
+    if not sp.issparse(pattern):
+        return make()
+    if pattern.__dict__.get("_hesse_symmetric") == _stamp(pattern):
+        return pattern
+    return derived(pattern, "symmetric", make)
 
 
 def adjacency(pattern: sp.spmatrix) -> sp.csr_matrix:

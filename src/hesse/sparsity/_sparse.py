@@ -55,6 +55,7 @@ from hesse.sparsity._coloring import (
     derived,
     diagonal_coloring,
     one_sided,
+    release,
     star_coloring,
     symmetric,
 )
@@ -683,6 +684,7 @@ def sparse_hessian(
         cost = _DenseCost(engine, chunk_size, coloring)  # NOTE [one-shot cost model]
         if P is not None:  # NOTE [pattern cache]: used only if the check confirms it
             H = _dense(engine, P) if cost.before_coloring(P) else _compute(engine, P)[0]
+            release(P, keep=("digest",))  # NOTE [derived graphs]: a kept pattern keeps no graph
             try:
                 _check_pattern(call, engine, H)
                 return H
@@ -692,7 +694,9 @@ def sparse_hessian(
             return _dense(engine, n)
         P = _detect(engine.g, engine.x, call).hessian()
         _remember_pattern(f, signature, P)
-        return _dense(engine, P) if cost.before_coloring(P) else _compute(engine, P)[0]
+        H = _dense(engine, P) if cost.before_coloring(P) else _compute(engine, P)[0]
+        release(P, keep=("digest",))
+        return H
 
     def _size(args: tuple) -> int | None:
         try:
