@@ -178,9 +178,11 @@ def _lower_bound(A: sp.csr_matrix, star: bool) -> int:
         return 1
     deg = np.diff(A.indptr)
     bound = 2
-    if star:
-        r, c = _edges(A)
-        if ((deg[r] >= 2) & (deg[c] >= 2)).any():
+    if star:  # an edge between two vertices of degree >= 2, counted per row by a prefix sum
+        big = deg >= 2
+        seen = np.zeros(len(A.indices) + 1, dtype=np.int64)
+        np.cumsum(big[A.indices], out=seen[1:])
+        if (big & (seen[A.indptr[1:]] > seen[A.indptr[:-1]])).any():
             bound = 3
     v = int(np.argmax(deg))
     nb = np.append(A.indices[A.indptr[v] : A.indptr[v + 1]], v)
