@@ -14,16 +14,17 @@ sum of each group's basis vectors (a *seed*) yields entries of that group.
 * Diagonal alone: a distance-1 colouring of the adjacency graph: if no two
   vertices of one colour are adjacent, ``H_ii = (H s_{c(i)})_i``.
 * Jacobian, direct recovery: a distance-1 colouring of the column-intersection
-  graph (columns in one group share no row), Curtis, Powell & Reid (1974).
+  graph (columns in one group share no row), Curtis, Powell & Reid (1974); the same
+  for rows (VJPs); or a star bicolouring of columns and rows together
+  (NOTE [bicolouring]).
 
 Every colouring is greedy, run by the sequential kernels of
 :mod:`hesse.sparsity._kernels` (NOTE [kernels]) in several vertex orders
 (:data:`ORDERS`: natural, largest first, smallest last, incidence degree, dynamic
 largest first); the colouring with the fewest colours is kept, stopping at a cheap
-lower bound or once :data:`ORDER_BUDGET_S` seconds are spent (the first order always
-runs). Distance-1 colourings then run Culberson's iterated greedy (colour classes
-recoloured in reverse order, which never adds a colour). Each kernel costs
-``O(|E| K)`` for ``K`` colours.
+lower bound or when the time budget is spent (NOTE [colouring budget]). Distance-1
+colourings then run Culberson's iterated greedy (colour classes recoloured in reverse
+order, which never adds a colour). Each kernel costs ``O(|E| K)`` for ``K`` colours.
 
 References:
     Curtis, A. R., Powell, M. J. D. & Reid, J. K. (1974). On the estimation of sparse
@@ -55,8 +56,10 @@ from hesse.sparsity import _kernels as K
 #: Vertex orders tried by every colouring, in this order (NOTE [colouring]).
 ORDERS = ("natural", "largest_first", "smallest_last", "incidence_degree", "dynamic_largest_first")
 
-#: Extra orders are tried while the colouring time stays under this many seconds.
-ORDER_BUDGET_S = 0.25
+#: After the first attempt (NOTE [colouring budget]), further attempts run while the time
+#: spent stays under ``ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) t_first``.
+ORDER_BUDGET_RATIO = 1.0
+ORDER_BUDGET_FLOOR_S = 0.005
 
 #: Passes of Culberson's iterated greedy after a distance-1 colouring.
 ITERATED_PASSES = 4
@@ -135,18 +138,39 @@ def _int64(A: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return A.indptr.astype(np.int64), A.indices.astype(np.int64)
 
 
-def _best_of(A: sp.csr_matrix, run, bound: int, orders: tuple[str, ...]):
-    """``run(order)`` -> ``(colors, extra)`` in each order; the fewest colours are kept."""
+def _best_of(attempts, bound: int, always: int = 1):
+    """Runs ``attempt(k)`` -> ``(colors, extra)`` for each of ``attempts`` (``k``: the fewest
+    colours so far, ``None`` at first) and keeps the colouring with the fewest colours.
+
+    # NOTE [colouring budget]
+    The first ``always`` attempts run while the colours are above ``bound`` (a proven
+    lower bound); a later one only if, judged by the last attempt's time, it would end
+    within ``ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) t_first``: small graphs
+    try every attempt, large ones at most about ``1 + ORDER_BUDGET_RATIO`` greedy passes
+    (a one-shot colouring stays within a small multiple of one pass, ``O(|E| K)``).
+    """
     best = None
     start = time.perf_counter()
-    for name in orders:
-        colors, extra = run(vertex_order(A, name))
-        if best is None or colors.max() < best[0].max():
-            best = (colors, extra)
-        if best[0].max() + 1 <= bound or time.perf_counter() - start > ORDER_BUDGET_S:
-            break
+    budget = last = 0.0
+    for i, attempt in enumerate(attempts):
+        if best is not None:
+            spent = time.perf_counter() - start
+            if best[0].max() + 1 <= bound or (i >= always and spent + last > budget):
+                break
+        began = time.perf_counter()
+        got = attempt(None if best is None else int(best[0].max()) + 1)
+        last = time.perf_counter() - began
+        if best is None:
+            budget = ORDER_BUDGET_FLOOR_S + (1 + ORDER_BUDGET_RATIO) * last
+        if best is None or got[0].max() < best[0].max():
+            best = got
     assert best is not None
     return best
+
+
+def _in_orders(A: sp.csr_matrix, run, orders: tuple[str, ...]):
+    """One attempt per vertex order: ``run(order)`` -> ``(colors, extra)``."""
+    return [lambda k, name=name: run(vertex_order(A, name)) for name in orders]
 
 
 def _distance1(A: sp.csr_matrix, kind: str, orders: tuple[str, ...] = ORDERS) -> Coloring:
@@ -156,7 +180,8 @@ def _distance1(A: sp.csr_matrix, kind: str, orders: tuple[str, ...] = ORDERS) ->
     indptr, indices = _int64(A)
     greedy = K.kernel(K.greedy, A.nnz)
     colors, _ = _best_of(
-        A, lambda order: (greedy(indptr, indices, order), None), _lower_bound(A, False), orders
+        _in_orders(A, lambda order: (greedy(indptr, indices, order), None), orders),
+        _lower_bound(A, False),
     )
     for _ in range(ITERATED_PASSES):  # Culberson: classes in reverse order
         order = np.argsort(-colors, kind="stable").astype(np.int64)
@@ -184,6 +209,176 @@ def row_coloring(J: sp.spmatrix) -> Coloring:
     return _distance1(adjacency((J @ J.T).tocsr()), "row")
 
 
+# -- bidirectional colouring of a Jacobian ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bicoloring:
+    """Which products recover a Jacobian ``J`` (``m x n``) and where each entry is read.
+
+    ``column`` colours the columns (one JVP per colour, the seed the sum of its members),
+    ``row`` the rows (one VJP per colour); each side's colour ``num_colors`` is neutral:
+    in no seed. ``from_column[e]`` says whether stored entry ``e`` of ``J`` (CSR order) is
+    read from the JVP of its column's colour (else from the VJP of its row's colour).
+    A one-sided colouring is the case where the other side is all neutral.
+    """
+
+    column: Coloring
+    row: Coloring
+    from_column: np.ndarray
+    kind: str
+
+    @property
+    def products(self) -> int:
+        """``K_col + K_row``: JVPs plus VJPs."""
+        return self.column.num_colors + self.row.num_colors
+
+
+def one_sided(J: sp.csr_matrix, side: str) -> Bicoloring:
+    """The column (Curtis-Powell-Reid, JVPs) or row (VJPs) colouring of ``J`` as a
+    :class:`Bicoloring` whose other side is all neutral."""
+    J = sp.csr_matrix(J, dtype=bool)
+    m, n = J.shape
+    if J.nnz == 0:  # nothing to read: no product
+        none = np.zeros(J.nnz, dtype=bool)
+        return Bicoloring(
+            Coloring(np.zeros(n, dtype=np.int64), 0, "column"),
+            Coloring(np.zeros(m, dtype=np.int64), 0, "row"),
+            none,
+            side,
+        )
+    # a full row (column) needs every column (row) in its own colour: no graph is built
+    # (an arrowhead's column-intersection graph is complete)
+    if side == "column":
+        full = J.getnnz(axis=1).max() == n
+        c = Coloring(np.arange(n), n, "column") if full else column_coloring(J)
+        return Bicoloring(
+            c, Coloring(np.zeros(m, dtype=np.int64), 0, "row"), np.ones(J.nnz, dtype=bool), "column"
+        )
+    full = J.getnnz(axis=0).max() == m
+    r = Coloring(np.arange(m), m, "row") if full else row_coloring(J)
+    return Bicoloring(
+        Coloring(np.zeros(n, dtype=np.int64), 0, "column"), r, np.zeros(J.nnz, dtype=bool), "row"
+    )
+
+
+def _cover(B: sp.csr_matrix) -> np.ndarray:
+    """A vertex cover of the bipartite graph ``B`` (symmetric, columns then rows): greedy,
+    repeatedly the vertex of largest degree among the edges not yet covered (the vertices
+    taken by the dynamic-largest-first order while they still have an uncovered edge)."""
+    order = vertex_order(B, "dynamic_largest_first")
+    pos = np.empty_like(order)
+    pos[order] = np.arange(len(order))
+    r, c = _edges(B)
+    cover = np.zeros(B.shape[0], dtype=bool)
+    cover[r[pos[c] > pos[r]]] = True
+    return cover
+
+
+def _bicolor_cover(
+    J: sp.csr_matrix, B: sp.csr_matrix, cover: np.ndarray, order: np.ndarray
+) -> Bicoloring:
+    """The greedy star bicolouring of ``J`` (bipartite graph ``B``, columns then rows)
+    whose seeded vertices are ``cover``, in ``order`` (NOTE [bicolouring])."""
+    m, n = J.shape
+    side = np.repeat(np.array([0, 1], dtype=np.int64), [n, m])
+    run = K.kernel(K.star, B.nnz)
+    colors = run(*_int64(B), order[cover[order]], side, cover)
+    on_col, on_row = cover[:n], cover[n:]
+    k = int(colors.max()) + 1 if len(colors) else 1
+    cc = np.where(on_col, colors[:n], k)  # k: neutral in the counts below
+    rc = np.where(on_row, colors[n:], k)
+    coo = J.tocoo()  # CSR order: J is canonical
+    i, j = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    # an entry is readable from its column's JVP when no other seeded column of its row
+    # has that colour, from its row's VJP when no other seeded row of its column has it
+    per_row = np.bincount(i * (k + 1) + cc[j], minlength=m * (k + 1))
+    per_col = np.bincount(j * (k + 1) + rc[i], minlength=n * (k + 1))
+    jvp_ok = on_col[j] & (per_row[i * (k + 1) + cc[j]] == 1)
+    vjp_ok = on_row[i] & (per_col[j * (k + 1) + rc[i]] == 1)
+    assert (jvp_ok | vjp_ok).all(), "bicolouring: an entry is readable from no product"
+    used_c = np.zeros(k + 1, dtype=bool)
+    used_r = np.zeros(k + 1, dtype=bool)
+    used_c[cc[j[~vjp_ok]]] = True  # entries with one source force its product
+    used_r[rc[i[~jvp_ok]]] = True
+    while True:  # the others: take the product that serves most of those left
+        left = ~((jvp_ok & used_c[cc[j]]) | (vjp_ok & used_r[rc[i]]))
+        if not left.any():
+            break
+        by_c = np.bincount(cc[j[left & jvp_ok]], minlength=k + 1)
+        by_r = np.bincount(rc[i[left & vjp_ok]], minlength=k + 1)
+        if by_c.max() >= by_r.max():  # a tie: the JVP
+            used_c[int(by_c.argmax())] = True
+        else:
+            used_r[int(by_r.argmax())] = True
+    from_column = jvp_ok & used_c[cc[j]]
+    column = _renumber(cc, used_c[:k], "column")
+    row = _renumber(rc, used_r[:k], "row")
+    return Bicoloring(column, row, from_column, "bidirectional")
+
+
+def _renumber(colors: np.ndarray, used: np.ndarray, kind: str) -> Coloring:
+    """Used colours to ``0..K-1``, the rest (and neutral ones) to ``K`` (NOTE [neutral colours])."""
+    K = int(used.sum())
+    new = np.full(len(used) + 1, K, dtype=np.int64)
+    new[: len(used)][used] = np.arange(K)
+    return Coloring(new[colors], K, kind)
+
+
+def bicoloring(J: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Bicoloring:
+    """A star bicolouring of ``J``: ``K_col`` JVPs and ``K_row`` VJPs recover every entry,
+    each read from one product.
+
+    # NOTE [bicolouring]
+    With column colours (JVP seeds) and row colours (VJP seeds), each possibly *neutral*
+    (in no seed), entry ``J_ij`` is read from the JVP of ``j``'s colour at row ``i`` when
+    no other seeded column of row ``i`` shares that colour, or from the VJP of ``i``'s
+    colour at column ``j`` when no other seeded row of column ``j`` shares it. Such a
+    colouring is a star colouring of the augmented symmetric matrix
+    ``[[0, J^T], [J, 0]]`` in which neutral vertices impose only that their neighbours
+    differ (Coleman & Verma 1998; Gebremedhin, Manne & Pothen 2005, star bicolouring;
+    Montoison, Dalle & Gebremedhin 2025, neutral colour): on a two-coloured path
+    ``k - i - j - l`` (columns ``k, j``, rows ``i, l``) neither read of ``J_ij`` works.
+    The seeded vertices form a vertex cover of the bipartite graph of ``J`` (an entry
+    between two neutral vertices is read from nothing). Here: the greedy cover by
+    largest remaining degree (dense rows and columns are seeded: their entries come
+    from one product each), with two tie-breaking sides (columns first, rows first);
+    the graph of the seeded vertices plus a clique on the neighbours of each neutral
+    one is star coloured (best of ``orders``); then each entry picks one source, the
+    forced ones first and the rest greedily by the product serving most of them; a
+    colour class read from by no entry becomes neutral. The cover and order with the
+    fewest products is kept. An arrowhead (dense first row and column and a diagonal)
+    takes 3 products where either one-sided colouring takes ``n``.
+
+    References:
+        Coleman, T. F. & Verma, A. (1998). The efficient computation of sparse Jacobian
+        matrices using automatic differentiation. SIAM J. Sci. Comput. 19(4).
+        Gebremedhin, A. H., Manne, F. & Pothen, A. (2005). What color is your Jacobian?
+        Graph coloring for computing derivatives. SIAM Review 47(4).
+        Montoison, A., Dalle, G. & Gebremedhin, A. (2025). Revisiting sparse matrix
+        coloring and bicoloring. arXiv:2505.07308.
+    """
+    J = sp.csr_matrix(J, dtype=bool)
+    J.sum_duplicates()
+    J.sort_indices()
+    m, n = J.shape
+    if J.nnz == 0:
+        return one_sided(J, "column")
+    B = sp.bmat([[None, J.T], [J, None]], format="csr")
+    B.sort_indices()
+    perm = np.concatenate([np.arange(n, n + m), np.arange(n)])  # rows first
+    back = np.argsort(perm)
+    covers = (_cover(B), _cover(B[perm][:, perm].tocsr())[back])
+
+    def attempt(order: np.ndarray) -> tuple[np.ndarray, Bicoloring]:
+        found = [_bicolor_cover(J, B, cover, order) for cover in covers]
+        best = min(found, key=lambda b: b.products)  # a tie: columns first
+        # _best_of keeps the fewest colours: scored here by products (K_col + K_row)
+        return np.array([best.products - 1]), best
+
+    return _best_of(_in_orders(B, attempt, orders), 1)[1]
+
+
 def star_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Coloring:
     """Greedy star colouring of the adjacency graph of a symmetric ``pattern``
     (:func:`hesse.sparsity._kernels.star`, best of ``orders``)."""
@@ -193,7 +388,8 @@ def star_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Col
     indptr, indices = _int64(A)
     run = K.kernel(K.star, A.nnz)
     colors, _ = _best_of(
-        A, lambda order: (run(indptr, indices, order), None), _lower_bound(A, True), orders
+        _in_orders(A, lambda order: (run(indptr, indices, order), None), orders),
+        _lower_bound(A, True),
     )
     return Coloring(colors, int(colors.max()) + 1, "star")
 
@@ -295,13 +491,21 @@ def vertex_order(A: sp.csr_matrix, name: str) -> np.ndarray:
 
 
 def _acyclic_bound(A: sp.csr_matrix) -> int:
-    """A lower bound on acyclic colours: the distance-1 bound, 3 when ``A`` has a cycle."""
+    """A lower bound on acyclic colours: the distance-1 bound, and the forest bound.
+
+    The two colour classes ``i, j`` of an acyclic colouring with ``K`` nonempty classes
+    induce a forest, with at most ``n_i + n_j - 1`` edges; summed over the pairs,
+    ``|E| <= (K - 1) n - K (K - 1) / 2``. The smallest such ``K`` is optimal on bands
+    (``rho`` off-diagonal bands: ``floor(rho/2) + 1``) and gives 3 on a 5-point stencil.
+    A graph with a cycle needs 3."""
     bound = _lower_bound(A, star=False)
-    if A.nnz:
-        ncomp = sp.csgraph.connected_components(A, directed=False)[0]
-        if A.nnz // 2 > A.shape[0] - ncomp:
-            bound = max(bound, 3)
-    return bound
+    n, edges = A.shape[0], A.nnz // 2
+    if edges > n - sp.csgraph.connected_components(A, directed=False)[0]:
+        bound = max(bound, 3)  # a cycle
+    k = bound
+    while (k - 1) * n - k * (k - 1) // 2 < edges:
+        k += 1
+    return k
 
 
 def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Coloring:
@@ -315,8 +519,11 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     at the price of recovery by substitution (NOTE [substitution]). The greedy
     algorithm of Gebremedhin, Tarafdar, Manne & Pothen (2007) runs in several vertex
     orders (:data:`ORDERS`: natural, largest first, smallest last, incidence degree,
-    dynamic largest first); the colouring with the fewest colours is kept, stopping at
-    a lower bound or once :data:`ORDER_BUDGET_S` is spent (the first order always runs).
+    dynamic largest first), each by first fit and then by the least-merging rule of
+    :func:`hesse.sparsity._kernels.acyclic` with one colour fewer than the best so far
+    (this reaches 3 colours on a 5-point stencil, where first fit needs 4 in every
+    order); the colouring with the fewest colours is kept, stopping at the lower bound
+    of :func:`_acyclic_bound` or when the time budget is spent (NOTE [colouring budget]).
 
     References:
         Gebremedhin, A. H., Tarafdar, A., Manne, F. & Pothen, A. (2007). New acyclic and
@@ -334,9 +541,18 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     indptr, indices = _int64(A)
     twin = twins(A)
     run = K.kernel(K.acyclic, A.nnz)
-    colors, trees = _best_of(
-        A, lambda order: run(indptr, indices, twin, order), _acyclic_bound(A), orders
-    )
+    made: dict[str, np.ndarray] = {}
+
+    def attempt(name: str, palette: bool):
+        def go(k: int | None):
+            if name not in made:
+                made[name] = vertex_order(A, name)
+            return run(indptr, indices, twin, made[name], k - 1 if palette and k else 0)
+
+        return go
+
+    attempts = [attempt(name, palette) for name in orders for palette in (False, True)]
+    colors, trees = _best_of(attempts, _acyclic_bound(A), always=2)
     return Coloring(colors, int(colors.max()) + 1, "acyclic", trees=trees)
 
 

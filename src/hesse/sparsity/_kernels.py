@@ -5,8 +5,9 @@ Greedy colourings are sequential by nature (each vertex sees the colours chosen 
 it). The kernels here are written once, in the subset of Python that numba compiles,
 on CSR arrays (``indptr``, ``indices``) of a symmetric graph without self loops. When
 numba is installed and the graph is large enough for compilation to pay off
-(``JIT_EDGES``), the compiled version runs (``cache=True``: compiled once per machine);
-otherwise the same code runs as plain Python, which is fast enough for small graphs.
+(``JIT_EDGES``), or the kernel was compiled earlier in the process, the compiled version
+runs (``cache=True``: compiled once per machine); otherwise the same code runs as plain
+Python, which is fast enough for small graphs.
 Every kernel costs ``O(|E| K)`` or less (``K`` colours), so a dense row (arrowhead)
 costs its length, not its square.
 """
@@ -38,7 +39,10 @@ def _numba() -> Any:
 
 
 def kernel(fn: Callable, edges: int) -> Callable:
-    """``fn`` compiled by numba for graphs with more than :data:`JIT_EDGES` edges (NOTE [kernels])."""
+    """``fn`` compiled by numba for graphs with more than :data:`JIT_EDGES` edges, or for any
+    graph once compiled in this process (NOTE [kernels])."""
+    if fn.__name__ in _COMPILED:  # compiled earlier in this process: free to reuse
+        return _COMPILED[fn.__name__]
     if edges <= JIT_EDGES or not _numba():
         return fn
     if fn.__name__ not in _COMPILED:
@@ -169,16 +173,32 @@ def _slot(slot_col, slot_cnt, slot_hub, nslots, base, u, c):
     return s
 
 
-def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one piece
+def _root(parent, e):
+    """The representative of edge ``e``'s set (path halving)."""
+    while parent[e] != e:
+        parent[e] = parent[parent[e]]
+        e = parent[e]
+    return e
+
+
+def acyclic(indptr, indices, twin, order, palette):  # noqa: C901 - the algorithm in one piece
     """Greedy acyclic colouring in ``order`` (Gebremedhin, Tarafdar, Manne & Pothen 2007).
 
     A distance-1 colouring in which every cycle uses at least three colours, so the
     subgraph of any two colours is a forest. Two-coloured trees are kept as disjoint
-    sets of edges (an edge is the CSR position ``min(p, twin[p])``). A vertex ``v`` may
-    not take colour ``c`` when two of its neighbours lie in one tree of colours
-    ``{c, colour(w)}``: that would close a two-coloured cycle. Each vertex keeps one
-    slot per distinct colour among its coloured neighbours (the colour and one edge of
-    that tree), so a dense row costs its length times the colours, not its square.
+    sets of edges (an edge is the CSR position ``min(p, twin[p])``; union by size, path
+    halving). A vertex ``v`` may not take colour ``c`` when two of its neighbours lie in
+    one tree of colours ``{c, colour(w)}``: that would close a two-coloured cycle. Each
+    vertex keeps one slot per distinct colour among its coloured neighbours (the colour
+    and one edge of that tree), so a dense row costs its length times the colours, not
+    its square.
+
+    ``palette == 0``: each vertex takes the smallest allowed colour (first fit).
+    ``palette == K > 0``: each vertex takes, among the allowed colours below ``K``, the
+    one whose two-coloured trees it would join are smallest in total (ties: the smaller
+    colour), and the smallest allowed colour only when none below ``K`` is allowed. Small
+    trees keep later choices open: on a 5-point stencil first fit needs 4 colours in
+    every vertex order, this rule with ``K = 3`` finds 3 (NOTE [acyclic colouring]).
 
     Returns ``(color, tree)``: colours ``0..K-1`` and, per CSR position, the
     representative of its two-coloured tree.
@@ -187,7 +207,10 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
     nnz = len(indices)
     color = -np.ones(n, dtype=np.int64)
     forbidden = -np.ones(n + 2, dtype=np.int64)
+    scored = -np.ones(n + 2, dtype=np.int64)  # scored[c] == v: score[c] is v's
+    score = np.zeros(n + 2, dtype=np.int64)
     parent = np.arange(nnz, dtype=np.int64)
+    size = np.ones(nnz, dtype=np.int64)  # edges in the tree, at its representative
     first_src = -np.ones(nnz, dtype=np.int64)
     first_via = -np.ones(nnz, dtype=np.int64)
     slot_col = np.empty(nnz, dtype=np.int64)
@@ -209,16 +232,28 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
                 c = slot_col[s]
                 if forbidden[c] == v:
                     continue
-                e = slot_edge[s]
-                while parent[e] != e:
-                    parent[e] = parent[parent[e]]  # path halving
-                    e = parent[e]
+                e = _root(parent, slot_edge[s])
+                if palette > 0:
+                    if scored[c] != v:
+                        scored[c] = v
+                        score[c] = 0
+                    score[c] += size[e]
                 if first_src[e] != v:
                     first_src[e] = v
                     first_via[e] = w
                 elif first_via[e] != w:
                     forbidden[c] = v
-        cv = _first_free(forbidden, v)
+        cv = -1
+        least = 0
+        for c in range(palette):
+            if forbidden[c] == v:
+                continue
+            sc = score[c] if scored[c] == v else 0
+            if cv < 0 or sc < least:
+                cv = c
+                least = sc
+        if cv < 0:
+            cv = _first_free(forbidden, v)
         color[v] = cv
         for p in range(indptr[v], indptr[v + 1]):
             w = indices[p]
@@ -237,22 +272,16 @@ def acyclic(indptr, indices, twin, order):  # noqa: C901 - the algorithm in one 
                 if slot_cnt[found] == 1:  # opened by this edge
                     slot_edge[found] = e
                     continue
-                a = e
-                while parent[a] != a:
-                    parent[a] = parent[parent[a]]  # path halving
-                    a = parent[a]
-                b = slot_edge[found]
-                while parent[b] != b:
-                    parent[b] = parent[parent[b]]
-                    b = parent[b]
+                a = _root(parent, e)
+                b = _root(parent, slot_edge[found])
                 if a != b:
+                    if size[a] > size[b]:
+                        a, b = b, a
                     parent[a] = b
+                    size[b] += size[a]
     tree = np.empty(nnz, dtype=np.int64)
     for p in range(nnz):
-        e = p if p < twin[p] else twin[p]
-        while parent[e] != e:
-            e = parent[e]
-        tree[p] = e
+        tree[p] = _root(parent, p if p < twin[p] else twin[p])
     return color, tree
 
 
@@ -339,7 +368,7 @@ def twin_positions(indptr, indices):
     return twin
 
 
-def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
+def star(indptr, indices, order, side=None, seeded=None):  # noqa: C901 - the algorithm in one piece
     """Greedy star colouring in ``order``: distance-1, and no path on four vertices uses
     only two colours (every two-coloured component is a star).
 
@@ -351,10 +380,22 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
     how many there are and whether they are hubs towards it, so a dense row costs its
     length times the colours, not its square.
 
-    Returns colours ``0..K-1``.
+    Bicolouring (NOTE [bicolouring]): vertices of different ``side`` draw from separate
+    palettes (colour numbers may repeat across sides; adjacent vertices of different
+    sides need not differ); vertices not ``seeded`` are neutral: never coloured (colour
+    ``-1``, absent from ``order``) and never counted on a path, but their neighbours
+    must differ. Every edge joins one side to itself (all of one side) or to the other
+    (a bipartite graph), so the colours around a vertex come from one palette. One side,
+    all seeded (the default): the plain star colouring.
+
+    Returns colours ``0..K-1`` per side, ``-1`` for neutral vertices.
     """
     n = len(indptr) - 1
     nnz = len(indices)
+    if side is None:
+        side = np.zeros(n, dtype=np.int64)
+    if seeded is None:
+        seeded = np.ones(n, dtype=np.bool_)
     color = -np.ones(n, dtype=np.int64)
     forbidden = -np.ones(n + 2, dtype=np.int64)
     slot_col = np.empty(nnz, dtype=np.int64)
@@ -364,9 +405,17 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
     for v in order:
         bv = indptr[v]
         for p in range(indptr[v], indptr[v + 1]):
-            c = color[indices[p]]
+            u = indices[p]
+            if not seeded[u]:  # a neutral neighbour: its entries are read from v's product
+                for q in range(indptr[u], indptr[u + 1]):
+                    c = color[indices[q]]
+                    if c >= 0:
+                        forbidden[c] = v
+                continue
+            c = color[u]
             if c >= 0:
-                forbidden[c] = v
+                if side[u] == side[v]:
+                    forbidden[c] = v
                 s = _slot(slot_col, slot_cnt, slot_hub, nslots, bv, v, c)
                 slot_cnt[s] += 1
         for p in range(indptr[v], indptr[v + 1]):
@@ -403,4 +452,4 @@ def star(indptr, indices, order):  # noqa: C901 - the algorithm in one piece
 
 
 #: Functions that kernels call (compiled before the kernels that use them).
-_HELPERS = (_slot, _first_free)
+_HELPERS = (_slot, _first_free, _root)

@@ -38,7 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from hesse.sparsity._coloring import Coloring, adjacency, star_recovery, twins
+from hesse.sparsity._coloring import Bicoloring, Coloring, adjacency, star_recovery, twins
 
 
 @dataclass
@@ -216,6 +216,54 @@ def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
         visit_parent=torch.from_numpy(p),
         gather=torch.from_numpy(gather),
     )
+
+
+@dataclass
+class JacobianPlan:
+    """How to read the entries of a Jacobian pattern (CSR order) from the column products
+    ``Bc`` (``(K_col, m)``, JVPs) and the row products ``Br`` (``(K_row, n)``, VJPs)
+    (NOTE [bicolouring]): one gather from the two, flattened one after the other."""
+
+    m: int
+    n: int
+    rows: np.ndarray
+    cols: np.ndarray
+    bicoloring: Bicoloring
+    index: torch.Tensor  # per entry: flat index into cat([Bc.reshape(-1), Br.reshape(-1)])
+
+    def recover(self, Bc: torch.Tensor, Br: torch.Tensor) -> torch.Tensor:
+        if self.index.device != Bc.device:
+            self.index = self.index.to(Bc.device)
+        # index_select, not [index]: advanced indexing costs ~1000x more at these sizes on
+        # a busy CPU (torch 2.13, a 6k-entry gather: 17 ms against 5 us)
+        both = Br.reshape(-1) if not Bc.numel() else Bc.reshape(-1)
+        if Bc.numel() and Br.numel():
+            both = torch.cat([Bc.reshape(-1), Br.reshape(-1)])
+        return both.index_select(0, self.index)
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """The sparse CSR tensor ``(m, n)`` of the pattern holding ``values``."""
+        cache = self.__dict__.setdefault("_index", {})
+        if values.device not in cache:
+            crow, col = csr_index(self.rows, self.cols, self.m)
+            cache[values.device] = (crow.to(values.device), col.to(values.device))
+        return csr_tensor(*cache[values.device], values, (self.m, self.n))
+
+
+def jacobian_plan(P: sp.csr_matrix, bicoloring: Bicoloring) -> JacobianPlan:
+    """Direct recovery of ``J`` (pattern ``P``, CSR with sorted indices) from a bicolouring:
+    entry ``J_ij`` is ``Bc[c(j), i]`` or ``Br[r(i), j]`` (NOTE [bicolouring])."""
+    m, n = P.shape
+    coo = P.tocoo()
+    rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    cc, rc = bicoloring.column, bicoloring.row
+    at_col = cc.colors[cols] * m + rows
+    at_row = cc.num_colors * m + rc.colors[rows] * n + cols
+    read = bicoloring.from_column
+    assert (cc.colors[cols[read]] < cc.num_colors).all(), "an entry read from a neutral column"
+    assert (rc.colors[rows[~read]] < rc.num_colors).all(), "an entry read from a neutral row"
+    index = torch.from_numpy(np.where(read, at_col, at_row))
+    return JacobianPlan(m, n, rows, cols, bicoloring, index)
 
 
 def csr_index(rows: np.ndarray, cols: np.ndarray, m: int) -> tuple[torch.Tensor, torch.Tensor]:

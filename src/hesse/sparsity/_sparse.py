@@ -44,13 +44,14 @@ from hesse._validation import (
     describe,
     fail,
 )
+from hesse.sparsity import _recovery
 from hesse.sparsity._coloring import (
     ORDERS,
     Coloring,
     acyclic_coloring,
-    column_coloring,
+    bicoloring,
     diagonal_coloring,
-    row_coloring,
+    one_sided,
     star_coloring,
 )
 from hesse.sparsity._maps import PatternTooLarge
@@ -243,8 +244,6 @@ def _coloured(kind: str, P: sp.csr_matrix) -> Coloring:
         "acyclic": acyclic_coloring,
         "star": star_coloring,
         "diagonal": diagonal_coloring,
-        "column": column_coloring,
-        "row": row_coloring,
     }[kind]
     return _cached(kind, P, lambda: fn(P))
 
@@ -419,22 +418,41 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
 def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
     """One HVP with a fixed pseudo-random vector against ``H @ v``: a supplied pattern
     that misses nonzeros of the Hessian at this point fails here (NOTE [pattern check])."""
-    gen = torch.Generator().manual_seed(0x5EED)
-    v = torch.rand(engine.n, generator=gen, dtype=torch.float64).to(engine.x) + 0.5
+    v = _check_vector(engine.n, engine.x)
     hv = engine.apply(1, lambda a, b: v[None], chunk_size=1)[0]  # with the fallbacks
-    mine = (H.to(torch.float64) @ v.to(torch.float64)).to(hv.dtype)
-    scale = float(hv.abs().max()) + float(mine.abs().max())
+    _compare_product(call, "Hessian", "a Hessian-vector product", hv, H, v, "hessian")
+
+
+def _check_vector(n: int, like: torch.Tensor) -> torch.Tensor:
+    """The fixed pseudo-random vector of NOTE [pattern check], entries in ``[0.5, 1.5)``."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    return torch.rand(n, generator=gen, dtype=torch.float64).to(like) + 0.5
+
+
+def _compare_product(
+    call: str,
+    what: str,
+    product: str,
+    exact: torch.Tensor,
+    M: torch.Tensor,
+    v: torch.Tensor,
+    detector: str,
+) -> None:
+    """``exact`` (one product with ``v``) against ``M @ v`` of the recovered sparse matrix
+    ``M``: a pattern that misses nonzeros at this point fails here (NOTE [pattern check])."""
+    mine = (M.to(torch.float64) @ v.to(torch.float64)).to(exact.dtype)
+    scale = float(exact.abs().max()) + float(mine.abs().max()) if exact.numel() else 0.0
     # substitution accepted by "auto" may carry sqrt(eps) relative error per entry
-    tol = 10 * torch.finfo(hv.dtype).eps ** 0.5 * max(scale, torch.finfo(hv.dtype).tiny)
-    err = float((hv - mine).abs().max()) if hv.numel() else 0.0
+    tol = 10 * torch.finfo(exact.dtype).eps ** 0.5 * max(scale, torch.finfo(exact.dtype).tiny)
+    err = float((exact - mine).abs().max()) if exact.numel() else 0.0
     if err > tol:
-        bad = int((hv - mine).abs().argmax())
+        bad = int((exact - mine).abs().argmax())
         fail(
             call,
-            f"the pattern misses nonzeros of the Hessian: a Hessian-vector product differs "
-            f"from the one of the recovered Hessian by {err:.3g} (row {bad}; tolerance "
+            f"the pattern misses nonzeros of the {what}: {product} differs "
+            f"from the one of the recovered {what} by {err:.3g} (row {bad}; tolerance "
             f"{tol:.3g}). Fix: pass a pattern that contains every nonzero (e.g. from "
-            "hesse.hessian_sparsity), or omit pattern= to detect it.",
+            f"hesse.{detector}_sparsity), or omit pattern= to detect it.",
         )
 
 
@@ -492,8 +510,8 @@ def sparse_hessian(
         TypeError, ValueError: for a malformed ``pattern``, a ``pattern`` found to miss
             nonzeros, or bad input.
 
-    Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 4 for a
-    5-point stencil from the greedy orders (3 in theory); star 3 and 5), memory
+    Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 3 for a
+    5-point stencil; star 3 and 5), memory
     ``O(K n + nnz)``; recovery ``O(nnz)``. A detected pattern that couples every pair
     takes ``n`` HVPs with basis vectors instead, without colouring (NOTE [dense fallback]).
 
@@ -577,22 +595,85 @@ def sparse_hessian(
     return wrapped
 
 
+#: ``coloring=`` choices of :func:`sparse_jacobian` (NOTE [jacobian colouring choice]).
+JACOBIAN_COLORINGS = ("auto", "column", "row", "bidirectional")
+
+
+def _jacobian_plan(kind: str, P: sp.csr_matrix) -> _recovery.JacobianPlan:
+    """The bicolouring of the given kind and its recovery plan (cached on ``P``)."""
+    make = bicoloring if kind == "bidirectional" else lambda J: one_sided(J, kind)
+    return _cached(f"jacobian-{kind}", P, lambda: _recovery.jacobian_plan(P, make(P)))
+
+
+def _jacobian_kind(coloring: str, P: sp.csr_matrix) -> str:
+    """The colouring that runs for ``coloring=`` on ``P`` (NOTE [jacobian colouring choice])."""
+    if coloring != "auto" or P.nnz == 0:
+        return "column" if coloring == "auto" else coloring
+    m, n = P.shape
+    if P.nnz == m * n:  # dense: min(m, n) products, no bicolouring does better
+        return "column" if n <= m else "row"
+    bi = _jacobian_plan("bidirectional", P).bicoloring.products
+    # a row with d entries needs d column colours, a column with d entries d row colours:
+    # a one-sided colouring whose bound exceeds the bicolouring's products is not computed
+    best, kind = bi + 1, "bidirectional"
+    for side, bound in (("column", P.getnnz(axis=1).max()), ("row", P.getnnz(axis=0).max())):
+        if bound <= bi and bound < best:
+            products = _jacobian_plan(side, P).bicoloring.products
+            if products <= bi and products < best:
+                best, kind = products, side
+    return kind
+
+
+def _jacobian_products(
+    prob: _Vector, plan: _recovery.JacobianPlan, chunk_size: int | None, call: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Bc`` (``K_col`` JVPs with the column seeds) and ``Br`` (``K_row`` VJPs)."""
+    x, m = prob.x, prob.m
+    kc, kr = plan.bicoloring.column.num_colors, plan.bicoloring.row.num_colors
+    Bc, Br = x.new_zeros(0, m), x.new_zeros(0, x.numel())
+    if kc:
+        push = lambda s: jvp(prob.fn, (x,), (s,))[1]  # noqa: E731
+        seeds = _seed_rows(plan.bicoloring.column, x)
+        Bc = map_chunks(vmap(push), push, kc, seeds, chunk_size=chunk_size or kc, call=call)
+    if kr:
+        _, pullback = vjp(prob.fn, x)
+        pull = lambda s: pullback(s)[0]  # noqa: E731
+        seeds = _seed_rows(plan.bicoloring.row, x.new_zeros(m))
+        Br = map_chunks(vmap(pull), pull, kr, seeds, chunk_size=chunk_size or kr, call=call)
+    return Bc, Br
+
+
 def sparse_jacobian(
     f: Callable[..., torch.Tensor],
     argnums: int | tuple[int, ...] = 0,
     *,
     pattern: torch.Tensor | None = None,
+    coloring: str = "auto",
     chunk_size: int | None = None,
 ) -> Callable[..., torch.Tensor]:
-    """The exact Jacobian as a sparse CSR tensor ``(m, n)``, from compressed JVPs or VJPs.
+    """The exact Jacobian as a sparse CSR tensor ``(m, n)``, from compressed JVPs and VJPs.
 
-    Columns that share no row are grouped (Curtis-Powell-Reid) and one JVP per group
-    gives them all; when grouping rows needs fewer products, VJPs are used instead.
+    # NOTE [jacobian colouring choice]
+    ``coloring="column"``: columns that share no row are grouped (Curtis-Powell-Reid)
+    and one JVP per group :math:`J s_c` gives all their entries. ``coloring="row"``: the
+    same for rows, one VJP :math:`s_r^T J` per group. ``coloring="bidirectional"``: a
+    star bicolouring (NOTE [bicolouring]): ``K_col`` JVPs and ``K_row`` VJPs, each entry
+    read from one of them; a Jacobian with a dense row and a dense column (arrowhead)
+    takes 3 products where a one-sided colouring takes ``n``. ``coloring="auto"``
+    (default): the fewest products, ties going to column (JVPs keep no graph), then
+    row, then bidirectional. Every entry is read directly: exact.
+
+    # NOTE [jacobian pattern check]
+    A supplied ``pattern`` is checked on the first call of the transform with one JVP
+    with a fixed pseudo-random vector against the recovered Jacobian times it (the check
+    of NOTE [pattern check]): missing nonzeros that are nonzero at that point raise.
 
     Args:
         f: a function returning a real tensor (``m`` elements, flattened row-major).
         argnums: which positional arguments to differentiate.
-        pattern: a precomputed ``(m, n)`` pattern (e.g. from :func:`jacobian_sparsity`).
+        pattern: a precomputed ``(m, n)`` pattern (e.g. from :func:`jacobian_sparsity`);
+            entries outside it are taken as zero.
+        coloring: ``"auto"``, ``"column"`` (JVPs), ``"row"`` (VJPs) or ``"bidirectional"``.
         chunk_size: products per vectorised pass (default: all at once).
 
     Returns:
@@ -600,12 +681,20 @@ def sparse_jacobian(
 
     Raises:
         NotImplementedError: for value-dependent control flow without ``pattern``.
+        TypeError, ValueError: for an unknown ``coloring``, a malformed ``pattern``, a
+            ``pattern`` found to miss nonzeros, or bad input.
 
-    Cost: ``min(K_col, K_row)`` JVPs or VJPs, memory ``O(K (m + n) + nnz)``.
+    Cost: ``K_col`` JVPs plus ``K_row`` VJPs (column: ``K_row = 0``; row:
+    ``K_col = 0``), memory ``O(K_col m + K_row n + nnz)``; with ``pattern``, one more
+    JVP on the first call.
 
     References:
         Curtis, A. R., Powell, M. J. D. & Reid, J. K. (1974). On the estimation of sparse
         Jacobian matrices. IMA J. Appl. Math. 13.
+        Coleman, T. F. & Verma, A. (1998). The efficient computation of sparse Jacobian
+        matrices using automatic differentiation. SIAM J. Sci. Comput. 19(4). (Star
+        bicolouring; the other references of NOTE [bicolouring],
+        :func:`hesse.sparsity._coloring.bicoloring`.)
 
     Example:
         >>> J = sparse_jacobian(lambda x: x[1:] * x[:-1])(torch.tensor([1.0, 2.0, 3.0]))
@@ -613,46 +702,29 @@ def sparse_jacobian(
         tensor([[2., 1., 0.],
                 [0., 3., 2.]])
     """
+    checked: set[tuple[int, int]] = set()  # NOTE [jacobian pattern check]: once per shape
 
     def wrapped(*args: Any) -> torch.Tensor:
         call = call_form("hesse.sparse_jacobian", len(args))
         check_chunk_size(call, chunk_size)
+        check_choice(call, "coloring", coloring, JACOBIAN_COLORINGS)
         prob = _vector_problem(f, args, argnums, call)
-        m, n, x = prob.m, prob.x.numel(), prob.x
+        m, n = prob.m, prob.x.numel()
         if pattern is None:
-            P = _detect(prob.fn, x, call).jacobian()
+            P = _detect(prob.fn, prob.x, call).jacobian()
         else:
             P = _from_torch(call, pattern, (m, n))
+        P.sum_duplicates()
         P.sort_indices()
-        cc = _coloured("column", P)
-        rc = _coloured("row", P) if m < n else None
-        coo = P.tocoo()
-        rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
-        values = x.new_zeros(len(rows))
-        if rc is not None and rc.num_colors < cc.num_colors:
-            if rc.num_colors:
-                _, pullback = vjp(prob.fn, x)
-                B = map_chunks(
-                    vmap(lambda s: pullback(s)[0]),
-                    lambda s: pullback(s)[0],
-                    rc.num_colors,
-                    _seed_rows(rc, x.new_zeros(m)),
-                    chunk_size=chunk_size or rc.num_colors,
-                    call=call,
-                )
-                values = B[torch.from_numpy(rc.colors[rows]), torch.from_numpy(cols)]
-        elif cc.num_colors:
-            push = lambda s: jvp(prob.fn, (x,), (s,))[1]  # noqa: E731
-            B = map_chunks(
-                vmap(push),
-                push,
-                cc.num_colors,
-                _seed_rows(cc, x),
-                chunk_size=chunk_size or cc.num_colors,
-                call=call,
-            )
-            values = B[torch.from_numpy(cc.colors[cols]), torch.from_numpy(rows)]
-        return csr_tensor(*csr_index(rows, cols, m), values.detach(), (m, n))
+        plan = _jacobian_plan(_jacobian_kind(coloring, P), P)
+        values = plan.recover(*_jacobian_products(prob, plan, chunk_size, call))
+        J = plan.csr(values.detach())
+        if pattern is not None and (m, n) not in checked:
+            v = _check_vector(n, prob.x)
+            jv = jvp(prob.fn, (prob.x,), (v,))[1].detach()
+            _compare_product(call, "Jacobian", "a Jacobian-vector product", jv, J, v, "jacobian")
+            checked.add((m, n))
+        return J
 
     return wrapped
 
