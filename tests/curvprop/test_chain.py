@@ -87,7 +87,25 @@ CHAINS = {  # MLPs, and CNNs (defined below)
     "mlp sigmoid-relu, no bias": lambda: (mlp(nn.Sigmoid, nn.ReLU, bias=False), data()),
     "cnn tanh": lambda: (cnn(nn.Tanh), images()),
     "cnn relu": lambda: (cnn(nn.ReLU), images()),
+    # residual columns meet Flatten (reshaped), a convolution (closed form) and max pooling
+    "cnn pool-tanh-conv-flatten-sigmoid": lambda: (
+        seeded(
+            nn.Conv2d(2, 3, 3),
+            nn.MaxPool2d(2),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 2),
+            nn.Flatten(),
+            nn.Sigmoid(),
+            nn.Linear(8, 3),
+        ),
+        images(),
+    ),  # fmt: skip
 }
+
+
+def seeded(*layers: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).to(D)
 
 
 @pytest.mark.parametrize("case", list(CHAINS))
