@@ -170,15 +170,15 @@ def chain_diagonal(
     def run(ids: torch.Tensor) -> torch.Tensor:
         lo = int(ids[0]) * group
         hi = min(b, lo + group)
-        part = _chain_group(layers, names, params, inputs[lo:hi], targets[lo:hi], per_sample)
-        return part if per_sample else part[None]
+        return _chain_group(layers, names, params, inputs[lo:hi], targets[lo:hi], False)[None]
 
-    if groups == 1:
-        flat = run(torch.zeros(1))
-        flat = flat if per_sample else flat[0]
-    elif per_sample:
-        parts = [run(torch.tensor([g])) for g in range(groups)]  # ragged groups: no stacking
-        flat = torch.cat(parts)
+    if per_sample:  # every group writes its rows of one (B, n) result: no copies
+        flat = inputs.new_empty((b, sum(params[k].numel() for k in names)))
+        for lo in range(0, b, group):
+            hi = min(b, lo + group)
+            _chain_group(layers, names, params, inputs[lo:hi], targets[lo:hi], True, flat[lo:hi])
+    elif groups == 1:
+        flat = run(torch.zeros(1))[0]
     else:
         flat = map_chunks(
             run, None, groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
@@ -187,10 +187,19 @@ def chain_diagonal(
     return flat.mul_(scale) if scale != 1 else flat
 
 
-def _chain_group(layers, names, params, inputs, targets, per_sample: bool) -> torch.Tensor:
-    """One group of samples: the unscaled diagonal, ``(n,)`` or ``(B, n)``."""
+def _chain_group(
+    layers, names, params, inputs, targets, per_sample: bool, result: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One group of samples: the unscaled diagonal, ``(n,)``, or ``(B, n)`` written to ``result``."""
     b = inputs.shape[0]
     prefix = {id(layer): str(i) for i, layer in enumerate(layers)}
+    dest: dict[str, torch.Tensor] = {}  # per-sample: each parameter's (B, numel) columns
+    if per_sample:
+        assert result is not None, "per-sample diagonals are written to a given result"
+        start = 0
+        for k in names:
+            dest[k] = result[:, start : start + params[k].numel()]
+            start += params[k].numel()
 
     def weights(layer):
         key = prefix[id(layer)]
@@ -220,9 +229,10 @@ def _chain_group(layers, names, params, inputs, targets, per_sample: bool) -> to
                 key = prefix[id(layer)]
                 w, bias = weights(layer)
                 sq_w, sq_b = (_linear_squares if kind is nn.Linear else _conv_squares)(
-                    layer, a, dense, dense_signs, diag_cols, diag_signs, per_sample
+                    layer, a, dense, dense_signs, diag_cols, diag_signs, dest.get(f"{key}.weight")
                 )
-                out[f"{key}.weight"] = sq_w
+                if sq_w is not None:  # None: written to its destination
+                    out[f"{key}.weight"] = sq_w
                 if bias is not None:
                     out[f"{key}.bias"] = sq_b if per_sample else sq_b.sum(0)
                 if i == 0:
@@ -257,8 +267,11 @@ def _chain_group(layers, names, params, inputs, targets, per_sample: bool) -> to
                     from_diag = from_diag.reshape(b, d, *a.shape[1:])
                 dense, dense_signs = _appended(dense, dense_signs, from_diag, diag_signs)
                 diag_cols = diag_signs = None
-    pieces = [out[k].reshape(b, -1) if per_sample else out[k].reshape(-1) for k in names]
-    return torch.cat(pieces, dim=1 if per_sample else 0)
+    if not per_sample:
+        return torch.cat([out[k].reshape(-1) for k in names])
+    for k, value in out.items():
+        dest[k].copy_(value.reshape(b, -1))
+    return result
 
 
 def _apply(layer: nn.Module, params: dict, key: str, x: torch.Tensor) -> torch.Tensor:
@@ -292,16 +305,23 @@ def _weighted(squares: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor
     return torch.einsum("bk...,bk->b...", squares, signs)
 
 
-def _linear_squares(layer, a, dense, signs, diag_cols, diag_signs, per_sample):
-    """Weight and per-sample bias squares of a Linear layer (``sum_c s_c (u_c a^T)^2``)."""
+def _linear_squares(layer, a, dense, signs, diag_cols, diag_signs, dest):
+    """Weight and per-sample bias squares of a Linear layer (``sum_c s_c (u_c a^T)^2``).
+
+    ``dest``: the per-sample weight squares' ``(B, numel)`` destination, written in
+    place (the weight's entry is then ``None``); ``None`` for the sum over samples.
+    """
     weighted = _weighted(dense * dense, signs)  # (B, out)
     if diag_cols is not None:
         weighted = weighted + diag_signs * diag_cols * diag_cols
-    lead = "b" if per_sample else ""
-    return torch.einsum(f"bo,bi->{lead}oi", weighted, a * a), weighted
+    if dest is None:
+        return weighted.T @ (a * a), weighted
+    b, o = weighted.shape
+    torch.mul(weighted[:, :, None], (a * a)[:, None, :], out=dest.view(b, o, a.shape[1]))
+    return None, weighted
 
 
-def _conv_squares(layer, a, dense, signs, diag_cols, diag_signs, per_sample):
+def _conv_squares(layer, a, dense, signs, diag_cols, diag_signs, dest):
     """Weight and per-sample bias squares of a Conv2d layer.
 
     Column ``u`` (``(O, P)`` over output positions) has the weight gradient ``u U^T``
@@ -319,4 +339,4 @@ def _conv_squares(layer, a, dense, signs, diag_cols, diag_signs, per_sample):
         weight = weight + torch.einsum("bop,bcp->boc", r, U * U)
         bias = bias + r.sum(2)
     weight = weight.reshape(b, *layer.weight.shape)
-    return (weight if per_sample else weight.sum(0)), bias
+    return (weight if dest is not None else weight.sum(0)), bias
