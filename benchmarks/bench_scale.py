@@ -17,6 +17,9 @@ Rows:
   the time split between operator products and Lanczos's linear algebra
   (``EigshResult.product_seconds`` / ``total_seconds``). Full run: ``layer4.1``
   (4.7M parameters); ``--quick``: ``layer3.1`` (1.2M) and a smaller budget.
+- ``resnet18-block/diag-exact``: the exact Hessian diagonal over ResNet-18's
+  ``layer1.0`` (74k parameters, float64, batch 8; ``--quick``: 2): hesse against the
+  brute force, time-capped (its first entries, time scaled to all ``n``).
 """
 
 from __future__ import annotations
@@ -76,17 +79,23 @@ def _gpt2_operator(quick: bool, **kwargs: Any) -> tuple[hesse.HessianOperator, s
     raise AssertionError("unreachable")
 
 
-def _brute_force_diagonal(H: hesse.HessianOperator, chunk: int = 256) -> torch.Tensor:
-    """One double backward per parameter, ``chunk`` rows of the identity at a time."""
+def _brute_force_diagonal(
+    H: hesse.HessianOperator, chunk: int = 256, stop: int | None = None
+) -> torch.Tensor:
+    """One double backward per parameter, ``chunk`` rows of the identity at a time.
+
+    ``stop``: only the first ``stop`` diagonal entries (a time-capped baseline).
+    """
     x = H._x.detach().requires_grad_(True)
     (inputs, targets) = H._unpack(next(iter(H.data)))
     with torch.enable_grad():
         loss = H.loss_fn(H._forward(x, inputs), targets)
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
     n = x.numel()
-    out = torch.empty(n, dtype=x.dtype)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
+    last = n if stop is None else min(n, stop)
+    out = torch.empty(last, dtype=x.dtype)
+    for start in range(0, last, chunk):
+        stop = min(last, start + chunk)
         E = torch.zeros(stop - start, n, dtype=x.dtype)
         E[torch.arange(stop - start), torch.arange(start, stop)] = 1
         (rows,) = torch.autograd.grad(g, x, E, retain_graph=True, is_grads_batched=True)
@@ -181,18 +190,23 @@ def _product_rows(quick: bool, H: hesse.HessianOperator) -> list[dict[str, Any]]
 
 
 # -- ResNet-18 block ----------------------------------------------------------------
-def resnet_rows(quick: bool) -> list[dict[str, Any]]:
+def _resnet18() -> nn.Module | None:
+    """A random-init torchvision ResNet-18 (10 classes, eval mode), or None without it."""
     hesse.testing.torchvision_cpu_shim()
     try:
         import torchvision as tv
     except ImportError:
-        tv = None
-    if tv is None:
+        return None
+    torch.manual_seed(0)
+    return tv.models.resnet18(num_classes=10).eval()
+
+
+def resnet_rows(quick: bool) -> list[dict[str, Any]]:
+    model = _resnet18()
+    if model is None:
         return [
             {"workload": "resnet18-block/eigsh-top5", "method": "hesse", "note": "no torchvision"}
         ]
-    torch.manual_seed(0)
-    model = tv.models.resnet18(num_classes=10).eval()
     block = "layer3.1" if quick else "layer4.1"
     names = [k for k, _ in model.named_parameters() if k.startswith(block + ".conv")]
     g = torch.Generator().manual_seed(0)
@@ -221,9 +235,61 @@ def resnet_rows(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def resnet_diagonal_rows(quick: bool) -> list[dict[str, Any]]:
+    """``resnet18-block/diag-exact``: the exact Hessian diagonal over ``layer1.0``.
+
+    hesse: ``hesse.diagonal(HessianOperator, "exact")``. Brute force: one double
+    backward per parameter, time-capped: the first ``m`` entries are computed and
+    the time is scaled by ``n / m`` (``extrapolated``); ``error`` compares those
+    entries.
+    """
+    model = _resnet18()
+    if model is None:
+        return [
+            {"workload": "resnet18-block/diag-exact", "method": "hesse", "note": "no torchvision"}
+        ]
+    model = model.double()
+    names = [k for k, _ in model.named_parameters() if k.startswith("layer1.0")]
+    g = torch.Generator().manual_seed(0)
+    b = 2 if quick else 8
+    x = torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64)
+    data = [(x, torch.randint(0, 10, (b,), generator=g))]
+    H = hesse.HessianOperator(model, nn.CrossEntropyLoss(), data, params=names)
+    n, m = H.shape[0], 32 if quick else 256
+    results: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, value: torch.Tensor) -> dict[str, Any]:
+        results[name] = value
+        return {}
+
+    timings = measure(
+        {
+            "hesse diagonal(exact)": lambda: hesse.diagonal(H, method="exact"),
+            f"brute force ({m} of n double backwards)": lambda: _brute_force_diagonal(
+                H, chunk=32, stop=m
+            ),
+        },
+        repeats=1 if quick else 3,
+        max_seconds=120,
+        summarize=keep,
+    )
+    brute = f"brute force ({m} of n double backwards)"
+    ref = results[brute]
+    error = float((results["hesse diagonal(exact)"][:m] - ref).abs().max())
+    workload = f"resnet18-block/diag-exact (layer1.0, n={n}, batch {b})"
+    hesse_row = {"workload": workload, "method": "hesse diagonal(exact)"}
+    hesse_row.update(timings["hesse diagonal(exact)"], error=error, reference=True)
+    scaled = {
+        k: v * n / m if k in ("time_s", "cpu_s") and v else v for k, v in timings[brute].items()
+    }
+    brute_row = {"workload": workload, "method": "brute force (n double backwards)"}
+    brute_row.update(scaled, extrapolated=f"from {m} of {n}", error=0.0)
+    return [hesse_row, brute_row]
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     # Default threads (the issue's setting), unlike the other suites' one thread.
-    return gpt2_rows(quick) + resnet_rows(quick)
+    return gpt2_rows(quick) + resnet_rows(quick) + resnet_diagonal_rows(quick)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,14 +12,20 @@ Methods, all float64 on the CPU, default threads, timed side by side:
 
 - ``hesse detection``: ``hesse.hessian_sparsity`` from scratch (caches cleared).
 - ``hesse one-shot``: ``hesse.sparse_hessian(f)(x)`` from scratch: trace, propagate,
-  colour (acyclic, NOTE [colouring choice]), compressed HVPs, substitution.
+  colour (acyclic, NOTE [colouring choice]), compressed HVPs, substitution; at
+  256 <= n <= 4096 the cost model may take ``n`` dense products instead (NOTE [one-shot
+  cost model]; the ``colors`` column still shows the colouring's count).
 - ``hesse reuse (pattern=)``: the prepared transform ``sparse_hessian(f, pattern=P)``
   after its first call (NOTE [prepared reuse]), as in an optimisation loop.
+- ``hesse reuse compiled``: the same with ``compile=True`` (NOTE [compiled reuse]),
+  timed after its first call; the compilation time is in ``note``. Not in ``--quick``.
 - ``torch.func.hessian (dense)`` for n <= 3,000.
 - ``asdex detection`` (``asdex.hessian_sparsity``), ``asdex one-shot``
   (``asdex.hessian``, detection + colouring + evaluation, not jitted) and
   ``asdex jit (coloring reused)`` (``jax.jit(asdex.hessian_from_coloring)``, timed after
-  compilation). Rows read "not installed" without ``jax``/``asdex``.
+  compilation). Rows read "not installed" without ``jax``/``asdex``. asdex's set-up
+  (colouring, jit compilation) and every first run are bounded by ``ASDEX_LIMIT_S``
+  seconds (``SIGALRM``); a cell past it or crashing reads as an error with the reason.
 
 Sparse Jacobians (:func:`run_jacobians`, n = 1e3 and 1e4): the Brusselator residual and
 an arrowhead residual (dense first row and column), ``hesse.sparse_jacobian`` one-shot
@@ -34,7 +40,11 @@ else against asdex's; peak memory as in NOTE [peak memory] (benchmarks/_measure.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -47,15 +57,18 @@ except ImportError:  # pragma: no cover
 
 import hesse
 import hesse.sparsity._sparse as _sparse
+from hesse.sparsity._prepared import CompileFallbackWarning
 
 DETECT = "hesse detection"
 ONE_SHOT = "hesse one-shot"
 REUSE = "hesse reuse (pattern=)"
+COMPILED = "hesse reuse compiled"
 DENSE = "torch.func.hessian (dense)"
 ASDEX_DETECT = "asdex detection"
 ASDEX_ONE_SHOT = "asdex one-shot"
 ASDEX_JIT = "asdex jit (coloring reused)"
 DENSE_LIMIT = 3000
+ASDEX_LIMIT_S = 120
 
 
 # -- workloads, written once for torch and JAX (xp: the array module) -----------------------
@@ -147,18 +160,55 @@ def _fresh(fn: Callable[[], Any]) -> Callable[[], Any]:
     return call
 
 
-def _hesse_calls(f, x) -> tuple[dict[str, Callable[[], Any]], int]:
+def _hesse_calls(f, x, compiled: bool) -> tuple[dict[str, Callable[[], Any]], int, str]:
     pattern = hesse.hessian_sparsity(f)(x)
     reused = hesse.sparse_hessian(f, pattern=pattern)
     reused(x)  # prepares the plan, as an optimisation loop's first step would
     n = x.numel()
     P = _sparse._symmetric(_sparse._from_torch("bench", pattern, (n, n)))
     k = _sparse._plan(_sparse._kind("auto", P), P).coloring.num_colors  # cached above
-    return {
+    calls = {
         DETECT: _fresh(lambda: hesse.hessian_sparsity(f)(x)),
         ONE_SHOT: _fresh(lambda: hesse.sparse_hessian(f)(x)),
         REUSE: lambda: reused(x),
-    }, k
+    }
+    note = ""
+    if compiled:
+        fast = hesse.sparse_hessian(f, pattern=pattern, compile=True)
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CompileFallbackWarning)
+            fast(x)  # compiles (NOTE [compiled reuse])
+        note = f"compile {time.perf_counter() - start:.1f} s"
+        fell = [w for w in caught if issubclass(w.category, CompileFallbackWarning)]
+        if fell:
+            note = f"eager fallback: {str(fell[0].message)[:160]}"
+        calls[COMPILED] = lambda: fast(x)
+    return calls, k, note
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``TimeoutError`` in Python code running past ``seconds`` (main thread, Unix)."""
+
+    def stop(signum, frame):
+        raise TimeoutError(f"took longer than {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _limited(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def call():
+        with _time_limit(ASDEX_LIMIT_S):
+            return fn()
+
+    return call
 
 
 def _asdex_calls(f, x: np.ndarray) -> tuple[dict[str, Callable], int | None, str]:
@@ -172,22 +222,23 @@ def _asdex_calls(f, x: np.ndarray) -> tuple[dict[str, Callable], int | None, str
         return {}, None, "not installed"
     fj = lambda v: f(v, jnp)  # noqa: E731
     xj = jnp.asarray(x)
-    coloring = asdex.hessian_coloring(fj, xj)
+    calls = {
+        ASDEX_DETECT: _limited(lambda: asdex.hessian_sparsity(fj, xj)),
+        ASDEX_ONE_SHOT: _limited(lambda: _ready(asdex.hessian(fj, xj)(xj))),
+    }
+    try:
+        with _time_limit(ASDEX_LIMIT_S):
+            coloring = asdex.hessian_coloring(fj, xj)
+            jitted = jax.jit(asdex.hessian_from_coloring(fj, coloring))
+            jitted(xj).data.block_until_ready()  # compile outside the timing
+    except (Exception, MemoryError) as err:  # noqa: BLE001 - reported as the jit cell's note
+        return calls, None, f"asdex jit set-up: {type(err).__name__}: {str(err)[:100]}"
     colors = next(
         (int(getattr(coloring, a)) for a in ("num_colors", "n_colors") if hasattr(coloring, a)),
         None,
     )
-    jitted = jax.jit(asdex.hessian_from_coloring(fj, coloring))
-    jitted(xj).data.block_until_ready()  # compile outside the timing
-    return (
-        {
-            ASDEX_DETECT: lambda: asdex.hessian_sparsity(fj, xj),
-            ASDEX_ONE_SHOT: lambda: _ready(asdex.hessian(fj, xj)(xj)),
-            ASDEX_JIT: lambda: jitted(xj).data.block_until_ready(),
-        },
-        colors,
-        "",
-    )
+    calls[ASDEX_JIT] = _limited(lambda: jitted(xj).data.block_until_ready())
+    return calls, colors, ""
 
 
 def _ready(H: Any) -> Any:
@@ -320,7 +371,19 @@ def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
         f, n = spec["f"], spec["n"]
         x = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         x = 0.5 + x
-        calls, colors = _hesse_calls(f, x)
+        try:
+            calls, colors, compile_note = _hesse_calls(f, x, compiled=not quick)
+        except (Exception, MemoryError) as err:  # noqa: BLE001 - reported as a row
+            calls, colors, compile_note = {}, None, ""
+            rows.append(
+                {
+                    "workload": wname,
+                    "method": "hesse",
+                    "time_s": None,
+                    "peak_mem_bytes": None,
+                    "note": f"set-up: {type(err).__name__}: {err}"[:200],
+                }
+            )
         if n <= DENSE_LIMIT:
             calls[DENSE] = lambda f=f, x=x: torch.func.hessian(f)(x)
         asdex_calls, asdex_colors, note = _asdex_calls(f, x.numpy())
@@ -335,9 +398,10 @@ def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
             repeats=3 if quick else 5,
             max_seconds=20.0 if quick else 60.0,
             summarize=summarize,
+            tolerate_errors=True,
         )
         ref = (stats.get(DENSE) or stats.get(ASDEX_ONE_SHOT) or {}).get("_dense")
-        mine = stats[ONE_SHOT].get("_dense")
+        mine = stats.get(ONE_SHOT, {}).get("_dense")  # None if the one-shot failed
         err = None if ref is None or mine is None else (mine - ref).abs().max().item()
         for name, st in stats.items():
             hesse_row = name.startswith("hesse")
@@ -350,7 +414,7 @@ def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
                     "peak_mem_bytes": st["peak_mem_bytes"],
                     "colors": colors if hesse_row else asdex_colors if "asdex" in name else n,
                     "max_abs_err": err if name == ONE_SHOT else None,
-                    "note": "",
+                    "note": st.get("error") or (compile_note if name == COMPILED else ""),
                     "reference": name == ONE_SHOT,
                 }
             )

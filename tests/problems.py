@@ -19,6 +19,14 @@ from torch.func import functional_call
 from hesse.testing import finite_difference_hessian
 
 
+def double_backward_hessian(f, x):
+    """Dense Hessian by plain autograd double backward, one row per call."""
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    rows = [torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(x.numel())]
+    return torch.stack(rows)
+
+
 @dataclass(frozen=True)
 class Problem:
     name: str

@@ -115,3 +115,83 @@ def test_saved_bytes_ignores_views_of_parameters() -> None:
     _, used = saved_bytes(lambda: (torch.tanh(x @ w.T.T) * b.exp()).sum(), x)
     # tanh's output and the product's x-side factor; not w.T.T or b.exp(), which do not depend on x
     assert used == 2 * 3 * 40 * 8
+
+
+def test_chunk_size_for_without_split_fills_the_budget() -> None:
+    from hesse._chunking import EFFICIENT_CHUNK_BYTES, splitting_pays
+
+    rows = 4 * EFFICIENT_CHUNK_BYTES // 1024
+    assert chunk_size_for(rows=rows, per_row_bytes=1024, fixed_bytes=0, budget=10**15, split=False)
+    assert (
+        chunk_size_for(rows=rows, per_row_bytes=1024, fixed_bytes=0, budget=10**15, split=False)
+        == rows
+    )
+    assert (
+        chunk_size_for(rows=100, per_row_bytes=10, fixed_bytes=500, budget=1000, split=False) == 50
+    )
+    # NOTE [when to split]: intermediates of 2 output rows (sum(sin)) do not pay, 45 (MLP) do
+    assert not splitting_pays(2 * 800, 800) and splitting_pays(45 * 800, 800)
+
+
+def test_saved_bytes_upper_bound_only_below_at_most() -> None:
+    from hesse._chunking import saved_bytes
+
+    w = torch.ones(50, 40, dtype=torch.float64, requires_grad=True)
+    x = torch.ones(3, 50, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(40, dtype=torch.float64, requires_grad=True)
+
+    def f():
+        return (torch.tanh(x @ w.T.T) * b.exp()).sum()
+
+    exact = 2 * 3 * 40 * 8
+    _, bound = saved_bytes(f, x, at_most=10**9)
+    # w.T.T (saved by the matmul) and b.exp() (saved by exp and by the product): not from x
+    assert bound == exact + 50 * 40 * 8 + 2 * 40 * 8
+    assert saved_bytes(f, x, at_most=bound - 1)[1] == exact
+    assert saved_bytes(f, x)[1] == exact
+
+
+def test_map_chunks_one_chunk_returns_its_result_unless_it_aliases_the_rows() -> None:
+    made = []
+
+    def batched(chunk):
+        made.append(chunk * 2)
+        return made[-1]
+
+    buffer = torch.arange(6.0).reshape(3, 2)
+    out = map_chunks(batched, None, 3, lambda s, e: buffer[s:e], chunk_size=3, call="t")
+    assert out.data_ptr() == made[0].data_ptr()  # no copy
+    same = map_chunks(lambda c: c, None, 3, lambda s, e: buffer[s:e], chunk_size=3, call="t")
+    assert same.data_ptr() != buffer.data_ptr()  # the rows' buffer may be reused: a copy
+    torch.testing.assert_close(same, buffer)
+
+
+def test_default_memory_budget_small_jobs_skip_the_precise_reading() -> None:
+    from hesse._chunking import default_memory_budget
+
+    with open("/proc/meminfo") as fh:
+        info = dict(line.split(":", 1) for line in fh)
+    total = int(info["MemTotal"].split()[0]) * 1024
+    small = default_memory_budget(torch.device("cpu"), needed=1)
+    assert 1 <= small <= total // 2
+    precise = default_memory_budget(torch.device("cpu"), needed=total)  # more than half: exact
+    available = int(info["MemAvailable"].split()[0]) * 1024 // 2
+    assert abs(precise - available) <= 0.2 * available
+    assert default_memory_budget(torch.device("cpu"), needed=total) < total
+
+
+def test_math_attention_restores_the_callers_switches() -> None:
+    from hesse._attention import math_attention
+
+    before = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
+    torch.backends.cuda.enable_math_sdp(False)
+    try:
+        with pytest.raises(KeyError), math_attention():
+            assert torch.backends.cuda.math_sdp_enabled()
+            assert not torch.backends.cuda.flash_sdp_enabled()
+            assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+            raise KeyError("restored on errors too")
+        assert not torch.backends.cuda.math_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() == before[0]
+    finally:
+        torch.backends.cuda.enable_math_sdp(before[1])

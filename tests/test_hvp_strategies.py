@@ -211,3 +211,80 @@ def test_basis_rows_reuse_one_buffer_exactly() -> None:
     rows = basis_rows(7, eye, capacity=3)
     for start, stop in [(0, 3), (3, 6), (6, 7), (0, 2), (1, 7), (2, 4)]:
         assert torch.equal(rows(start, stop), eye[start:stop]), (start, stop)
+
+
+def _chunk_sizes(monkeypatch) -> list[int]:
+    """Rows of every reverse-over-reverse chunk hesse.hessian runs, recorded."""
+    sizes: list[int] = []
+    original = FlatHVP._revrev_batched
+
+    def spy(self, vs):
+        sizes.append(vs.shape[0])
+        return original(self, vs)
+
+    monkeypatch.setattr(FlatHVP, "_revrev_batched", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("case", ["tied-weight", "linear-layernorm", "batchnorm-train"])
+def test_split_rule_chunks_heavy_rows_and_agrees(case: str, monkeypatch) -> None:
+    """NOTE [when to split]: parameter Hessians (intermediates >> a row) go in cache-sized chunks."""
+    import hesse._chunking as chunking
+
+    model, shape = CASES[case]()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (shape[0],), generator=gen)
+    f, flat = param_loss(model, x, y)
+    engine = FlatHVP(f, (flat,), 0, call="t")
+    per_row = engine._per_row_bytes()
+    assert engine._split  # rows carry far more intermediates than their own n entries
+    monkeypatch.setattr(chunking, "EFFICIENT_CHUNK_BYTES", 5 * per_row)  # the cap: 5 rows
+    monkeypatch.setattr(hvp_module, "EFFICIENT_CHUNK_BYTES", 5 * per_row)
+    sizes = _chunk_sizes(monkeypatch)
+    torch.testing.assert_close(hesse.hessian(f)(flat), loop_hessian(f, flat), **TOL)
+    assert sizes and max(sizes) <= 5 < flat.numel()
+
+
+@pytest.mark.parametrize("n", [1, 7, 60])
+def test_split_rule_one_pass_for_light_rows_and_agrees(n: int, monkeypatch) -> None:
+    """NOTE [when to split]: sum(sin(x)) carries 2 rows of intermediates: one pass, any cap."""
+    import hesse._chunking as chunking
+
+    x = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(n))
+    f = lambda x: torch.sin(x).sum() + (x[1:] * x[:-1]).sum()  # noqa: E731
+    engine = FlatHVP(f, (x,), 0, call="t")
+    engine._per_row_bytes()
+    assert not engine._split
+    monkeypatch.setattr(chunking, "EFFICIENT_CHUNK_BYTES", 64)  # would cut every row apart
+    monkeypatch.setattr(hvp_module, "EFFICIENT_CHUNK_BYTES", 64)
+    sizes = _chunk_sizes(monkeypatch)
+    expected = torch.diag(-torch.sin(x)) + torch.diag(torch.ones(n - 1, dtype=DT), 1)
+    expected = expected + torch.diag(torch.ones(n - 1, dtype=DT), -1)
+    torch.testing.assert_close(hesse.hessian(f)(x), expected, **TOL)
+    torch.testing.assert_close(hesse.hessian(f)(x), loop_hessian(f, x), **TOL)
+    assert sizes == [n, n]  # one pass per call
+
+
+def test_scalar_input_hessian_keeps_its_shape() -> None:
+    x = torch.tensor(0.7, dtype=DT)
+    H = hesse.hessian(lambda x: x.sin() * x)(x)
+    assert H.shape == ()
+    torch.testing.assert_close(H, torch.func.hessian(lambda x: x.sin() * x)(x), **TOL)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_per_sample_hessians_default_chunks_agree(batch: int) -> None:
+    """vjp of grad under vmap, sized by the VJP's own allocations (NOTE [memory estimate])."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(batch, 6, generator=gen, dtype=DT)
+    T = torch.randint(0, 3, (batch,), generator=gen)
+
+    def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.nll_loss(nn.functional.log_softmax(model(x[None]), -1), t[None])
+
+    ref = torch.stack([loop_hessian(lambda x, t=t: f(x, t), x) for x, t in zip(X, T)])
+    torch.testing.assert_close(torch.vmap(hesse.hessian(f))(X, T), ref, **TOL)

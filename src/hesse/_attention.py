@@ -15,20 +15,43 @@ caller's backend choice on exit and changes nothing outside it.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
 
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch
 
 from hesse._validation import fail
 
+# The backend switches ``torch.nn.attention.sdpa_kernel`` sets, read and set directly:
+# ``math_attention`` wraps every forward pass of a product, and the generator-based
+# ``sdpa_kernel`` costs tens of microseconds a call (a share of a small Hessian).
+_SWITCHES = tuple(
+    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"))
+    for name in ("cudnn", "flash", "mem_efficient", "overrideable")
+    if hasattr(torch._C, f"_get_{name}_sdp_enabled")
+)
 
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
+
+class _MathAttention:
+    """The fused backends off and the math backend on; the caller's switches restored on exit."""
+
+    __slots__ = ("_saved",)
+
+    def __enter__(self) -> None:
+        self._saved = [get() for get, _ in _SWITCHES], torch._C._get_math_sdp_enabled()
+        for _, switch in _SWITCHES:
+            switch(False)
+        torch._C._set_sdp_use_math(True)
+
+    def __exit__(self, *exc: object) -> None:
+        fused, math = self._saved
+        for (_, switch), on in zip(_SWITCHES, fused):
+            switch(on)
+        torch._C._set_sdp_use_math(math)
+
+
+def math_attention() -> _MathAttention:
     """Run ``scaled_dot_product_attention`` on its math backend inside the block."""
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    return _MathAttention()
 
 
 _NO_DERIVATIVE = (

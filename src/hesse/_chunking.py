@@ -16,22 +16,42 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 GiB = 1024**3
 MiB = 1024**2
 
-#: Default cap on the estimated working set of one chunk (in the units of NOTE
-#: [memory estimate], which overstate the real use about 4x). Larger chunks stop
-#: fitting in cache and get slower per row; smaller ones pay a copy of every chunk
-#: into the result and more passes. Measured at one thread (CPU time, interleaved):
-#: a 4,810-parameter MLP Hessian took 2.2x longer in one chunk than in chunks of 128;
-#: Rosenbrock (n = 2,000, float64) was fastest at 190 rows (58 rows: 1.2x, one
-#: chunk: 2.1x); ``sum(sin(x))`` (n = 2,000) 3.3x faster in one chunk than in four.
-#: This cap gives 81, 233 and 1,398 rows for these three.
+#: Cap on the estimated working set of one chunk (in the units of NOTE [memory
+#: estimate], which overstate the real use about 4x), for jobs where splitting pays
+#: (NOTE [when to split]).
 EFFICIENT_CHUNK_BYTES = 128 * MiB
+#: Splitting pays only when a row's intermediates outweigh its output this many times.
+SPLIT_MIN_RATIO = 4
+
+# NOTE [when to split]
+# A job that fits the memory budget in one pass is split into cache-sized chunks
+# (EFFICIENT_CHUNK_BYTES) only when that is cheaper. A split costs one more copy of
+# every output row (each chunk's result is written into the result: the row's bytes
+# read and written once more) and a pass over the graph per chunk; it saves, per
+# row, the trips to memory of the intermediate tensors the product creates, which a
+# chunk that fits in cache keeps there and one large pass does not. So it pays when a
+# row's intermediates (the saved tensors a product carries per vector) outweigh its
+# output by a clear factor, SPLIT_MIN_RATIO. Measured at one thread, interleaved,
+# with glibc's default allocator (freed memory reused): Rosenbrock (n = 1,000-2,000,
+# intermediates 8 output rows) 1.3-1.9x and MLP parameter Hessians (10-45; 1,042 and
+# 4,810 parameters) 1.2-2.1x faster in chunks than in one pass; sum(sin(x)) (2) and the
+# forum MLP w.r.t. its input (under 0.5) the same or slower in chunks. With every
+# allocation of 64 KiB or more fresh from the system (the sweep's peak-memory setting,
+# benchmarks/_measure.py) page faults dominate and the split gains nothing at these
+# sizes (one pass 1.0-1.15x faster), so the rule splits only where the cache gain is
+# large. Not yet in the rule: at several threads each chunk also pays one
+# parallel-region hand-off per operator (on a loaded two-core machine Rosenbrock's
+# chunks were 2-3x slower than one pass at two threads); a per-chunk cost (graph
+# nodes x threads) would need measurements on a quiet machine.
 
 
 class LoopFallbackWarning(UserWarning):
@@ -98,6 +118,8 @@ def map_chunks(
             out = result if out is None else out.add_(result)
             continue
         if out is None:
+            if chunk.shape[0] == k and not _shares_memory(result, chunk):
+                return result  # one chunk did it all: no copy
             out = result.new_empty((k, *result.shape[1:]))
         out[start : start + chunk.shape[0]] = result
     if out is None:  # k == 0
@@ -105,17 +127,46 @@ def map_chunks(
     return out
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """Half of the memory currently free on ``device`` (bytes)."""
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` may alias ``b`` (row sources may reuse one buffer across chunks)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(a) or wrapped(b):  # no storage to compare under a transform
+        return a is b
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+_AVPHYS_PAGES = getattr(os, "sysconf_names", {}).get("SC_AVPHYS_PAGES")  # None off POSIX
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _AVPHYS_PAGES is not None else 0
+
+
+def default_memory_budget(device: torch.device, *, needed: int = 0) -> int:
+    """Half of the memory currently free on ``device`` (bytes).
+
+    With ``needed``, a small job skips the precise reading on the CPU: when half of
+    the unused memory (one cheap system call) already covers ``needed``, that is
+    returned; the available memory (``MemAvailable``, which adds reclaimable caches)
+    is at least as large in practice, so no decision about a job of ``needed`` bytes
+    changes.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
+    if needed > 0 and _AVPHYS_PAGES is not None:
+        try:
+            unused = os.sysconf(_AVPHYS_PAGES) * _PAGE_SIZE // 2
+        except (ValueError, OSError):
+            unused = 0
+        if unused >= needed:
+            return unused
+    try:  # one raw read: a text-mode line scan costs a share of a small Hessian
+        fd = os.open("/proc/meminfo", os.O_RDONLY)
+        try:
+            info = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        start = info.index(b"MemAvailable:") + len(b"MemAvailable:")
+        return int(info[start : info.index(b"kB", start)]) * 1024 // 2
+    except (OSError, ValueError):
         pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
@@ -153,41 +204,58 @@ def allocated_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     return result, counter.bytes
 
 
-def saved_bytes(fn: Callable[[], object], wrt: torch.Tensor) -> tuple[object, int]:
+def saved_bytes(
+    fn: Callable[[], object], wrt: torch.Tensor, *, at_most: int = 0
+) -> tuple[object, int]:
     """Run ``fn()`` and return its result with the bytes autograd saved that depend on ``wrt``.
 
     Only saved tensors downstream of the leaf ``wrt`` count: they are what a
-    batched product carries per vector; weights and their views are shared. Far
-    cheaper than :func:`allocated_bytes`: Python runs once per saved tensor and once
-    per graph node, not once per operator call.
+    batched product carries per vector; weights and their views are shared. The
+    saved tensors are read after the fact from the nodes of the result's graph
+    (``_saved_*`` attributes, ``saved_tensors`` of custom functions): Python runs
+    once per graph node, and the graph is left as autograd built it. (Counting them
+    with ``saved_tensors_hooks`` instead leaves a Python unpack hook on every saved
+    tensor, which every later backward through a kept graph pays: measured +25 % on
+    a double backward through a small GPT-2.) When the saved tensors that have a
+    history come to at most ``at_most`` bytes in all, that upper bound is returned
+    without asking which of them reach ``wrt`` (the caller's decision is the same for
+    any smaller count).
     """
     with torch.enable_grad():  # also under a caller's no_grad
         source = wrt.view_as(wrt).grad_fn.next_functions[0][0]  # wrt's AccumulateGrad
-    depends: dict[object, bool] = {source: True}
-
-    def reaches(node: object) -> bool:
-        stack, order = [node], []
-        while stack:  # iterative: graphs can be deeper than Python's recursion limit
-            n = stack.pop()
-            if n is None or n in depends:
-                continue
-            order.append(n)
-            stack.extend(m for m, _ in n.next_functions if m not in depends)  # type: ignore[attr-defined]
-        for n in reversed(order):
-            depends[n] = any(depends.get(m, False) for m, _ in n.next_functions)  # type: ignore[attr-defined]
-        return node is not None and depends.get(node, False)
-
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if t.grad_fn is not None and reaches(t.grad_fn):
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return result, total
+    result = fn()
+    roots = [t.grad_fn for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+    seen: set[object] = set()
+    stack = [r for r in roots if r is not None]
+    saved: list[tuple[Any, int]] = []  # (grad_fn of a saved tensor, its bytes)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(m for m, _ in node.next_functions)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            values: list[Any] = list(node.saved_tensors)
+        else:
+            values = [getattr(node, a) for a in dir(node) if a.startswith("_saved_")]
+        for value in values:
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    saved.append((t.grad_fn, t.numel() * t.element_size()))
+    bound = sum(size for _, size in saved)
+    if bound <= at_most:
+        return result, bound
+    depends: dict[Any, bool] = {source: True}  # whether a node's inputs reach wrt
+    work: list[tuple[Any, bool]] = [(node, False) for node, _ in saved]
+    while work:  # post-order, iterative: graphs can be deeper than Python's recursion limit
+        node, expanded = work.pop()
+        if expanded:
+            depends[node] = any(depends.get(m, False) for m, _ in node.next_functions)
+        elif node not in depends:
+            depends[node] = False  # until its inputs are done (a DAG: none reaches it back)
+            work.append((node, True))
+            work.extend((m, False) for m, _ in node.next_functions if m is not None)
+    return result, sum(size for node, size in saved if depends[node])
 
 
 def chunk_size_for(
@@ -196,15 +264,29 @@ def chunk_size_for(
     per_row_bytes: int,
     fixed_bytes: int,
     budget: int,
+    split: bool = True,
 ) -> int:
     """The largest chunk whose estimate ``fixed + c * per_row`` fits ``budget`` (at least 1).
 
-    The chunk's own share is also capped at :data:`EFFICIENT_CHUNK_BYTES`.
+    With ``split`` (see :func:`splitting_pays`) the chunk's own share is also capped at
+    :data:`EFFICIENT_CHUNK_BYTES`.
     """
-    room = min(budget - fixed_bytes, EFFICIENT_CHUNK_BYTES)
+    room = budget - fixed_bytes
+    if split:
+        room = min(room, EFFICIENT_CHUNK_BYTES)
     if per_row_bytes <= 0:
         return rows
     return int(max(1, min(rows, room // per_row_bytes)))
+
+
+def splitting_pays(intermediate_bytes: int, output_bytes: int) -> bool:
+    """Whether cache-sized chunks beat one pass, per NOTE [when to split].
+
+    Args:
+        intermediate_bytes: intermediate tensors one row (one product) creates.
+        output_bytes: bytes of one row of the result.
+    """
+    return intermediate_bytes >= SPLIT_MIN_RATIO * output_bytes
 
 
 def format_bytes(n: float) -> str:

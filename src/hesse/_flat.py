@@ -68,10 +68,12 @@ class Flat:
     def unflatten(self, vec: torch.Tensor) -> Any:
         """Split ``(..., n)`` into the tree, each leaf shaped ``(..., *shape)``."""
         batch = vec.shape[:-1]
+        if self.spec.is_leaf():  # one tensor: no pytree work
+            return vec.reshape((*batch, *self.shapes[0]))  # a tuple: shape () is legal
         if len(self.shapes) == 1:  # no split: its backward would copy every product
-            return tree_unflatten([vec.reshape(*batch, *self.shapes[0])], self.spec)
+            return tree_unflatten([vec.reshape((*batch, *self.shapes[0]))], self.spec)
         parts = torch.split(vec, list(self.numels), dim=-1)
-        leaves = [p.reshape(*batch, *s) for p, s in zip(parts, self.shapes)]
+        leaves = [p.reshape((*batch, *s)) for p, s in zip(parts, self.shapes)]
         return tree_unflatten(leaves, self.spec)
 
     def unflatten_blocks(self, mat: torch.Tensor) -> Any:
@@ -80,11 +82,13 @@ class Flat:
         Block ``[i][j]`` has shape ``shape_i + shape_j``: the outer tree indexes the
         gradient's leaves, the inner tree the input's leaves.
         """
+        if self.spec.is_leaf():  # one tensor: no pytree work
+            return mat.reshape((*self.shapes[0], *self.shapes[0]))
         offs = self.offsets
         rows = []
         for oi, ni, si in zip(offs, self.numels, self.shapes):
             row = [
-                mat[oi : oi + ni, oj : oj + nj].reshape(*si, *sj)
+                mat[oi : oi + ni, oj : oj + nj].reshape((*si, *sj))
                 for oj, nj, sj in zip(offs, self.numels, self.shapes)
             ]
             rows.append(tree_unflatten(row, self.spec))

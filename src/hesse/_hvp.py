@@ -29,11 +29,13 @@ from torch.func import grad, jvp, vjp, vmap
 
 from hesse._attention import math_attention
 from hesse._chunking import (
+    EFFICIENT_CHUNK_BYTES,
     allocated_bytes,
     chunk_size_for,
     default_memory_budget,
     map_chunks,
     saved_bytes,
+    splitting_pays,
 )
 from hesse._flat import FlatArgs
 from hesse._validation import (
@@ -85,6 +87,7 @@ class FlatHVP:
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gradient: torch.Tensor | None = None
         self._row_bytes: int | None = None
+        self._split = True  # NOTE [when to split], settled with the memory estimate
         self._leaf = None if transformed else self.x.detach().requires_grad_(True)
 
     # -- the flat scalar function -------------------------------------------------
@@ -151,14 +154,17 @@ class FlatHVP:
         ``torch.func``: the gradient's VJP is built once and vmapped over the rows
         (what ``jacrev(jacrev(f))`` does), with the same chunking and memory budget.
         """
+        return self._pullback()(v)[0]
+
+    def _pullback(self) -> Callable:
         if self._pull is None:
             gr, self._pull = vjp(grad(self.g), self.x)
             self._gradient = gr
-        return self._pull(v)[0]
+        return self._pull
 
     def _vjp_of_grad_batched(self, vs: torch.Tensor) -> torch.Tensor:
-        self._vjp_of_grad_single(vs[0])  # builds the VJP once, outside the row vmap
-        return vmap(self._vjp_of_grad_single)(vs)
+        pull = self._pullback()  # built once, outside the row vmap
+        return vmap(lambda v: pull(v)[0])(vs)
 
     # -- strategy resolution ------------------------------------------------------
     def _paths(self) -> tuple[Callable, Callable]:
@@ -168,8 +174,11 @@ class FlatHVP:
             return self._vjp_of_grad_batched, self._vjp_of_grad_single
         return self._fwdrev_batched, self._fwdrev_single
 
-    def _per_row_bytes(self) -> int:
+    def _per_row_bytes(self, enough: int = 0) -> int:
         """Estimated bytes one product adds to a chunk.
+
+        A count of saved bytes up to ``enough`` leads to the same chunks as any
+        smaller one, so an upper bound up to it is taken as is (:func:`saved_bytes`).
 
         # NOTE [memory estimate]
         The gradient graph is built once with the intermediate tensors autograd
@@ -177,22 +186,27 @@ class FlatHVP:
         gradient). A product carries, per vector, about one copy of each saved
         intermediate through the double backward, plus vectors of length ``n``;
         ``4 x`` both bounds that from above. Forward-over-reverse, when chosen
-        explicitly, counts every allocation of one ``torch.func.grad`` instead.
+        explicitly, counts every allocation of one ``torch.func.grad`` instead;
+        under a transform (NOTE [under a transform]), every allocation of building
+        the gradient's VJP, which the products then reuse.
         """
         if self._row_bytes is None:
             used = None
             revrev = self._leaf is not None and self.mode != "forward-over-reverse"
             if revrev and self._graph is None:
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
-                    _, used = saved_bytes(self._revrev_graph, self._leaf)
+                    _, used = saved_bytes(self._revrev_graph, self._leaf, at_most=enough)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
                     if self.mode != "auto":
                         raise
                     self.mode = "forward-over-reverse"
+            if used is None and self.mode == "vjp-of-grad" and self._pull is None:
+                _, used = allocated_bytes(self._pullback)  # the VJP the products reuse
             if used is None:
                 gr, used = allocated_bytes(lambda: grad(self.g)(self.x))
                 self._gradient = gr.detach()  # type: ignore[union-attr]
             self._row_bytes = 4 * used + 4 * self.n * self.x.element_size()
+            self._split = splitting_pays(used, self.n * self.x.element_size())
         return self._row_bytes
 
     def _run(self, batched: Callable, single: Callable, chunk: torch.Tensor) -> torch.Tensor:
@@ -226,17 +240,18 @@ class FlatHVP:
         [strategies]).
         """
         clock = time.process_time if self.x.device.type == "cpu" else time.perf_counter
+        rest = k - first
+        timed = rest >= 3 * first  # else no race: no clock (a system call) either
         try:
             self._revrev_graph()
-            start = clock()
+            start = clock() if timed else 0.0
             head = self._revrev_batched(rows(0, first))
-            rev_time = clock() - start
+            rev_time = clock() - start if timed else 0.0
         except Exception:  # noqa: BLE001 - NOTE [strategies]: any failure moves on
             self.mode = "forward-over-reverse"
             return self._run(self._fwdrev_batched, self._fwdrev_single, rows(0, first))
         self.mode = "reverse-over-reverse"
-        rest = k - first
-        if rest < 3 * first or rev_time * rest / first < RACE_MIN_SECONDS:
+        if not timed or rev_time * rest / first < RACE_MIN_SECONDS:
             return head
         try:
             start = clock()
@@ -291,15 +306,25 @@ class FlatHVP:
         check_chunk_size(self.call, chunk_size)
         check_memory_budget(self.call, memory_budget)
         if chunk_size is None:
-            budget = memory_budget or default_memory_budget(self.x.device)
+            row = self.n * self.x.element_size()
+            # Saved bytes below this keep the whole job in one chunk under the cap:
+            # no need to find which saved tensors depend on x.
+            one_pass = max(0, (EFFICIENT_CHUNK_BYTES // max(k, 1) - 4 * row) // 4)
+            per_row = self._per_row_bytes(enough=one_pass)
+            needed = fixed_bytes + k * per_row  # the whole job in one pass
+            budget = memory_budget or default_memory_budget(self.x.device, needed=needed)
             chunk_size = chunk_size_for(
                 rows=k,
-                per_row_bytes=self._per_row_bytes(),
+                per_row_bytes=per_row,
                 fixed_bytes=fixed_bytes,
                 budget=int(budget),
+                split=self._split,
             )
         if rows is None:
-            rows = basis_rows(self.n, self.x, capacity=chunk_size)
+            if chunk_size >= k:  # all rows at once: one call makes them
+                rows = tensor_rows(torch.eye(k, self.n, dtype=self.x.dtype, device=self.x.device))
+            else:
+                rows = basis_rows(self.n, self.x, capacity=chunk_size)
         done = 0
         if self.mode == "auto":
             head = self._settle(rows, min(k, chunk_size), k)  # NOTE [strategy race]
@@ -352,8 +377,14 @@ def batched_grad(
         gs = torch.autograd.grad(output, inputs, v, retain_graph=True, allow_unused=True)
         return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gs))
 
+    def single(v: torch.Tensor) -> torch.Tensor:  # one input: no tuples through vmap
+        (g,) = torch.autograd.grad(output, inputs, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(inputs[0]) if g is None else g
+
     if cotangents.shape[0] > 1:
         try:
+            if len(inputs) == 1:
+                return [vmap(single)(cotangents)]
             return list(vmap(one)(cotangents))
         except Exception:  # noqa: BLE001 - NOTE [batched backward]: the legacy batching next
             pass

@@ -69,7 +69,7 @@ def hessian(
         n = engine.n
         itemsize = engine.x.element_size()
         result_bytes = n * n * itemsize
-        budget = memory_budget or default_memory_budget(engine.x.device)
+        budget = memory_budget or default_memory_budget(engine.x.device, needed=result_bytes)
         if result_bytes > budget:
             fail(
                 call,
@@ -84,7 +84,7 @@ def hessian(
             n,
             None,
             chunk_size=chunk_size,
-            memory_budget=budget,
+            memory_budget=memory_budget,
             fixed_bytes=result_bytes,
         )
         return engine.flat.unflatten_blocks(out)

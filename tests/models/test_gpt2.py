@@ -79,6 +79,20 @@ def test_hessian_products_and_exact_diagonal(attn, flat, gen):
     torch.testing.assert_close(diag, dense.diagonal(), rtol=1e-8, atol=1e-10)
 
 
+def test_kept_graphs_give_the_autograd_hessian(gen):
+    """``cache_graphs=True`` and a graph session (``to_dense``) through the tied GPT-2."""
+    model, loss_fn, data, ref = problem("sdpa", True)
+    cached = hesse.HessianOperator(model, loss_fn, data, params=NAMES, cache_graphs=True)
+    X = torch.randn(cached.shape[0], 2, generator=gen, dtype=DT)
+    expected = ref.hvp(X)
+    for _ in range(2):  # builds and keeps the graph, then answers from it
+        torch.testing.assert_close(cached @ X, expected, rtol=0, atol=1e-10)
+    assert cached._graphs.entries
+    H = hesse.HessianOperator(model, loss_fn, data, params=NAMES)
+    H.chunk_size = 64  # two products, one forward
+    torch.testing.assert_close(H.to_dense() @ X, expected, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("attn,flat", [("sdpa", True), ("eager", False)])
 def test_ggn_products_and_exact_diagonal(attn, flat, gen):
     model, loss_fn, data, ref = problem(attn, flat)

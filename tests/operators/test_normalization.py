@@ -12,17 +12,10 @@ from torch.func import functional_call
 
 import hesse
 from hesse.operators._normalization import Normalization
+from tests.problems import double_backward_hessian
 
 DT = torch.float64
 V, E, T = 3, 4, 3  # classes, features, tokens
-
-
-def double_backward_hessian(f, x):
-    """Dense Hessian by plain autograd double backward, one row per call."""
-    x = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
-    rows = [torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(x.numel())]
-    return torch.stack(rows)
 
 
 def jacobian(f, x):

@@ -21,14 +21,41 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from hesse._attention import math_attention
-from hesse._chunking import allocated_bytes, chunk_size_for, default_memory_budget, map_chunks
+from hesse._chunking import chunk_size_for, default_memory_budget, map_chunks
 from hesse._validation import check_choice, check_chunk_size, check_generator, describe, fail
 from hesse.curvprop._chain import chain_diagonal, chain_plan
-from hesse.curvprop._exact import Propagation, assemble_term, diagonal_from_cols
+from hesse.curvprop._exact import Propagation, _nbytes, assemble_term, diagonal_from_cols
 from hesse.curvprop._graph import Plan, UnsupportedGraph, plan, sink_chain, trace
 
 METHODS = ("exact", "becker-lecun")
 GGN_METHODS = ("ggn", "ggn-mc")  # per_sample_diagonal only: through hesse.GGNOperator
+
+
+# NOTE [memory estimate from the sweep]
+# Chunks of samples are sized from one sample's memory. Counting every allocation
+# with a dispatch mode (hesse._chunking.allocated_bytes) ran the first sample
+# again under Python dispatch, at up to twice a sample's cost, and on a loaded
+# machine dominated the first call. Instead the sweep adds up, in passing, the
+# bytes of every node value and column block it makes (``made_bytes``). The
+# dispatch counter's total, itself an upper bound on the peak, was 0.37-2.6x that
+# sum on tiny GPT-2, ResNet-18 and MLP graphs (exact and Becker-LeCun sweeps, see
+# tests/curvprop/test_memory.py), so four times the sum bounds it.
+SWEEP_OVERHEAD = 4
+
+# NOTE [cost model]
+# Curvature propagation costs about what its sweep makes (``made_bytes``, NOTE
+# [memory estimate from the sweep]) per sample; ``n`` Hessian-vector products cost
+# about ``n`` times the model's node values per sample (``value_bytes``). On tiny
+# GPT-2 the ratio of the two, 0.37, matched the measured time ratio (curvprop ~2.9x
+# faster); on ResNet-18 ``layer1.0`` it is below 1e-4. ``hesse.diagonal(H, "exact")``
+# switches to the basis products when curvature propagation is estimated to cost
+# more than BRUTE_FORCE_MARGIN times as much, after the first sample (the choice is
+# kept with the trace); both give the exact diagonal.
+BRUTE_FORCE_MARGIN = 1.5
+
+
+class PreferBruteForce(Exception):  # noqa: N818 - a decision, not an error
+    """The cost model chose the basis products (NOTE [cost model])."""
 
 
 class CurvpropFallbackWarning(UserWarning):
@@ -47,6 +74,7 @@ class Traced:
     per_sample: bool  # False: the loss does not split over samples (the batch is one unit)
     sample_bytes: dict[str, int] = field(default_factory=dict)  # per method, measured once
     loss_state: list[torch.Tensor] = field(default_factory=list)  # the loss's buffers (weights)
+    brute_force: bool = False  # NOTE [cost model] chose the basis products for this trace
 
 
 def by_sample(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -191,6 +219,8 @@ class Layout:
 
     dense: list[int]  # parameter positions with a dense per-sample diagonal
     terms: list[tuple[int, list, bool, float, str, list[torch.Size]]]
+    made_bytes: int = 0  # NOTE [memory estimate from the sweep]
+    value_bytes: int = 0  # the model graph's node values (NOTE [cost model])
 
 
 def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> torch.Tensor:
@@ -214,6 +244,8 @@ def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> tor
         if d_out is None:
             d_out = torch.zeros_like(out)
         diags, terms = propagate_diagonal(run_m, g_out, d_out)
+        # One diagonal per node, like the gradients (NOTE [memory estimate from the sweep]).
+        prop.made_bytes += sum(_nbytes(v) for v in run_m["env"].values())
     dense = [i for i in range(len(plist)) if diags[i] is not None]
     layout = Layout(dense, [])
     pieces = [diags[i].reshape(-1) for i in dense]
@@ -221,6 +253,8 @@ def sample_row(tr: Traced, method: str, plist, olist, x, y, holder: list) -> tor
         index, chain = sink_chain(tr.model, t.leaf)
         layout.terms.append((index, chain, t.left, t.scale, t.kind, [q.shape for q in t.parts]))
         pieces.extend(q.reshape(-1) for q in t.parts)
+    layout.made_bytes = prop.made_bytes + sum(_nbytes(q) for q in pieces)
+    layout.value_bytes = sum(_nbytes(v) for v in run_m["env"].values())
     holder[:] = [layout]
     return torch.cat(pieces) if pieces else out.new_zeros(1)
 
@@ -298,9 +332,16 @@ def diagonals(
     olist: list[torch.Tensor],
     per_sample: bool,
     chunk_size: int | None = None,
+    may_switch: bool = False,
 ) -> torch.Tensor:
-    """``(B, n)`` per-sample diagonals, or the ``(n,)`` diagonal of the batch loss."""
+    """``(B, n)`` per-sample diagonals, or the ``(n,)`` diagonal of the batch loss.
+
+    ``may_switch``: raise :class:`PreferBruteForce` where NOTE [cost model] says the
+    basis products are cheaper.
+    """
     holder: list = []
+    if may_switch and tr.brute_force:
+        raise PreferBruteForce
     if not tr.per_sample:
         row = sample_row(tr, method, plist, olist, inputs, targets, holder)[None]
         return assemble(tr, holder[0], row, plist, per_sample=per_sample)
@@ -320,9 +361,17 @@ def diagonals(
     done, out = 0, None
     if method not in tr.sample_bytes:
         # The first sample of a new trace runs alone: it surfaces an unsupported op
-        # before any vmap fallback could hide it, and measures one sample's memory.
-        head, used = allocated_bytes(lambda: batched(rows(0, 1)))
-        tr.sample_bytes[method] = int(used)
+        # before any vmap fallback could hide it, and its sweep counts one sample's
+        # memory in passing (NOTE [memory estimate from the sweep]).
+        head = batched(rows(0, 1))
+        tr.sample_bytes[method] = SWEEP_OVERHEAD * holder[0].made_bytes
+        n = sum(p.numel() for p in plist)
+        if method == "exact" and holder[0].made_bytes > BRUTE_FORCE_MARGIN * n * max(
+            1, holder[0].value_bytes
+        ):
+            tr.brute_force = True
+            if may_switch:
+                raise PreferBruteForce
         out = head.new_empty((b, head.shape[1]))
         out[:1] = head
         done = 1
@@ -465,7 +514,9 @@ def per_sample_diagonal(
     Cost:
         One forward and one backward sweep per sample carrying ``K`` columns, where
         ``K`` is the output dimension plus the sizes of the nonlinear nodes upstream
-        (BackPACK's count for an MLP). Memory ``O(K x activations)`` per sample in a
+        (BackPACK's count for an MLP), capped at a few columns per element at small
+        nodes where they are refactored (NOTE [column compression] in
+        ``hesse.curvprop._exact``). Memory ``O(K x activations)`` per sample in a
         chunk. The brute-force fallback costs ``n`` HVPs per sample. ``"ggn"``: one
         forward pass and one backward pass batched over the ``K`` columns of the
         output Hessian's factor (``K = 1`` for ``"ggn-mc"``), with per-sample squares
@@ -696,7 +747,8 @@ def operator_diagonal(method: str, fallback: Callable | None = None) -> Callable
     not trace, has several inputs, or holds an op without a rule), ``fallback``
     (the brute-force basis products) is used for the whole operator, with a
     :class:`CurvpropFallbackWarning` naming the cause; without a fallback
-    (``"becker-lecun"``) that is an error.
+    (``"becker-lecun"``) that is an error. Where the cost model (NOTE [cost model])
+    estimates the basis products to be cheaper, they are used without a warning.
     """
 
     def run(op, *, chunk_size: int | None, call: str, **_: Any) -> torch.Tensor:
@@ -724,12 +776,16 @@ def operator_diagonal(method: str, fallback: Callable | None = None) -> Callable
                 olist=[others[k] for k in tr.others],
                 per_sample=False,
                 chunk_size=chunk_size,
+                may_switch=fallback is not None,
             )
             # NOTE [aggregation]: batch contributions are in sum form.
             return flat * op._count(inputs, targets) if op.reduction == "mean" else flat
 
         try:
             return op._accumulate(per_batch)
+        except PreferBruteForce:  # NOTE [cost model]: same values, fewer seconds
+            assert fallback is not None
+            return fallback(op, chunk_size=chunk_size, call=call)
         except UnsupportedGraph as err:
             if fallback is None:
                 fail(

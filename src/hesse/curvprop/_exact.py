@@ -31,7 +31,10 @@ Two facts keep the column count down. A bilinear node whose two factors depend
 on disjoint sets of parameters adds nothing to the *diagonal* (its residual only
 couples the two sets), so its columns are skipped; and columns of every source
 are dropped as soon as they reach a node that depends on no parameter their
-source can still affect.
+source can still affect. Two more keep them cheap: diagonal residual columns
+travel as values (NOTE [diagonal columns]), and at small nodes the sources that
+have fully arrived are refactored into at most a few columns per element (NOTE
+[column compression]).
 
 # NOTE [per-sample]
 The engine runs on the graph of *one sample* and is ``vmap``-ed over the batch,
@@ -55,6 +58,15 @@ from hesse.curvprop._graph import NodeInfo, Plan, UnsupportedGraph
 # Largest input (per sample) of an op that has no structured rule and is handled
 # by a dense local Hessian.
 GENERAL_LIMIT = 4096
+# NOTE [one pull per node]: column blocks smaller than this (per sample) share one
+# vectorised VJP. About what a copy moves in the ~0.2 ms a VJP call costs in Python.
+CONCAT_BYTES = 512 * 1024
+# NOTE [column compression]: nodes up to this many elements per sample have their
+# whole sources refactored (an eigendecomposition of a numel x numel matrix).
+COMPRESS_LIMIT = 2048
+# ... once they carry more than this many columns per element (each compression
+# costs an eigendecomposition; compressing at every excess repeats it node by node).
+COMPRESS_RATIO = 8
 
 
 def _floats(out: Any) -> tuple[list[torch.Tensor], list[int], bool]:
@@ -77,6 +89,30 @@ def reduce_to(block: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return block
 
 
+# NOTE [diagonal columns]
+# The residual of an elementwise op with one input is diagonal: its columns are
+# ``sqrt|r_j| e_j``, one per element. Stored densely they are an ``(n, n)`` block
+# that every later node must carry, although each column has one nonzero. A
+# :class:`DiagCols` block keeps the ``n`` values instead, while the columns travel
+# through nodes that keep them one-hot at the same flat position (reshapes, and
+# elementwise ops whose active inputs have the output's shape: ``e_j`` times the
+# local derivative); anywhere else it becomes the dense block, with column ``j`` as
+# row ``j``, the row order every other piece of the same source uses.
+class DiagCols:
+    """Columns ``values[j] e_j``, ``j`` over the flat elements (NOTE [diagonal columns])."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+
+    def dense(self) -> torch.Tensor:
+        v = self.values
+        return torch.diag_embed(v.reshape(-1)).reshape(v.numel(), *v.shape)
+
+
+def _dense(c: Any) -> Any:
+    return c.dense() if isinstance(c, DiagCols) else c
+
+
 class Propagation:
     """One curvature backpropagation over one or more graphs (the loss, then the model).
 
@@ -92,6 +128,10 @@ class Propagation:
         self.signs: dict[int, torch.Tensor] = {}
         self.relevant: dict[int, frozenset[int] | None] = {}
         self._next = 0
+        # NOTE [memory estimate from the sweep]: bytes of every node value and
+        # column block made, counted in passing (no dispatch mode, no second run).
+        self.made_bytes = 0
+        self.pending: dict[int, int] = {}  # source -> buckets holding a piece of it
 
     def new_source(self, signs: torch.Tensor, relevant: frozenset[int] | None) -> int:
         s = self._next
@@ -116,6 +156,8 @@ class Propagation:
                 env[ni.node], vjps[ni.node] = ni.call(env), (fast, [0], False)
                 continue
             env[ni.node], vjps[ni.node] = _vjp(ni, env)
+        # Each value, and the gradient the sweep makes for it.
+        self.made_bytes += 2 * sum(_nbytes(v) for v in env.values())
         return {"env": env, "vjps": vjps, "plan": p}
 
     # -- backward -----------------------------------------------------------------
@@ -138,6 +180,8 @@ class Propagation:
         env, vjps = run["env"], run["vjps"]
         grads: dict[fx.Node, Any] = {p.output: seed_grad}
         cols: dict[fx.Node, dict[int, Any]] = {p.output: dict(seed_cols or {})}
+        for s in cols[p.output]:
+            self.pending[s] = self.pending.get(s, 0) + 1
         terms: list[SinkTerm] = []
         for ni in reversed(p.order):
             node = ni.node
@@ -145,12 +189,16 @@ class Propagation:
                 continue
             g = grads.pop(node)
             here = cols.pop(node, {})
+            for s in here:
+                self.pending[s] -= 1
             if ni.name == "getitem":
                 parent, index = ni.node.args[0], ni.node.args[1]
                 _add_slot(grads, parent, index, g, len(env[parent]))
                 for s, c in here.items():
                     self._add_cols(p, cols, parent, s, c, slot=(index, len(env[parent])))
                 continue
+            if here:
+                self._compress(env[node], here)
             inputs = [ni.leaves[i] for i in ni.active]
             vjp_fn, fpos, is_tuple = vjps[node]
             if ni.name in ("mm", "addmm"):
@@ -174,26 +222,106 @@ class Propagation:
             return
         if not p.deps.get(leaf):
             return
+        self.made_bytes += _nbytes(c)
         bucket = cols.setdefault(leaf, {})
+        if s not in bucket:
+            self.pending[s] = self.pending.get(s, 0) + 1
         if slot is not None:
             index, n = slot
+            c = _dense(c)
             lst = bucket.setdefault(s, [None] * n)
             lst[index] = c if lst[index] is None else lst[index] + c
+        elif s not in bucket:
+            bucket[s] = c
         else:
-            bucket[s] = c if s not in bucket else bucket[s] + c
+            old = bucket[s]
+            if isinstance(old, DiagCols) and isinstance(c, DiagCols):
+                bucket[s] = DiagCols(old.values + c.values)
+            else:
+                bucket[s] = _dense(old) + _dense(c)
+
+    def _compress(self, value: Any, here: dict) -> None:
+        """Refactor the whole sources at a node into at most ``numel`` columns, in place.
+
+        NOTE [column compression]: a source is *whole* at a node when no other node
+        holds a piece of it, so its columns ``U`` (signs ``S``) enter everything
+        upstream only through ``U^T S U``. When the whole sources carry more columns
+        than the node has elements (a transformer's residual stream meets thousands
+        of columns from the layers above it, but has ``T x d`` elements), their
+        summed curvature ``C = sum U^T S U`` is eigendecomposed into at most ``numel``
+        signed columns ``sqrt|lambda| q``: the same contribution to every diagonal
+        upstream, with fewer columns to carry. The choice depends on shapes only, so
+        it is the same for every sample of a batch.
+        """
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return
+        whole = [s for s in here if self.pending[s] == 0 and not isinstance(here[s], list)]
+        n = value.numel()
+        width = sum(here[s].values.numel() if isinstance(here[s], DiagCols) else here[s].shape[0]
+                    for s in whole)  # fmt: skip
+        if width <= COMPRESS_RATIO * n or n > COMPRESS_LIMIT:
+            return
+        curv = None
+        relevant: frozenset[int] | None = frozenset()
+        for s in whole:
+            c, sg = here.pop(s), self.signs[s]
+            if isinstance(c, DiagCols):
+                part = torch.diag_embed(sg * c.values.reshape(-1) ** 2)
+            else:
+                u = c.reshape(c.shape[0], n)
+                part = u.T @ (sg[:, None] * u)
+            curv = part if curv is None else curv + part
+            rel = self.relevant[s]
+            relevant = None if rel is None or relevant is None else relevant | rel
+        lam, vec = _symmetric_eigh(0.5 * (curv + curv.T))
+        fresh = self.new_source(torch.sign(lam), relevant)
+        here[fresh] = (vec * lam.abs().sqrt()).T.reshape(n, *value.shape)
 
     def _transport(self, p, ni: NodeInfo, env, vjp_fn, fpos, is_tuple, here, cols) -> None:
         """Apply the transposed Jacobian of ``ni`` to all columns that reached it.
 
-        One vectorised VJP per source: concatenating the sources would copy every
-        column at every node.
+        NOTE [one pull per node]: a transformer's node is reached by tens of sources,
+        and a vectorised VJP costs a fixed ~0.2 ms of Python (``vmap`` and pytree
+        handling) whatever its size, so per-source VJPs made that overhead the
+        sweep's cost. Rearrangements are transposed by hand, source by source (a
+        reshape or permute of a ``(K, ...)`` block is a view); at every other node
+        the small blocks (under :data:`CONCAT_BYTES` per sample, where the fixed cost
+        dominates) are concatenated along ``K``, pulled back in one vectorised VJP
+        and split again (views); large blocks are pulled alone, as copying them
+        would cost more than the call it saves.
         """
-        value = env[ni.node]
         inputs = [ni.leaves[i] for i in ni.active]
+        diag = {s: c for s, c in here.items() if isinstance(c, DiagCols)}
+        if diag:
+            slopes = _diagonal_slopes(ni, env)
+            for s, c in diag.items():
+                if slopes is None:
+                    here[s] = c.dense()
+                    continue
+                del here[s]
+                for leaf, slope in zip(inputs, slopes):
+                    v = c.values.reshape(env[leaf].shape) if slope is None else c.values * slope
+                    self._add_cols(p, cols, leaf, s, DiagCols(v))
+        direct = _rearrangement_vjp(ni, env, lead=1)
+        if direct is not None:
+            for s, c in here.items():
+                for leaf, part in zip(inputs, direct((c,))):
+                    self._add_cols(p, cols, leaf, s, part)
+            return
+        value = env[ni.node]
         pull = vmap(lambda *cs: vjp_fn(cs))
-        for s, c in here.items():
-            for leaf, part in zip(inputs, pull(*_pick_batched(c, fpos, is_tuple, value))):
-                self._add_cols(p, cols, leaf, s, part)
+        small = [s for s in here if _nbytes(here[s]) < CONCAT_BYTES]
+        groups = [[s] for s in here if s not in small] + ([small] if small else [])
+        for sources in groups:
+            blocks = [_pick_batched(here[s], fpos, is_tuple, value) for s in sources]
+            sizes = [block[0].shape[0] for block in blocks]
+            stacked = blocks[0]
+            if len(blocks) > 1:
+                stacked = tuple(torch.cat(slot) for slot in zip(*blocks))
+            for leaf, part in zip(inputs, pull(*stacked)):
+                pieces = torch.split(part, sizes) if len(sizes) > 1 else (part,)
+                for s, piece in zip(sources, pieces):
+                    self._add_cols(p, cols, leaf, s, piece)
 
     def _transport_mm(self, p, ni: NodeInfo, env, here, cols, terms) -> None:
         """``mm``/``addmm`` by hand, summing squares at sink weights (NOTE [parameter sinks])."""
@@ -201,6 +329,12 @@ class Propagation:
         alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
         i1, i2 = (1, 2) if ni.name == "addmm" else (0, 1)
         m1, m2 = env[args[i1]], env[args[i2]]
+        diag = {s: c.values for s, c in here.items() if isinstance(c, DiagCols)}
+        if diag:
+            self._transport_mm_diagonal(p, ni, env, diag, cols, terms)
+            here = {s: c for s, c in here.items() if s not in diag}
+            if not here:
+                return
         sources = list(here)
         if ni.name == "addmm" and 0 in ni.active:
             shape = env[args[0]].shape
@@ -224,6 +358,46 @@ class Propagation:
                 for s, u in zip(sources, blocks):
                     self._add_cols(p, cols, args[i2], s, alpha * (m1.T @ u))
 
+    def _transport_mm_diagonal(self, p, ni: NodeInfo, env, diag, cols, terms) -> None:
+        """:meth:`_transport_mm` for :class:`DiagCols` blocks ``v`` ``(m, o)``.
+
+        Column ``(r, o)`` is ``v[r, o] e_r e_o^T``: its gradient is ``v[r, o] e_r
+        m2[:, o]^T`` for ``mat1`` and ``v[r, o] m1[r, :]^T e_o^T`` for ``mat2``, built
+        by one ``einsum`` each (never the ``(m o, m, o)`` dense block); at a sink
+        the squares sum to ``(s v^2)`` against the squared other factor.
+        """
+        args, kwargs = ni.node.args, ni.node.kwargs
+        alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
+        i1, i2 = (1, 2) if ni.name == "addmm" else (0, 1)
+        m1, m2 = env[args[i1]], env[args[i2]]
+        (m, i), o = m1.shape, m2.shape[1]
+        for s, v in diag.items():
+            if ni.name == "addmm" and 0 in ni.active:
+                shape = env[args[0]].shape
+                if shape == v.shape:
+                    part = DiagCols(v * beta)
+                elif tuple(shape) == (o,):
+                    eye = torch.eye(o, dtype=v.dtype, device=v.device)
+                    part = torch.einsum("ro,op->rop", v * beta, eye).reshape(m * o, o)
+                else:
+                    part = reduce_to(DiagCols(v * beta).dense(), shape)
+                self._add_cols(p, cols, args[0], s, part)
+            w = self.signs[s].reshape(v.shape) * v * v
+            if i1 in ni.active:
+                if args[i1] in p.sinks:
+                    terms.append(SinkTerm(args[i1], True, alpha**2, "rows", (m2.T * m2.T, w.T)))
+                else:
+                    eye = torch.eye(m, dtype=v.dtype, device=v.device)
+                    part = torch.einsum("ro,rs,io->rosi", v * alpha, eye, m2)
+                    self._add_cols(p, cols, args[i1], s, part.reshape(m * o, m, i))
+            if i2 in ni.active:
+                if args[i2] in p.sinks:
+                    terms.append(SinkTerm(args[i2], False, alpha**2, "rows", (m1 * m1, w)))
+                else:
+                    eye = torch.eye(o, dtype=v.dtype, device=v.device)
+                    part = torch.einsum("ro,ri,op->roip", v * alpha, m1, eye)
+                    self._add_cols(p, cols, args[i2], s, part.reshape(m * o, i, o))
+
     def _residual(self, p: Plan, ni: NodeInfo, env, g, cols, prune: bool) -> None:
         if ni.family in ("linear", "piecewise", "constant"):
             return
@@ -235,6 +409,9 @@ class Propagation:
                 if not overlap:
                     return  # NOTE [second-order adjoints]: no diagonal contribution
                 relevant = overlap
+            if _elementwise_product(ni, env):
+                self._product_residual(p, ni, env[ni.node], g, cols, relevant)
+                return
             parts, signs = _bilinear(ni, env, g)
         elif ni.family == "pointwise":
             parts, signs = _pointwise(ni, env, g)
@@ -244,34 +421,90 @@ class Propagation:
         for pos, block in parts:
             self._add_cols(p, cols, ni.leaves[pos], s, block)
 
+    def _product_residual(self, p: Plan, ni: NodeInfo, out, g, cols, relevant) -> None:
+        """Residual of ``a * b`` (same shapes) as two sources of :class:`DiagCols`.
+
+        Per element the Hessian of ``g a b`` is ``g [[0, 1], [1, 0]] = |g|/2 (1, t)(1, t)^T
+        - |g|/2 (1, -t)(1, -t)^T`` with ``t = sign(g)`` (NOTE [diagonal columns]).
+        """
+        fa, fb = ni.factors
+        half = (g.abs() * 0.5).sqrt()
+        t = torch.sign(g)
+        for sign in (1.0, -1.0):
+            signs = torch.full((out.numel(),), sign, dtype=out.dtype, device=out.device)
+            s = self.new_source(signs, relevant)
+            self._add_cols(p, cols, ni.leaves[fa], s, DiagCols(half))
+            self._add_cols(p, cols, ni.leaves[fb], s, DiagCols(half * t * sign))
+
 
 # -- helpers ---------------------------------------------------------------------------
-def _rearrangement_vjp(ni: NodeInfo, env):
+def _elementwise_product(ni: NodeInfo, env) -> bool:
+    """``mul`` of two tensors with the output's shape (no broadcasting)."""
+    if ni.name != "mul" or ni.node.kwargs:
+        return False
+    out = env[ni.node]
+    return all(
+        isinstance(env[ni.leaves[k]], torch.Tensor) and env[ni.leaves[k]].shape == out.shape
+        for k in ni.factors
+    )
+
+
+def _rearrangement_vjp(ni: NodeInfo, env, *, lead: int = 0):
     """The VJP of a view-like op written out, or None.
 
     Views, permutations and broadcasts are most of the nodes of a traced model;
-    writing their transposes by hand spares a ``torch.func.vjp`` per node.
+    writing their transposes by hand spares a ``torch.func.vjp`` per node. ``lead``:
+    the number of leading batch dimensions of the cotangents (1 for ``(K, ...)``
+    column blocks, NOTE [one pull per node]).
     """
     if ni.active != [0] or not isinstance(ni.node.args[0], fx.Node):
         return None
     x = env[ni.node.args[0]]
     shape, name, args = x.shape, ni.name, ni.node.args
     if name in ("view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "squeeze_dims"):
-        return lambda cots: (cots[0].reshape(shape),)
+        return lambda cots: (cots[0].reshape(*cots[0].shape[:lead], *shape),)
     if name in ("clone", "alias", "contiguous", "lift_fresh_copy"):
         return lambda cots: (cots[0],)
     if name == "expand":
+        if lead:
+            return lambda cots: (reduce_to(cots[0], shape),)
         return lambda cots: (cots[0].sum_to_size(shape),)
     if name == "permute":
         dims = [d % x.dim() for d in args[1]]
-        inverse = [dims.index(i) for i in range(len(dims))]
+        inverse = [*range(lead), *(dims.index(i) + lead for i in range(len(dims)))]
         return lambda cots: (cots[0].permute(inverse),)
     if name in ("transpose", "t"):
-        d0, d1 = (args[1], args[2]) if name == "transpose" else (0, 1)
         if x.dim() < 2:
             return lambda cots: (cots[0],)
-        return lambda cots: (cots[0].transpose(d0, d1),)
+        d0, d1 = (args[1] % x.dim(), args[2] % x.dim()) if name == "transpose" else (0, 1)
+        return lambda cots: (cots[0].transpose(d0 + lead, d1 + lead),)
     return None
+
+
+# Reshapes that keep every element at its flat position (NOTE [diagonal columns]).
+FLAT_ORDER = frozenset(
+    {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "squeeze_dims", "clone",
+     "alias", "contiguous", "lift_fresh_copy", "_to_copy"}
+)  # fmt: skip
+
+
+def _diagonal_slopes(ni: NodeInfo, env) -> list[torch.Tensor | None] | None:
+    """Per active input, what a one-hot column at flat position ``j`` is multiplied by
+    (``None``: 1, the input only reshaped); ``None`` where columns stop being one-hot."""
+    out = env[ni.node]
+    if not isinstance(out, torch.Tensor):
+        return None
+    if ni.name in FLAT_ORDER and len(ni.active) == 1:
+        if ni.name == "_to_copy" and env[ni.leaves[ni.active[0]]].dtype != out.dtype:
+            return None
+        return [None]
+    target = ni.node.target
+    if not (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags):
+        return None
+    if any(env[ni.leaves[i]].shape != out.shape for i in ni.active):
+        return None
+    ew = Elementwise(ni, env)
+    return [ew.first(k) for k in range(len(ni.active))]
 
 
 def _mm_grads(p: Plan, ni: NodeInfo, env, g, grads, *, skip_targets: bool) -> None:
@@ -313,6 +546,17 @@ def _vjp(ni: NodeInfo, env) -> tuple[Any, tuple]:
     return out, (vjp_fn, meta["pos"], meta["tuple"])
 
 
+def _nbytes(value: Any) -> int:
+    """Bytes of one sample's tensor, or of a tuple or list of them (``None`` entries: 0)."""
+    if isinstance(value, DiagCols):
+        value = value.values
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 def _add(store: dict, key, val) -> None:
     if val is None:
         return
@@ -333,7 +577,7 @@ def _pick(g, fpos, is_tuple, value) -> tuple:
 
 def _pick_batched(c, fpos, is_tuple, value) -> tuple:
     if not is_tuple:
-        return (c,)
+        return (_dense(c),)
     k = next(x for x in c if x is not None).shape[0]
     return tuple(
         c[i] if c[i] is not None else value[i].new_zeros((k, *value[i].shape)) for i in fpos
@@ -390,6 +634,8 @@ def _pointwise(ni: NodeInfo, env, g) -> tuple[list, torch.Tensor]:
     m = len(prims)
     if m == 1:
         r = (g * d2(0, 0)).reshape(n)
+        if prims[0].shape == shape:  # NOTE [diagonal columns]
+            return [(ni.active[0], DiagCols(r.abs().sqrt().reshape(shape)))], torch.sign(r)
         block = torch.diag_embed(r.abs().sqrt()).reshape(n, *shape)
         return [(ni.active[0], reduce_to(block, prims[0].shape))], torch.sign(r)
     entries = {}
@@ -559,6 +805,10 @@ def diagonal_from_cols(prop: Propagation, cols: dict[int, Any]) -> torch.Tensor 
     """``sum_c s_c u_c^2`` over all sources at one node."""
     total = None
     for s, c in cols.items():
+        if isinstance(c, DiagCols):
+            sq = prop.signs[s].reshape(c.values.shape) * c.values * c.values
+            total = sq if total is None else total + sq
+            continue
         sq = torch.einsum("k,k...->...", prop.signs[s], c * c)
         total = sq if total is None else total + sq
     return total

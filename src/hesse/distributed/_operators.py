@@ -157,9 +157,7 @@ class _DataParallel:
                 exchange(ctx, self._call, [0.0, 0.0], failed=True)
             raise
 
-    def _reduce(
-        self, total: torch.Tensor, count: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce(self, total: torch.Tensor, count: float) -> tuple[torch.Tensor, float]:
         ctx = self._ctx
         if ctx.alone:
             return total, count
@@ -170,7 +168,7 @@ class _DataParallel:
         total = all_reduce_(ctx, self._call, total.contiguous())
         self.comm_seconds += time.perf_counter() - start
         self.comm_calls += 2
-        return total, table[:, 0].sum().to(count.device)
+        return total, float(table[:, 0].sum())
 
 
 class HessianOperator(_DataParallel, _model.HessianOperator):

@@ -35,7 +35,7 @@ from hesse._estimate import (
 from hesse._hvp import basis_rows, tensor_rows
 from hesse._probes import keyed_generator, rademacher, resolve_generator, stream_seed
 from hesse._validation import check_chunk_size, check_generator, fail
-from hesse.operators._base import DenseOperator, LinearOperator, as_operator
+from hesse.operators._base import DenseOperator, LinearOperator, as_operator, keeping_graphs
 from hesse.operators._function import FunctionHessianOperator
 from hesse.operators._losses import PlainLoss
 from hesse.operators._model import _OuterProductOperator
@@ -68,6 +68,7 @@ def diagonal_methods() -> list[str]:
     return sorted({m for m, _ in _REGISTRY})
 
 
+@keeping_graphs
 def diagonal(
     op: LinearOperator | torch.Tensor,
     *,

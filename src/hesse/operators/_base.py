@@ -13,7 +13,10 @@ than subclass them.
 from __future__ import annotations
 
 import abc
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +27,31 @@ from hesse._validation import describe, fail
 
 SYMMETRIC = "symmetric"
 PSD = "psd"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def keeping_graphs(fn: F) -> F:
+    """``fn(A, ...)`` run inside ``A._keep_graphs()`` when ``A`` is an operator.
+
+    # NOTE [graph sessions]
+    An algorithm that multiplies by one operator many times within one call
+    (``to_dense``, ``eigsh``, ``trace``, ``spectral_density``, ``solve``,
+    stochastic diagonals) runs as one *session*: a model operator may keep each
+    batch's gradient graph from the session's first product to its end and answer
+    the later products with one double backward each (see NOTE [graph cache] in
+    ``_model.py``). No user code runs between the products of one call, so the
+    kept graphs cannot go stale; they are released when the call returns.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(A: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(A, LinearOperator):
+            return fn(A, *args, **kwargs)
+        with A._keep_graphs():
+            return fn(A, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class LinearOperator(abc.ABC):
@@ -62,6 +90,22 @@ class LinearOperator(abc.ABC):
 
     def _name(self) -> str:
         return type(self).__name__
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        """The operators this one is composed of (none for a leaf operator)."""
+        return ()
+
+    @contextlib.contextmanager
+    def _keep_graphs(self) -> Iterator[None]:
+        """A scope in which products may keep per-batch graphs (NOTE [graph sessions]).
+
+        A leaf operator without graphs has nothing to keep; a composition passes the
+        scope on to its operands.
+        """
+        with contextlib.ExitStack() as stack:
+            for op in self._operands():
+                stack.enter_context(op._keep_graphs())
+            yield
 
     @property
     def is_symmetric(self) -> bool:
@@ -152,6 +196,7 @@ class LinearOperator(abc.ABC):
         return self + (-other)
 
     # -- conversions ---------------------------------------------------------------
+    @keeping_graphs
     def to_dense(self) -> torch.Tensor:
         """The ``(m, n)`` matrix, built from ``n`` products in chunks of ``chunk_size``."""
         m, n = self.shape
@@ -227,6 +272,9 @@ class _Transposed(LinearOperator):
         self.shape = (op.shape[1], op.shape[0])
         self.dtype, self.device, self.tags = op.dtype, op.device, op.tags
 
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
+
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return self.op._rmatmat(X)
 
@@ -241,6 +289,9 @@ class _Sum(LinearOperator):
         self.tags = a.tags & b.tags
         self.layout = a.layout
 
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.a, self.b)
+
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return self.a._matmat(X) + self.b._matmat(X)
 
@@ -254,6 +305,9 @@ class _Scaled(LinearOperator):
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
         self.tags = op.tags if alpha >= 0 else op.tags - {PSD}
         self.layout = op.layout
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.op._matmat(X)

@@ -27,13 +27,16 @@ products never update running statistics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hesse._attention import math_attention, raise_if_no_derivative
@@ -107,19 +110,51 @@ def _batch_size(inputs: Any) -> int:
     return int(tree_flatten(inputs)[0][0].shape[0])
 
 
-def _same_batch(a: Any, b: Any) -> bool:
-    """Whether two batches hold the same values (identical tensors compare in O(1))."""
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    if sa != sb:
-        return False
-    for s, t in zip(la, lb):
-        if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
-            if s is not t and (s.shape != t.shape or s.dtype != t.dtype or not torch.equal(s, t)):
-                return False
-        elif s is not t and s != t:
+def _versions(leaves: Iterable[Any]) -> tuple[int, ...]:
+    return tuple(t._version for t in leaves if isinstance(t, torch.Tensor))
+
+
+@dataclass(eq=False)
+class _Kept:
+    """One batch's kept gradient graph, with what it was built from."""
+
+    inputs: Any
+    targets: Any
+    graph: tuple[torch.Tensor, torch.Tensor]
+    size: int
+    count: float
+
+    def __post_init__(self) -> None:
+        self.leaves, self.spec = tree_flatten((self.inputs, self.targets))
+        self.versions = _versions(self.leaves)
+
+    def holds(self, inputs: Any, targets: Any) -> bool:
+        """Whether ``(inputs, targets)`` holds the values this graph was built from.
+
+        A kept tensor changed in place since (its version counter moved) never matches;
+        the same tensors, unmodified, match in O(1); new tensors compare by value.
+        """
+        if _versions(self.leaves) != self.versions:
             return False
-    return True
+        if (
+            inputs is self.inputs
+            and targets is self.targets
+            and isinstance(inputs, torch.Tensor)  # (a dict or list may have new leaves)
+            and isinstance(targets, torch.Tensor)
+        ):
+            return True
+        leaves, spec = tree_flatten((inputs, targets))
+        if spec != self.spec:
+            return False
+        for s, t in zip(self.leaves, leaves):
+            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
+                if s is not t and (
+                    s.shape != t.shape or s.dtype != t.dtype or not torch.equal(s, t)
+                ):
+                    return False
+            elif s is not t and s != t:
+                return False
+        return True
 
 
 class _GraphCache:
@@ -128,18 +163,26 @@ class _GraphCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self.entries: dict[int, tuple[Any, Any, tuple[torch.Tensor, torch.Tensor], int]] = {}
+        self.entries: dict[int, _Kept] = {}
         self.too_large: set[int] = set()
+        self.state: tuple | None = None
 
-    def get(
-        self, index: int, inputs: Any, targets: Any
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = self.entries.get(index)
-        if entry is None:
-            return None
-        if _same_batch((entry[0], entry[1]), (inputs, targets)):
-            return entry[2]
-        self.used -= entry[3]  # the pass yields a different batch here: drop the stale graph
+    def clear(self) -> None:
+        self.entries.clear()
+        self.too_large.clear()
+        self.used = 0
+
+    def check_state(self, state: tuple) -> None:
+        """Drop every kept graph if the model's state moved since they were built."""
+        if state != self.state:
+            self.clear()
+            self.state = state
+
+    def get(self, index: int, inputs: Any, targets: Any) -> _Kept | None:
+        kept = self.entries.get(index)
+        if kept is None or kept.holds(inputs, targets):
+            return kept
+        self.used -= kept.size  # the pass yields a different batch here: drop the stale graph
         del self.entries[index]
         return None
 
@@ -147,10 +190,10 @@ class _GraphCache:
         """Whether building batch ``index``'s graph is worth measuring for the cache."""
         return self.budget > 0 and index not in self.too_large and self.used < self.budget
 
-    def offer(self, index, inputs, targets, graph, size: int) -> None:
-        if self.used + size <= self.budget:
-            self.entries[index] = (inputs, targets, graph, size)
-            self.used += size
+    def offer(self, index: int, kept: _Kept) -> None:
+        if self.used + kept.size <= self.budget:
+            self.entries[index] = kept
+            self.used += kept.size
         else:
             self.too_large.add(index)
 
@@ -189,6 +232,8 @@ class _ModelOperator(LinearOperator):
         self._x = self.layout.flatten(selected).detach()
         names = set(selected)
         self._fixed = {k: p.detach() for k, p in model.named_parameters() if k not in names}
+        self._fixed_list = list(self._fixed.values())
+        self._module_list = list(model.modules())
         n = self.layout.n
         self.shape = (n, n)
         self.dtype, self.device = self._x.dtype, self._x.device
@@ -198,6 +243,20 @@ class _ModelOperator(LinearOperator):
         return self._call
 
     # -- evaluation -----------------------------------------------------------------
+    def _state(self) -> tuple:
+        """Everything besides the batch that a forward pass reads and that can change
+        between products: see NOTE [graph cache]."""
+        mods = self._module_list
+        state = [self._x._version, *[t._version for t in self._fixed_list]]
+        state += [m.training for m in mods]
+        state += [id(c) for m in mods for c in m._modules.values()]  # replaced submodules
+        for m in mods:
+            if m._buffers:
+                state += [(id(b), b._version) for b in m._buffers.values() if b is not None]
+            if m._forward_pre_hooks or m._forward_hooks:
+                state += [m, *m._forward_pre_hooks, "/", *m._forward_hooks]
+        return tuple(state)
+
     def _tensors(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # NOTE [train/eval mode]: buffers are copies, so running statistics never change.
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
@@ -217,12 +276,22 @@ class _ModelOperator(LinearOperator):
         """``M_b`` of one batch: see NOTE [loss normalisation] in ``_normalization.py``."""
         return self.curvature.count(targets, _batch_size(inputs))
 
+    def _batch_count(self, index: int, inputs: Any, targets: Any) -> float:
+        """``M_b`` of batch ``index`` in a pass (after its contribution was computed)."""
+        return self._count(inputs, targets)
+
     def _unpack(self, batch: Batch) -> Batch:
         dev = self.device
 
         def move(t: Any) -> Any:
             return t.to(dev) if isinstance(t, torch.Tensor) and t.device != dev else t
 
+        inputs, targets = batch
+        if type(inputs) is torch.Tensor and type(targets) is torch.Tensor:  # the common case
+            if inputs.device == dev and targets.device == dev:
+                return inputs, targets
+        elif all(move(t) is t for t in tree_flatten(batch)[0]):  # nothing to move: no copy
+            return inputs, targets
         return tree_map(move, batch[0]), tree_map(move, batch[1])
 
     def _batches(self) -> Iterator[Batch]:
@@ -275,22 +344,18 @@ class _ModelOperator(LinearOperator):
         for index, (inputs, targets) in enumerate(self._batches()):
             contribution = per_batch(index, inputs, targets)
             total = contribution if total is None else total.add_(contribution)
-            count += self._count(inputs, targets)
+            count += self._batch_count(index, inputs, targets)
         if total is None:
             fail(
                 self._call,
                 "data yielded no batches on this pass. Pass a re-iterable collection of batches.",
             )
-        total, count_t = self._reduce(
-            total, torch.tensor(float(count), dtype=torch.float64, device=self.device)
-        )
+        total, count = self._reduce(total, float(count))
         if self.reduction == "mean":  # in place, as the sum: total is ours (batch-sized)
-            total = total.div_(count_t.to(total.dtype))
+            total = total.div_(count)
         return total
 
-    def _reduce(
-        self, total: torch.Tensor, count: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce(self, total: torch.Tensor, count: float) -> tuple[torch.Tensor, float]:
         """Combine partial sums across processes: the identity in one process."""
         return total, count
 
@@ -376,11 +441,17 @@ class HessianOperator(_ModelOperator):
             first batch twice, and raise if any batch or the output differs.
         cache_graphs: keep each batch's gradient graph after its first product
             while the kept graphs fit ``memory_budget`` (NOTE [graph cache]), so that
-            later products skip the forward pass and the first backward. Kept graphs
-            hold the parameter values and buffers of the first product.
+            later products skip the forward pass and the first backward. A kept
+            graph is rebuilt when its batch, a parameter or buffer (in place or
+            reassigned), a module's train/eval mode or its forward hooks change;
+            other Python state the forward reads (module attributes, global flags)
+            is not watched: rebuild the operator after changing it. Without it,
+            graphs are still kept within one call of ``to_dense``, ``eigsh``,
+            ``trace``, ``spectral_density``, ``solve`` and ``diagonal``.
         memory_budget: bytes the kept graphs may hold in total (counted as the
             tensors autograd saves downstream of the parameters); default half of
-            the memory free on the device at construction.
+            the memory free on the device at construction (for ``cache_graphs``)
+            or at the start of each call that keeps graphs.
 
     Attributes:
         layout: the :class:`hesse._flat.Flat` of the selected parameters, so
@@ -396,9 +467,10 @@ class HessianOperator(_ModelOperator):
     Cost: one product with ``k`` columns is one pass over the data; per batch one
     gradient with ``create_graph`` plus one double-backward per column
     (measured: one product ~2.7 gradients of the same data on a 784-100-100-10
-    MLP); with ``cache_graphs`` a batch whose graph is kept costs only the
-    double backward. Memory: one batch's gradient graph plus the chunk, plus the
-    kept graphs (at most ``memory_budget``).
+    MLP); with ``cache_graphs``, and from the second product of one
+    algorithm's call, a batch whose graph is kept costs only the double
+    backward. Memory: one batch's gradient graph plus the chunk, plus the kept
+    graphs (at most ``memory_budget``).
 
     Example:
         >>> model = torch.nn.Linear(3, 2).double()
@@ -446,7 +518,33 @@ class HessianOperator(_ModelOperator):
         self.memory_budget = (
             int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
         )
+        self._budget_stated = memory_budget is not None
         self._graphs = _GraphCache(self.memory_budget if cache_graphs else 0)
+
+    @contextlib.contextmanager
+    def _keep_graphs(self) -> Iterator[None]:
+        # NOTE [graph sessions] in _base.py: graphs kept for one algorithm's call only.
+        cache = self._graphs
+        random = any(
+            m.training and isinstance(m, _DropoutNd) and m.p > 0 for m in self._module_list
+        )
+        if cache.budget > 0 or random:  # already kept (cache_graphs, a nested session)
+            yield
+            return
+        cache.budget = (
+            self.memory_budget if self._budget_stated else default_memory_budget(self.device)
+        )
+        try:
+            yield
+        finally:
+            cache.budget = 0
+            cache.clear()
+            cache.state = None
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if self._graphs.budget > 0:  # NOTE [graph cache]: once per product, not per batch
+            self._graphs.check_state(self._state())
+        return super()._matmat(X)
 
     def _batch_graph(
         self, index: int, inputs: Any, targets: Any
@@ -460,12 +558,21 @@ class HessianOperator(_ModelOperator):
         graphs already kept; a later product through a kept graph is one batched
         double backward, with no forward pass and no first backward. A batch whose
         graph does not fit is rebuilt on every product (the uncached cost). A kept
-        graph is used only while the pass yields the same batch (the same tensors, or
-        equal ones), so a changed batch is rebuilt, never answered from a stale graph.
+        graph is used only while the pass yields the same batch (the same tensors,
+        unmodified since, or equal ones), and all kept graphs are dropped when
+        anything else a forward pass reads has moved since they were built
+        (:meth:`_state`, checked once per product: version counters of the
+        parameters and buffers, buffer and submodule identity, every module's
+        ``training`` flag, forward hooks). What no check can see: plain Python
+        attributes the forward reads (``module.p = 0.3``, a config field, a global
+        flag) and randomness in the forward. Hence kept graphs are opt-in across
+        products (``cache_graphs=True``) and automatic only within one algorithm's
+        call, where no user code runs between the products (NOTE [graph sessions] in
+        ``_base.py``; not at all for a model with active dropout).
         """
-        hit = self._graphs.get(index, inputs, targets)
-        if hit is not None:
-            return hit
+        kept = self._graphs.get(index, inputs, targets)
+        if kept is not None:
+            return kept.graph
         x = self._x.detach().requires_grad_(True)
 
         def build() -> torch.Tensor:
@@ -476,8 +583,15 @@ class HessianOperator(_ModelOperator):
         if not self._graphs.may_fit(index):
             return x, build()
         g, used = saved_bytes(build, x)
-        self._graphs.offer(index, inputs, targets, (x, g), used)
+        count = self._count(inputs, targets)
+        self._graphs.offer(index, _Kept(inputs, targets, (x, g), used, count))
         return x, g
+
+    def _batch_count(self, index: int, inputs: Any, targets: Any) -> float:
+        kept = self._graphs.entries.get(index)
+        if kept is not None and kept.holds(inputs, targets):  # O(1) for the same objects
+            return kept.count
+        return self._count(inputs, targets)
 
     def _batch_matmat(self, index, inputs, targets, X):
         # Reverse-over-reverse with plain autograd: the batch's gradient graph is built

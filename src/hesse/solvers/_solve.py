@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from hesse._validation import check_choice, check_generator, describe, fail
-from hesse.operators._base import LinearOperator
+from hesse.operators._base import LinearOperator, keeping_graphs
 from hesse.solvers._cg import cg
 from hesse.solvers._lissa import lissa
 from hesse.solvers._lsmr import lsmr
@@ -73,6 +73,7 @@ class SolveResult:
     message: str | None = field(default=None)
 
 
+@keeping_graphs
 def solve(
     op: LinearOperator | torch.Tensor,
     b: torch.Tensor | dict,

@@ -95,6 +95,15 @@ class Plan:
         ratio = mass * torch.finfo(B.dtype).eps / scale.clamp_min(torch.finfo(wide).tiny)
         return values, float(ratio.max())
 
+    def seeds(self, like: torch.Tensor) -> torch.Tensor:
+        """The ``(K, n)`` seed matrix in ``like``'s dtype and device, made once."""
+        key = (like.dtype, like.device)
+        cache = self.__dict__.setdefault("_seeds", {})
+        if key not in cache:
+            S = torch.from_numpy(self.coloring.seeds().toarray())
+            cache[key] = S.to(dtype=like.dtype, device=like.device)
+        return cache[key]
+
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse CSR tensor ``(n, n)`` of the pattern holding ``values``."""
         cache = self.__dict__.setdefault("_index", {})
@@ -135,6 +144,26 @@ def star_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     coloring, src_color = _neutral(coloring, src_color)
     direct = torch.from_numpy(src_color * P.shape[0] + src_row)
     return Plan(P.shape[0], rows, cols, coloring, direct=direct)
+
+
+def dense_plan(P: sp.csr_matrix | int) -> Plan:
+    """Every variable its own colour: ``B`` holds ``n`` Hessian rows, each entry of the
+    (symmetrised) pattern read directly (NOTE [dense fallback]); no colouring runs.
+    ``P`` an int ``n``: all ``n^2`` entries."""
+    if isinstance(P, int):
+        n = P
+        rows = np.repeat(np.arange(n, dtype=np.int64), n)
+        cols = np.tile(np.arange(n, dtype=np.int64), n)
+    else:
+        n = P.shape[0]
+        S = sp.csr_matrix(P, dtype=bool)
+        S = (S + S.T).tocsr()
+        S.sum_duplicates()
+        S.sort_indices()
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
+        cols = S.indices.astype(np.int64)
+    coloring = Coloring(np.arange(n, dtype=np.int64), n, "dense")
+    return Plan(n, rows, cols, coloring, direct=torch.from_numpy(cols * n + rows))
 
 
 def _neutral(coloring: Coloring, src_color: np.ndarray) -> tuple[Coloring, np.ndarray]:
@@ -197,13 +226,12 @@ def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     edge_of[q] = np.arange(len(v))
     edge_of[twin[q]] = np.arange(len(v))
     # map entries of S to diagonal (index i) or edge (n + edge id)
-    a_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(A.indptr))
-    a_key = a_rows * n + indices
-    s_key = rows * n + cols
     gather = rows.copy()
     off = rows != cols
-    at = np.searchsorted(a_key, s_key[off])
-    gather[off] = n + edge_of[at]
+    # S + S.T stores no zeros, so A (S without its diagonal) holds S's off-diagonal
+    # entries in the same CSR order: the k-th of them is A's position k
+    assert np.count_nonzero(off) == A.nnz, "substitution: adjacency and pattern disagree"
+    gather[off] = n + edge_of
     return Plan(
         n,
         rows,

@@ -22,6 +22,8 @@ Detected patterns are cached per function and signature (NOTE [pattern cache]).
 from __future__ import annotations
 
 import hashlib
+import math
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -36,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 
 from hesse._chunking import chunk_size_for, default_memory_budget, map_chunks
 from hesse._flat import Flat, FlatArgs
-from hesse._hvp import FlatHVP
+from hesse._hvp import FlatHVP, basis_rows
 from hesse._validation import (
     call_form,
     check_choice,
@@ -54,9 +56,16 @@ from hesse.sparsity._coloring import (
     one_sided,
     star_coloring,
 )
+from hesse.sparsity._kernels import JIT_EDGES
 from hesse.sparsity._maps import PatternTooLarge
+from hesse.sparsity._prepared import Prepared, clock, entries
 from hesse.sparsity._propagate import Propagation
-from hesse.sparsity._recovery import Plan, csr_index, csr_tensor, star_plan, substitution_plan
+from hesse.sparsity._recovery import (
+    Plan,
+    dense_plan,
+    star_plan,
+    substitution_plan,
+)
 from hesse.sparsity._tracing import trace
 
 
@@ -228,14 +237,18 @@ _CACHE_SIZE = 16
 
 def _cached(kind: str, P: sp.csr_matrix, make: Callable[[], Any]) -> Any:
     """``make()``, cached on ``kind`` and the pattern's content (colourings, recovery maps)."""
-    digest = hashlib.blake2b(P.indptr.tobytes(), digest_size=16)
-    digest.update(P.indices.tobytes())
-    key = (kind, P.shape, P.nnz, digest.hexdigest())
+    key = _key(kind, P)
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = make()
     return _CACHE[key]
+
+
+def _key(kind: str, P: sp.csr_matrix) -> tuple:
+    digest = hashlib.blake2b(P.indptr.tobytes(), digest_size=16)
+    digest.update(P.indices.tobytes())
+    return (kind, P.shape, P.nnz, digest.hexdigest())
 
 
 def _coloured(kind: str, P: sp.csr_matrix) -> Coloring:
@@ -392,15 +405,6 @@ def _plan(kind: str, P: sp.csr_matrix) -> Plan:
     return _cached("star-plan", P, lambda: star_plan(P, _coloured("star", P)))
 
 
-def _seeds(plan: Plan, like: torch.Tensor) -> torch.Tensor:
-    """The ``(K, n)`` seed matrix of a plan, made once per dtype and device."""
-    key = (like.dtype, like.device)
-    cache = plan.__dict__.setdefault("_seeds", {})
-    if key not in cache:
-        cache[key] = _seed_rows(plan.coloring, like)(0, plan.coloring.num_colors)
-    return cache[key]
-
-
 def _coupled_pairs(P: sp.csr_matrix) -> int:
     """How many ordered pairs ``i != j`` the (symmetrised) pattern couples.
 
@@ -413,6 +417,118 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
     ``n``), decided before colouring from the pattern alone."""
     S = _symmetric(P)
     return int(S.nnz - np.count_nonzero(S.diagonal()))
+
+
+# NOTE [one-shot cost model]
+# A one-shot sparse Hessian of a new function pays detection (tracing and propagation)
+# and colouring; ``n`` dense HVPs in batched passes pay neither. With
+# ``coloring="auto"`` and ``DENSE_MIN_N <= n <= DENSE_MAX_N`` (below, both paths take
+# milliseconds; an explicit colouring is honoured), the costs are compared twice:
+# * dense: ``n`` products in ``ceil(n / chunk)`` passes, timed on the function itself
+#   (once per call, 18 probe products): one product ``t_1`` (the per-pass cost) and a
+#   batch of ``PROBE_ROWS`` (``t_b``), ``t_dense = passes * t_1 + n * (t_b - t_1) /
+#   (PROBE_ROWS - 1)``.
+# * before detection (no cached pattern, ``n <= DENSE_EARLY_MAX_N``): detection costs
+#   about ``DETECT_NODE_SECONDS`` per node of the gradient's autograd graph (tracing and
+#   propagation are Python work per operator, independent of ``n`` and of the threads;
+#   measured 0.45-0.82 ms per node, median 0.68, on the five benchmark problems on a
+#   quiet 16-core x86 machine, 0.4-0.95 on a loaded 2-core one; a value below the median
+#   is taken, erring towards detection). Dense wins: the result stores all
+#   ``n^2`` entries (no pattern is known, and a stored entry must be structural: the
+#   result can be passed back as ``pattern=``).
+# * after detection, when the colouring is not cached: ``COLOR_EDGE_SECONDS`` per
+#   coupled pair with the Python kernels, ``JIT_EDGE_SECONDS`` with the compiled ones
+#   (plus numba's start-up, ``NUMBA_START_SECONDS``, in a process that has not imported
+#   it), NOTE [kernels]; rough costs measured on a 2-core x86 machine, they only decide
+#   near the crossover (at n = 1e3 dense products cost tens of ms and colouring
+#   hundreds; at n = 1e4 dense products cost seconds). Dense wins: the result stores the
+#   detected pattern's entries, as the sparse path does.
+DENSE_MIN_N = 256
+DENSE_MAX_N = 4096
+DENSE_EARLY_MAX_N = 2048
+PROBE_ROWS = 16
+DETECT_NODE_SECONDS = 6e-4
+COLOR_EDGE_SECONDS = 2e-5
+JIT_EDGE_SECONDS = 5e-7
+NUMBA_START_SECONDS = 1.0
+
+
+def _coloring_seconds(P: sp.csr_matrix) -> float:
+    """The estimated colouring time of ``P`` (NOTE [one-shot cost model])."""
+    if _key("acyclic-plan", P) in _CACHE or _key("star-plan", P) in _CACHE:
+        return 0.0
+    edges = _coupled_pairs(P)
+    if edges <= JIT_EDGES:
+        return COLOR_EDGE_SECONDS * edges
+    return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
+
+
+def _graph_nodes(root: Any, limit: int = 100_000) -> int:
+    """The nodes of an autograd graph (counted up to ``limit``)."""
+    seen, stack = {root}, [root]
+    while stack and len(seen) < limit:
+        for child, _ in stack.pop().next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return len(seen)
+
+
+class _DenseCost:
+    """The probed cost of ``n`` dense products of one call (NOTE [one-shot cost model])."""
+
+    def __init__(self, engine: FlatHVP, chunk_size: int | None, coloring: str) -> None:
+        self.engine, self.chunk_size = engine, chunk_size
+        self.eligible = coloring == "auto" and DENSE_MIN_N <= engine.n <= DENSE_MAX_N
+        self._seconds: tuple[float, float] | None = None
+
+    def seconds(self) -> tuple[float, float]:
+        """``(t_dense, t_1)``, probed on first use."""
+        if self._seconds is None:
+            engine, n = self.engine, self.engine.n
+            x = engine.x
+            now = clock(x)  # wall time: the products use every thread, detection one
+            rows = basis_rows(n, x, capacity=PROBE_ROWS)
+            engine.apply(1, rows, chunk_size=1)  # builds the gradient graph, settles the mode
+            start = now()
+            engine.apply(1, lambda a, b: rows(1 + a, 1 + b), chunk_size=1)
+            one = now() - start
+            start = now()
+            engine.apply(PROBE_ROWS, lambda a, b: rows(2 + a, 2 + b), chunk_size=PROBE_ROWS)
+            batch = now() - start
+            per_row = max(batch - one, 0.0) / (PROBE_ROWS - 1)
+            dense = math.ceil(n / (self.chunk_size or n)) * one + n * per_row
+            self._seconds = (dense, one)
+        return self._seconds
+
+    def before_detection(self) -> bool:
+        """Dense products cost less than detecting the pattern."""
+        if not self.eligible or self.engine.n > DENSE_EARLY_MAX_N:
+            return False
+        dense, _ = self.seconds()
+        graph = self.engine._graph  # built by the probe (reverse-over-reverse)
+        if graph is None or graph[1].grad_fn is None:
+            return False
+        return dense < DETECT_NODE_SECONDS * _graph_nodes(graph[1].grad_fn)
+
+    def before_coloring(self, P: sp.csr_matrix) -> bool:
+        """Dense products cost less than colouring ``P``."""
+        if not self.eligible:
+            return False
+        colour = _coloring_seconds(P)
+        return colour > 0.0 and self.seconds()[0] < colour
+
+
+def _check_compile(call: str, compile: Any, pattern: Any) -> None:
+    """``compile=`` is a bool, and needs ``pattern=`` (NOTE [compiled reuse])."""
+    if not isinstance(compile, bool):
+        fail(call, f"expected compile to be True or False, got {describe(compile)}.", TypeError)
+    if compile and pattern is None:
+        fail(
+            call,
+            "compile=True compiles the prepared evaluator of a known pattern; got no "
+            "pattern=. Pass pattern=hesse.hessian_sparsity(f)(*args), or drop compile=.",
+        )
 
 
 def _check_pattern(call: str, engine: FlatHVP, H: torch.Tensor) -> None:
@@ -463,6 +579,7 @@ def sparse_hessian(
     pattern: torch.Tensor | None = None,
     coloring: str = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """The exact Hessian as a sparse CSR tensor, from a few compressed HVPs.
 
@@ -482,16 +599,22 @@ def sparse_hessian(
     error exceeds ``sqrt(eps)`` relative to an entry (badly scaled Hessians), the star
     products are computed and used instead.
 
-    # NOTE [prepared reuse]
-    The transform returned with ``pattern=`` is a prepared evaluator: its first call
-    colours the pattern, builds the seed matrix and the recovery gathers, and checks
-    the pattern with one extra HVP (NOTE [pattern check]); later calls with arguments
-    of the same size cost the ``K`` batched HVPs and a few index gathers.
+    The transform returned with ``pattern=`` is a prepared evaluator (NOTE [prepared
+    reuse] in :mod:`hesse.sparsity._prepared`): its first call for a size ``n``
+    colours the pattern, plans the recovery, checks the pattern and picks the fastest
+    HVP strategy; later calls cost the ``K`` batched HVPs and one gather.
+    ``compile=True`` (with ``pattern=``) compiles that repeated call with
+    ``torch.compile`` (NOTE [compiled reuse]), falling back to eager with a warning.
+    Without ``pattern=``, a small problem whose ``n`` dense HVPs cost less than
+    colouring its pattern takes the dense products (NOTE [one-shot cost model]).
 
     # NOTE [pattern check]
-    A supplied pattern is checked on the first call of the transform: the recovered
+    A supplied pattern is checked once, on the first call of the transform for a size
+    ``n`` (not on the repeated calls, which would cost one more HVP each): the recovered
     Hessian times a fixed pseudo-random vector is compared with one HVP. Missing
-    nonzeros that are nonzero at that point are reported (a ``ValueError``).
+    nonzeros that are nonzero at that point are reported (a ``ValueError``). A function
+    that changes its structure between calls of one prepared transform is not detected;
+    a new ``sparse_hessian(f, pattern=...)`` checks again.
 
     Args:
         f: a function returning a real scalar tensor.
@@ -500,6 +623,8 @@ def sparse_hessian(
             reused without tracing; symmetrised. Entries outside it are taken as zero.
         coloring: ``"auto"``, ``"acyclic"`` (substitution) or ``"star"`` (direct).
         chunk_size: seed vectors per vectorised pass (default: sized from free memory).
+        compile: compile the prepared evaluator with ``torch.compile`` (needs
+            ``pattern``; NOTE [compiled reuse]).
 
     Returns:
         A function of ``*args`` returning a ``torch.sparse_csr`` tensor ``(n, n)`` in
@@ -511,9 +636,12 @@ def sparse_hessian(
             nonzeros, or bad input.
 
     Cost: ``K`` HVPs (``K`` colours: acyclic 2 for a tridiagonal Hessian, 3 for a
-    5-point stencil; star 3 and 5), memory
-    ``O(K n + nnz)``; recovery ``O(nnz)``. A detected pattern that couples every pair
-    takes ``n`` HVPs with basis vectors instead, without colouring (NOTE [dense fallback]).
+    5-point stencil; star 3 and 5), memory ``O(K n + nnz)``; recovery ``O(nnz)``. A
+    pattern that couples every pair, or a small one cheaper to read from dense products
+    (NOTE [one-shot cost model]), takes ``n`` HVPs with basis vectors instead, without
+    colouring (NOTE [dense fallback]). The first call with ``pattern=`` adds one checking
+    HVP and a race of three strategies (about six more evaluations); ``compile=True``
+    adds the compilation.
 
     References:
         Coleman, T. F. & Moré, J. J. (1984). Estimation of sparse Hessian matrices and
@@ -531,66 +659,67 @@ def sparse_hessian(
                 [1., 6., 1.],
                 [0., 1., 6.]], dtype=torch.float64)
     """
-    prepared: dict[int, Plan] = {}  # NOTE [prepared reuse]: the chosen plan per size n
+    prepared: dict[int, Prepared] = {}  # NOTE [prepared reuse]: one evaluator per size n
 
     def wrapped(*args: Any) -> torch.Tensor:
         call = call_form("hesse.sparse_hessian", len(args))
+        if pattern is not None and args and (n := _size(args)) in prepared:
+            return prepared[n](args)  # NOTE [prepared reuse]: validated on the first call
         check_chunk_size(call, chunk_size)
         check_choice(call, "coloring", coloring, HESSIAN_COLORINGS)
+        _check_compile(call, compile, pattern)
         engine = FlatHVP(f, args, argnums, call=call)
         n = engine.n
-        if pattern is not None and n in prepared:
-            plan = prepared[n]
-            return plan.csr(_evaluate(engine, plan, estimate=False)[0])
         if pattern is not None:
             P = _symmetric(_from_torch(call, pattern, (n, n)))
             H, plan = _compute(engine, P)
             _check_pattern(call, engine, H)
-            prepared[n] = plan
+            prep = Prepared(f, argnums, plan, chunk_size=chunk_size, compile=compile, call=call)
+            prep.settle(args, H.values())
+            prepared[n] = prep
             return H
         signature = _signature(args, argnums)
         P = _cached_pattern(f, signature)
+        cost = _DenseCost(engine, chunk_size, coloring)  # NOTE [one-shot cost model]
         if P is not None:  # NOTE [pattern cache]: used only if the check confirms it
-            H, _ = _compute(engine, P)
+            H = _dense(engine, P) if cost.before_coloring(P) else _compute(engine, P)[0]
             try:
                 _check_pattern(call, engine, H)
                 return H
             except ValueError:
                 pass
+        elif cost.before_detection():
+            return _dense(engine, n)
         P = _detect(engine.g, engine.x, call).hessian()
         _remember_pattern(f, signature, P)
-        if _coupled_pairs(P) == n * (n - 1):  # NOTE [dense fallback]
-            return _dense_csr(engine, P)
-        return _compute(engine, P)[0]
+        return _dense(engine, P) if cost.before_coloring(P) else _compute(engine, P)[0]
 
-    def _dense_csr(engine: FlatHVP, P: sp.csr_matrix) -> torch.Tensor:
-        """``n`` HVPs with basis vectors, read at the pattern's entries."""
-        n, x = engine.n, engine.x
-        S = _symmetric(P)
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
-        cols = S.indices.astype(np.int64)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        B = engine.apply(n, lambda a, b: eye[a:b], chunk_size=chunk_size)
-        values = B[torch.from_numpy(rows).to(x.device), torch.from_numpy(cols).to(x.device)]
-        return csr_tensor(*csr_index(rows, cols, n), values.detach(), (n, n))
+    def _size(args: tuple) -> int | None:
+        try:
+            return FlatArgs.of("", args, argnums).flat.n
+        except Exception:  # noqa: BLE001 - malformed: the full validation below reports it
+            return None
+
+    def _dense(engine: FlatHVP, P: sp.csr_matrix | int) -> torch.Tensor:
+        """``n`` HVPs with basis vectors, read at the pattern's entries (``P`` an int
+        ``n``: all ``n^2``)."""
+        plan = dense_plan(P)
+        return plan.csr(entries(engine, plan, chunk_size)[0])
 
     def _compute(engine: FlatHVP, P: sp.csr_matrix) -> tuple[torch.Tensor, Plan]:
+        n = engine.n
+        if _coupled_pairs(P) == n * (n - 1):  # NOTE [dense fallback]: no colouring helps
+            plan = dense_plan(P)
+            return plan.csr(entries(engine, plan, chunk_size)[0]), plan
         kind = _kind(coloring, P)
         plan = _plan(kind, P)
-        values, worst = _evaluate(engine, plan, estimate=kind == "acyclic" and coloring == "auto")
+        estimate = kind == "acyclic" and coloring == "auto"
+        values, worst = entries(engine, plan, chunk_size, estimate=estimate)
         if not _substitution_safe(worst, engine.x.dtype):
             # "auto": substitution is not accurate here; direct recovery instead
             plan = _plan("star", P)
-            values, _ = _evaluate(engine, plan, estimate=False)
+            values, _ = entries(engine, plan, chunk_size)
         return plan.csr(values), plan
-
-    def _evaluate(engine: FlatHVP, plan: Plan, estimate: bool) -> tuple[torch.Tensor, float]:
-        k = plan.coloring.num_colors
-        if k == 0 or len(plan.rows) == 0:
-            return engine.x.new_zeros(len(plan.rows)), 0.0
-        S = _seeds(plan, engine.x)
-        B = engine.apply(k, lambda a, b: S[a:b], chunk_size=chunk_size)
-        return plan.recover(B, estimate=estimate)
 
     return wrapped
 

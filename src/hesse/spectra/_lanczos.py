@@ -38,7 +38,7 @@ import torch
 
 from hesse._probes import gaussian, resolve_generator
 from hesse._validation import check_choice, check_generator, fail
-from hesse.operators._base import LinearOperator
+from hesse.operators._base import LinearOperator, keeping_graphs
 from hesse.spectra._input import check_int, check_positive_float, symmetric_operator
 from hesse.spectra._timing import TimedOperator
 
@@ -130,6 +130,7 @@ def _next_block(
     return Q, B
 
 
+@keeping_graphs
 def eigsh(
     A: LinearOperator | torch.Tensor,
     k: int = 6,

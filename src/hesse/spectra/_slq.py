@@ -23,7 +23,7 @@ import torch
 
 from hesse._probes import rademacher, resolve_generator
 from hesse._validation import check_generator, describe, fail
-from hesse.operators._base import LinearOperator
+from hesse.operators._base import LinearOperator, keeping_graphs
 from hesse.spectra._input import check_int, check_positive_float, symmetric_operator
 from hesse.spectra._timing import TimedOperator
 
@@ -152,6 +152,7 @@ def _group_lanczos(
     return alpha, beta, lengths, matvecs
 
 
+@keeping_graphs
 def spectral_density(
     A: LinearOperator | torch.Tensor,
     *,

@@ -26,7 +26,7 @@ import torch
 from hesse._estimate import MAX_PAIRS_COLUMNS, Estimate, exchangeable_stderr, from_draws
 from hesse._probes import gaussian, rademacher, resolve_generator
 from hesse._validation import check_choice, check_generator, fail
-from hesse.operators._base import LinearOperator
+from hesse.operators._base import LinearOperator, keeping_graphs
 from hesse.spectra._input import check_int, check_positive_float, square_operator
 
 METHODS = ("hutch++", "hutchinson", "xtrace")
@@ -256,6 +256,7 @@ def _xtrace_terms(
 _ESTIMATORS = {"hutchinson": _Hutchinson, "hutch++": _HutchPlusPlus, "xtrace": _XTrace}
 
 
+@keeping_graphs
 def trace(
     A: LinearOperator | torch.Tensor,
     *,
