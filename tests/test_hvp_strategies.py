@@ -109,6 +109,25 @@ def test_batched_grad_matches_row_by_row_double_backward(case: str) -> None:
     torch.testing.assert_close(H, ref, **TOL)
     for mode in ("auto", "reverse-over-reverse"):
         torch.testing.assert_close(hesse.hessian(f, mode=mode)(flat), ref, **TOL)
+    if case != "batchnorm-train":  # in place in train mode: forward-over-reverse refuses it
+        # hesse's own vmap(jvp(grad)) is right where torch.func.hessian is not (LayerNorm).
+        H = hesse.hessian(f, mode="forward-over-reverse")(flat)
+        torch.testing.assert_close(H, ref, **TOL)
+
+
+def test_race_won_by_forward_over_reverse_is_right_after_layernorm(monkeypatch) -> None:
+    """NOTE [strategy race]: a switch to forward-over-reverse keeps the LayerNorm terms."""
+    model, shape = CASES["linear-layernorm"]()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (shape[0],), generator=gen)
+    f, flat = param_loss(model, x, y)
+    monkeypatch.setattr(hvp_module, "RACE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(hvp_module, "RACE_MARGIN", float("inf"))  # forward-over-reverse wins
+    engine = FlatHVP(f, (flat,), 0, call="test")
+    H = engine.apply(flat.numel(), None, chunk_size=4)
+    assert engine.mode == "forward-over-reverse"
+    torch.testing.assert_close(H, loop_hessian(f, flat), **TOL)
 
 
 def test_batched_grad_unreached_input_gives_zeros() -> None:

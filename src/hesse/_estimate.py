@@ -153,17 +153,22 @@ def from_moments(
 def from_draws(
     draws: torch.Tensor, num_matvecs: int, offset: torch.Tensor | float = 0.0
 ) -> Estimate:
-    """The Estimate ``offset + mean`` of ``(m, ...)`` independent unbiased draws."""
-    mean = draws.mean(0)
+    """The Estimate ``offset + mean`` of ``(m, ...)`` independent unbiased draws.
+
+    One draw with no offset is returned as is (a view of ``draws``, no copy): its
+    spread is unknown (NaN error bars), and a sample-sized copy would be a fixed
+    cost on small problems (the MC GGN diagonal of one batch).
+    """
     if draws.shape[0] < 2:  # one draw has no spread (NaN error bars): skip the moments
+        mean = draws[0] if draws.shape[0] == 1 else draws.mean(0)
         est = from_moments(mean, mean, mean, mean, draws.shape[0], num_matvecs)
     else:
+        mean = draws.mean(0)
         dev = draws - mean
         m2, m3, m4 = (dev**p for p in (2, 3, 4))
         est = from_moments(mean, m2.sum(0), m3.sum(0), m4.sum(0), draws.shape[0], num_matvecs)
-    return Estimate(
-        est.value + offset, est.stderr, num_matvecs, est.dof, False, est.skewness, est.kurtosis
-    )
+    value = est.value if isinstance(offset, float) and offset == 0.0 else est.value + offset
+    return Estimate(value, est.stderr, num_matvecs, est.dof, False, est.skewness, est.kurtosis)
 
 
 def merge_moments(a: tuple, b: tuple) -> tuple:

@@ -81,18 +81,100 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("acts", [(nn.Tanh, nn.Tanh), (nn.ReLU, nn.Sigmoid), (nn.Sigmoid, nn.ReLU)])
+CHAINS = {  # MLPs, and CNNs (defined below)
+    "mlp tanh-tanh": lambda: (mlp(nn.Tanh, nn.Tanh), data()),
+    "mlp relu-sigmoid": lambda: (mlp(nn.ReLU, nn.Sigmoid), data()),
+    "mlp sigmoid-relu, no bias": lambda: (mlp(nn.Sigmoid, nn.ReLU, bias=False), data()),
+    "cnn tanh": lambda: (cnn(nn.Tanh), images()),
+    "cnn relu": lambda: (cnn(nn.ReLU), images()),
+    # residual columns meet Flatten (reshaped), a convolution (closed form) and max pooling
+    "cnn pool-tanh-conv-flatten-sigmoid": lambda: (
+        seeded(
+            nn.Conv2d(2, 3, 3),
+            nn.MaxPool2d(2),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 2),
+            nn.Flatten(),
+            nn.Sigmoid(),
+            nn.Linear(8, 3),
+        ),
+        images(),
+    ),  # fmt: skip
+}
+
+
+def seeded(*layers: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).to(D)
+
+
+@pytest.mark.parametrize("case", list(CHAINS))
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_chain_matches_double_backward(spy, acts, reduction, per_sample) -> None:
-    model = mlp(*acts, bias=acts[0] is not nn.Sigmoid)
-    x, y = data()
+def test_chain_matches_double_backward(spy, case, reduction, per_sample) -> None:
+    model, (x, y) = CHAINS[case]()
     loss = nn.CrossEntropyLoss(reduction=reduction)
     params = dict(model.named_parameters())
     got = batch_diagonal("t", model, loss, params, x, y, method="exact", per_sample=per_sample)
     assert spy, "the chain fast path did not run"
     ref = autograd_diagonal(model, loss, x, y, per_sample=per_sample)
     torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_consecutive_curved_activations(spy) -> None:
+    """Sigmoid then Tanh: the first one's residual columns must pass through the second."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Sigmoid(), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    x, y = data()
+    loss = nn.CrossEntropyLoss()
+    params = dict(model.named_parameters())
+    for per_sample in (False, True):
+        got = batch_diagonal("t", model, loss, params, x, y, method="exact", per_sample=per_sample)
+        ref = autograd_diagonal(model, loss, x, y, per_sample=per_sample)
+        torch.testing.assert_close(got, ref, **TOL)
+    assert len(spy) == 2
+
+
+def cnn(act=nn.Tanh):
+    """Strided, padded and dilated convolutions, overlapping max pooling, Flatten."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2), act(), nn.MaxPool2d(2, stride=1),
+        nn.Conv2d(3, 4, 2, dilation=2, bias=act is not nn.ReLU), act(), nn.Flatten(),
+        nn.Linear(4 * 1 * 1, 5), nn.Sigmoid(), nn.Linear(5, 3),
+    ).to(D)  # fmt: skip
+
+
+def images(b=3):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 2, 8, 8, generator=gen, dtype=D)
+    return x, torch.randint(0, 3, (b,), generator=gen)
+
+
+CONV_HAND_OVER = {
+    "grouped conv": lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(144, 3)
+    ),
+    "padding='same'": lambda: nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding="same"), nn.Tanh(), nn.Flatten(), nn.Linear(128, 3)
+    ),
+    "batchnorm train": lambda: nn.Sequential(
+        nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)
+    ),
+    "avg pooling": lambda: nn.Sequential(
+        nn.Conv2d(2, 2, 3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(18, 3)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_HAND_OVER))
+def test_conv_hand_over_to_the_general_path(spy, case) -> None:
+    torch.manual_seed(0)
+    model, (x, y), loss = CONV_HAND_OVER[case]().to(D), images(), nn.CrossEntropyLoss()
+    params = dict(model.named_parameters())
+    got = batch_diagonal("t", model, loss, params, x, y, method="exact", per_sample=False)
+    assert not spy, f"{case}: the chain fast path must not run"
+    torch.testing.assert_close(got, autograd_diagonal(model, loss, x, y), **TOL)
 
 
 def test_chain_agrees_with_the_traced_engine(monkeypatch) -> None:
@@ -178,3 +260,16 @@ def test_chain_in_sample_groups_agrees(spy, monkeypatch, per_sample) -> None:
     torch.testing.assert_close(
         grouped, autograd_diagonal(model, loss, x, y, per_sample=per_sample), **TOL
     )
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_conv_chain_one_sample_per_group_agrees(spy, monkeypatch, per_sample) -> None:
+    import hesse._chunking
+
+    model, (x, y), loss = cnn(), images(3), nn.CrossEntropyLoss()
+    params = dict(model.named_parameters())
+    monkeypatch.setattr(hesse._chunking, "EFFICIENT_CHUNK_BYTES", 1)  # groups of one sample
+    got = batch_diagonal("t", model, loss, params, x, y, method="exact", per_sample=per_sample)
+    assert spy
+    ref = autograd_diagonal(model, loss, x, y, per_sample=per_sample)
+    torch.testing.assert_close(got, ref, **TOL)

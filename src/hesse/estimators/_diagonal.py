@@ -452,7 +452,7 @@ def _mc(
     cols = op._factor_squares(
         _sampler(op, call, generator, m), chunk_size=chunk_size, keep="column"
     )
-    return from_draws(cols * m, num_matvecs=m)
+    return from_draws(cols * m if m != 1 else cols, num_matvecs=m)
 
 
 @register_diagonal("gnb", _OuterProductOperator)
@@ -461,7 +461,7 @@ def _gnb(
 ) -> Estimate:
     m = num_matvecs or 1
     cols = op._batch_gradient_squares(_sampler(op, call, generator, m))
-    return from_draws(cols * m, num_matvecs=m)
+    return from_draws(cols * m if m != 1 else cols, num_matvecs=m)
 
 
 # -- curvature backpropagation (hesse.curvprop) for model Hessians -------------------------
