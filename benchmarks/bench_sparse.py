@@ -300,6 +300,18 @@ def _asdex_jacobian_calls(f, x: np.ndarray) -> tuple[dict[str, Callable], int | 
     return calls, int(coloring.num_colors)
 
 
+def _row(workload: str, method: str, st: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """One table row: a method's measured time, CPU time and peak memory, plus ``fields``."""
+    return {
+        "workload": workload,
+        "method": method,
+        "time_s": st["time_s"],
+        "cpu_s": st["cpu_s"],
+        "peak_mem_bytes": st["peak_mem_bytes"],
+        **fields,
+    }
+
+
 def run_jacobians(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
     """Sparse Jacobians (issue 16): hesse's column / row / bidirectional colouring
     (``coloring="auto"``) against asdex's (column or row) and dense ``jacrev``, at
@@ -342,21 +354,19 @@ def run_jacobians(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
                 st.pop("_dense", None)
                 colors = counts[auto] if method.startswith("hesse") else None
                 rows.append(
-                    {
-                        "workload": wname,
-                        "method": method,
-                        "time_s": st["time_s"],
-                        "cpu_s": st["cpu_s"],
-                        "peak_mem_bytes": st["peak_mem_bytes"],
-                        "colors": colors
+                    _row(
+                        wname,
+                        method,
+                        st,
+                        colors=colors
                         if colors is not None
                         else asdex_colors
                         if "asdex" in method
                         else n,
-                        "max_abs_err": err if method == JAC_ONE_SHOT else None,
-                        "note": note if method == JAC_ONE_SHOT else "",
-                        "reference": method == JAC_ONE_SHOT,
-                    }
+                        max_abs_err=err if method == JAC_ONE_SHOT else None,
+                        note=note if method == JAC_ONE_SHOT else "",
+                        reference=method == JAC_ONE_SHOT,
+                    )
                 )
     return rows
 
@@ -406,17 +416,15 @@ def run(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
         for name, st in stats.items():
             hesse_row = name.startswith("hesse")
             rows.append(
-                {
-                    "workload": wname,
-                    "method": name,
-                    "time_s": st["time_s"],
-                    "cpu_s": st["cpu_s"],
-                    "peak_mem_bytes": st["peak_mem_bytes"],
-                    "colors": colors if hesse_row else asdex_colors if "asdex" in name else n,
-                    "max_abs_err": err if name == ONE_SHOT else None,
-                    "note": st.get("error") or (compile_note if name == COMPILED else ""),
-                    "reference": name == ONE_SHOT,
-                }
+                _row(
+                    wname,
+                    name,
+                    st,
+                    colors=colors if hesse_row else asdex_colors if "asdex" in name else n,
+                    max_abs_err=err if name == ONE_SHOT else None,
+                    note=st.get("error") or (compile_note if name == COMPILED else ""),
+                    reference=name == ONE_SHOT,
+                )
             )
             st.pop("_dense", None)
         if note:
@@ -543,16 +551,14 @@ def coloring_rows(quick: bool, only: str | None = None) -> list[dict[str, Any]]:
             )
             for method, st in stats.items():
                 rows.append(
-                    {
-                        "workload": wname,
-                        "method": method,
-                        "time_s": st["time_s"],
-                        "cpu_s": st["cpu_s"],
-                        "peak_mem_bytes": st["peak_mem_bytes"],
-                        "colors": st["colors"],
-                        "note": "",
-                        "reference": method == "hesse acyclic colouring",
-                    }
+                    _row(
+                        wname,
+                        method,
+                        st,
+                        colors=st["colors"],
+                        note="",
+                        reference=method == "hesse acyclic colouring",
+                    )
                 )
             if note:
                 rows.append({"workload": wname, "method": "asdex", "time_s": None, "note": note})
