@@ -288,3 +288,109 @@ def test_per_sample_hessians_default_chunks_agree(batch: int) -> None:
 
     ref = torch.stack([loop_hessian(lambda x, t=t: f(x, t), x) for x, t in zip(X, T)])
     torch.testing.assert_close(torch.vmap(hesse.hessian(f))(X, T), ref, **TOL)
+
+
+MEASURED = {
+    "sum-sin": (lambda x: torch.sin(x).sum(), 40),
+    "rosenbrock": (lambda x: (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum(), 30),
+    "layernorm": (lambda x: torch.tanh(nn.functional.layer_norm(x.reshape(4, -1), (6,))).sum(), 24),
+    "no-vmap-rule": (lambda x: (_SquareNoVmap.apply(x) * x.roll(1)).sum() ** 2, 6),
+}
+
+
+@pytest.mark.parametrize("case", list(MEASURED))
+def test_measured_vectoriser_choice_times_both_and_agrees(case: str, monkeypatch) -> None:
+    """NOTE [batched backward]: the first calls of a job time vmap and the legacy batching
+    in turn; every call, whichever vectoriser ran, equals row-by-row double backward."""
+    monkeypatch.setattr(hvp_module, "_timings", {})
+    f, n = MEASURED[case]
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=DT)
+    ref = loop_hessian(f, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hesse.LoopFallbackWarning)
+        for _ in range(2 * hvp_module.EXPLORE_CALLS + 2):
+            torch.testing.assert_close(hesse.hessian(f, mode="reverse-over-reverse")(x), ref, **TOL)
+    (times,) = hvp_module._timings.values()
+    assert all(len(times[name]) >= hvp_module.EXPLORE_CALLS for name in ("vmap", "legacy"))
+
+
+def test_measured_choice_where_vmap_raises_keeps_the_legacy_batching(monkeypatch) -> None:
+    """A graph functorch cannot batch marks vmap as never chosen; values stay right."""
+
+    def failing_vmap(fn):
+        def batched(*args):
+            raise RuntimeError("vmap: no batching rule (simulated)")
+
+        return batched
+
+    monkeypatch.setattr(hvp_module, "_timings", {})
+    monkeypatch.setattr(hvp_module, "vmap", failing_vmap)
+    f, n = MEASURED["rosenbrock"]
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=DT)
+    ref = loop_hessian(f, x)
+    for _ in range(3):
+        torch.testing.assert_close(hesse.hessian(f, mode="reverse-over-reverse")(x), ref, **TOL)
+    (times,) = hvp_module._timings.values()
+    assert times["vmap"] == [float("inf")] * hvp_module.EXPLORE_CALLS
+
+
+@pytest.mark.parametrize("chosen", ["vmap", "legacy"])
+def test_measured_vectoriser_choice_uses_the_faster(chosen: str, monkeypatch) -> None:
+    """Once both are timed, the one with the lower minimum runs, and it is right."""
+    f, n = MEASURED["rosenbrock"]
+    x = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=DT)
+    slow = [1.0] * hvp_module.EXPLORE_CALLS
+    fast = [1e-3] * hvp_module.EXPLORE_CALLS
+    times = {"vmap": fast, "legacy": slow} if chosen == "vmap" else {"vmap": fast, "legacy": [1e-4]}
+    key = (f.__code__, torch.Size([n, n]), DT, torch.get_num_threads())
+    monkeypatch.setattr(hvp_module, "_timings", {key: times})
+    ran = []
+    monkeypatch.setattr(hvp_module, "_legacy", _spy(hvp_module._legacy, ran, "legacy"))
+    monkeypatch.setattr(hvp_module, "_vectorised", _spy(hvp_module._vectorised, ran, "vmap"))
+    H = hesse.hessian(f, mode="reverse-over-reverse")(x)
+    torch.testing.assert_close(H, loop_hessian(f, x), **TOL)
+    assert ran == [chosen]
+
+
+def _spy(fn, ran: list[str], name: str):
+    def spied(*args, **kwargs):
+        ran.append(name)
+        return fn(*args, **kwargs)
+
+    return spied
+
+
+def test_slow_jobs_never_try_the_legacy_batching(monkeypatch) -> None:
+    """A job whose vmap calls take at least EXPLORE_SECONDS keeps vmap without trying."""
+    monkeypatch.setattr(hvp_module, "_timings", {})
+    monkeypatch.setattr(hvp_module, "EXPLORE_SECONDS", 0.0)
+    f, n = MEASURED["sum-sin"]
+    x = torch.randn(n, dtype=DT)
+    for _ in range(3):
+        hesse.hessian(f, mode="reverse-over-reverse")(x)
+    (times,) = hvp_module._timings.values()
+    assert times["legacy"] == []
+
+
+def test_memory_memo_counts_once_per_function_and_shapes(monkeypatch) -> None:
+    """NOTE [memory memo]: a repeated call reuses the saved-bytes count; other shapes of
+    any argument count again; values equal double backward either way."""
+    counted = []
+    original = hvp_module.saved_bytes
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hvp_module, "saved_bytes", counting)
+    monkeypatch.setattr(hvp_module, "_saved_memo", {})
+
+    def f(x, a):
+        return (torch.tanh(a @ x) ** 2).sum()
+
+    x = torch.randn(7, generator=torch.Generator().manual_seed(6), dtype=DT)
+    for rows in (5, 5, 9, 5):
+        a = torch.randn(rows, 7, generator=torch.Generator().manual_seed(rows), dtype=DT)
+        ref = loop_hessian(lambda v, a=a: f(v, a), x)
+        torch.testing.assert_close(hesse.hessian(f, mode="reverse-over-reverse")(x, a), ref, **TOL)
+    assert len(counted) == 2  # rows=5 once, rows=9 once

@@ -237,7 +237,7 @@ def saved_bytes(
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             values: list[Any] = list(node.saved_tensors)
         else:
-            values = [getattr(node, a) for a in dir(node) if a.startswith("_saved_")]
+            values = [getattr(node, a) for a in _saved_names(type(node))]
         for value in values:
             for t in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(t, torch.Tensor) and t.grad_fn is not None:
@@ -256,6 +256,17 @@ def saved_bytes(
             work.append((node, True))
             work.extend((m, False) for m, _ in node.next_functions if m is not None)
     return result, sum(size for node, size in saved if depends[node])
+
+
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _saved_names(kind: type) -> tuple[str, ...]:
+    """The ``_saved_*`` attributes of an autograd node type (``dir`` once per type)."""
+    names = _SAVED_NAMES.get(kind)
+    if names is None:
+        names = _SAVED_NAMES[kind] = tuple(a for a in dir(kind) if a.startswith("_saved_"))
+    return names
 
 
 def chunk_size_for(

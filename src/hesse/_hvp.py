@@ -21,11 +21,14 @@ sparse Hessians, diagonals and function operators all use it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_flatten
 
 from hesse._attention import math_attention
 from hesse._chunking import (
@@ -133,9 +136,15 @@ class FlatHVP:
         if not gr.requires_grad:  # f is at most linear in x: the Hessian is zero
             return torch.zeros_like(vs)
         if batched:
-            return batched_grad(gr, [x], vs)[0]
+            return batched_grad(gr, [x], vs, key=self._job(vs))[0]
         (hv,) = torch.autograd.grad(gr, x, vs, retain_graph=True, allow_unused=True)
         return torch.zeros_like(vs) if hv is None else hv
+
+    def _job(self, vs: torch.Tensor) -> Hashable:
+        """The key of the measured vectoriser choice (NOTE [batched backward])."""
+        f = self.f
+        code = getattr(f, "__code__", None)
+        return (code if code is not None else id(f), vs.shape, vs.dtype, torch.get_num_threads())
 
     def _revrev_batched(self, vs: torch.Tensor) -> torch.Tensor:
         return self._revrev(vs, batched=True)
@@ -194,8 +203,16 @@ class FlatHVP:
             used = None
             revrev = self._leaf is not None and self.mode != "forward-over-reverse"
             if revrev and self._graph is None:
+                key = self._memo_key()
+                known = _saved_memo.get(key) if key is not None else None
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
-                    _, used = saved_bytes(self._revrev_graph, self._leaf, at_most=enough)
+                    if known is not None and known[0]() is self.f:  # NOTE [memory memo]
+                        self._revrev_graph()
+                        used = known[1]
+                    else:
+                        _, used = saved_bytes(self._revrev_graph, self._leaf, at_most=enough)
+                        if key is not None:
+                            _remember(key, self.f, used)
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
                     if self.mode != "auto":
                         raise
@@ -208,6 +225,23 @@ class FlatHVP:
             self._row_bytes = 4 * used + 4 * self.n * self.x.element_size()
             self._split = splitting_pays(used, self.n * self.x.element_size())
         return self._row_bytes
+
+    def _memo_key(self) -> Hashable | None:
+        """NOTE [memory memo]: the key of this job's saved-bytes count, if it can have one."""
+        try:
+            weakref.ref(self.f)
+        except TypeError:  # no weak reference: no memo (a stale id could be reused)
+            return None
+        leaves, spec = tree_flatten(self.inputs.args)
+        shapes = tuple(
+            (t.shape, t.dtype, t.device)
+            if isinstance(t, torch.Tensor)
+            else t
+            if isinstance(t, (int, float, bool, str, type(None)))
+            else type(t)
+            for t in leaves
+        )
+        return (id(self.f), self.inputs.nums, self.inputs.single, spec, shapes, self.mode)
 
     def _run(self, batched: Callable, single: Callable, chunk: torch.Tensor) -> torch.Tensor:
         return map_chunks(
@@ -349,29 +383,109 @@ class FlatHVP:
         return rest if out is None else out
 
 
+# NOTE [memory memo]
+# Counting the bytes a gradient graph saves walks the whole graph once (Python per
+# node): on small functions (Rosenbrock at n = 100) that walk costs as much as the
+# Hessian. A repeated call of the same function object (held by a weak reference,
+# so a recycled ``id`` never matches) with the same argument structure, shapes,
+# dtype and device reuses the first call's count. The count sizes chunks only; it
+# never changes a value. A function whose saved tensors grow between calls with
+# the same shapes (a closure over a model that is swapped for a larger one) keeps
+# the first count: pass ``chunk_size=`` or a ``memory_budget=`` there.
+_saved_memo: dict[Hashable, tuple[weakref.ref, int]] = {}
+
+
+def _remember(key: Hashable, f: Callable, used: int) -> None:
+    if len(_saved_memo) >= 1024:  # bounded: the oldest entry goes
+        del _saved_memo[next(iter(_saved_memo))]
+    _saved_memo[key] = (weakref.ref(f), used)
+
+
+#: a vectoriser is tried by measurement only on calls faster than this (NOTE [batched backward]).
+EXPLORE_SECONDS = 0.05
+#: timed calls of each vectoriser before the faster is kept (the minimum of these counts).
+EXPLORE_CALLS = 2
+_VECTORISERS = ("vmap", "legacy")
+_timings: dict[Hashable, dict[str, list[float]]] = {}
+
+
 def batched_grad(
-    output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangents: torch.Tensor
+    output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    cotangents: torch.Tensor,
+    *,
+    key: Hashable | None = None,
 ) -> list[torch.Tensor]:
     """``torch.autograd.grad(output, inputs, v)`` for every ``v`` in ``cotangents`` (a leading batch).
 
     The graph is retained; inputs ``output`` does not reach get zeros. Shaped
-    ``(k, *input.shape)`` per input.
+    ``(k, *input.shape)`` per input. ``key`` names the job for the measured choice of
+    vectoriser (the same function, shapes, dtype and thread count); ``None``: no
+    measurement, ``vmap`` first.
 
     # NOTE [batched backward]
     Two vectorisers can run one backward pass for a batch of cotangents:
     ``torch.func.vmap`` over ``torch.autograd.grad`` (functorch's batching rules)
-    and ``is_grads_batched`` (the legacy ``torch._vmap_internals`` batching). On
-    the same graph the former is about 2x faster (measured: the forum MLP's
-    input Hessian, 2.8 ms against 6.0 ms at one thread; the legacy path falls back
-    to per-row loops in more backward formulas), so it runs first; where it
-    raises (an in-place op or a custom ``autograd.Function`` that functorch cannot
-    batch) the legacy path runs, and its failure goes to the caller's fallback
-    (NOTE [strategies], NOTE [chunking]). Both are plain double backward through
+    and ``is_grads_batched`` (the legacy ``torch._vmap_internals`` batching). Which
+    is faster depends on the graph: on the forum MLP's 784-input Hessian the former
+    is about 2x faster (2.8 ms against 6.0 ms at one thread; the legacy path falls
+    back to per-row loops in more backward formulas), while on small elementwise
+    graphs (``sum(sin(x))``, Rosenbrock, n <= 150) the legacy path's fixed cost is
+    20-45 us lower on calls of a few hundred microseconds. So for a keyed job whose
+    calls take under :data:`EXPLORE_SECONDS`, the first calls time each vectoriser
+    :data:`EXPLORE_CALLS` times (alternating, so warm-up falls on both) and later
+    calls use the one with the lower minimum; slower jobs never try the legacy
+    path, whose worst case is a loop. A legacy run that warns of a missing batching
+    rule (a per-row loop) or raises is never chosen. Where ``vmap`` raises (an
+    in-place op or a custom ``autograd.Function`` that functorch cannot batch) the
+    legacy path runs, and its failure goes to the caller's fallback (NOTE
+    [strategies], NOTE [chunking]). Both are plain double backward through
     autograd's graph, not ``torch.func``'s forward mode, so they agree with the
     unbatched products where forward-mode rules are wrong (the input-weight terms
-    of LayerNorm in torch 2.13, tested).
+    of LayerNorm in torch 2.13, tested), and with each other (tested).
     """
     inputs = list(inputs)
+    if cotangents.shape[0] <= 1:
+        return _legacy(output, inputs, cotangents)
+    if key is None or cotangents.device.type != "cpu":
+        return _vectorised(output, inputs, cotangents)
+    times = _timings.setdefault(key, {name: [] for name in _VECTORISERS})
+    pending = [
+        name
+        for name in _VECTORISERS
+        if len(times[name]) < EXPLORE_CALLS and min(times["vmap"], default=0.0) < EXPLORE_SECONDS
+    ]
+    if not pending:
+        best = min(_VECTORISERS, key=lambda name: min(times[name], default=float("inf")))
+        return (_legacy if best == "legacy" else _vectorised)(output, inputs, cotangents)
+    name = min(pending, key=lambda n: len(times[n]))  # alternate: vmap, legacy, vmap, ...
+    start = time.perf_counter()
+    if name == "vmap":
+        result = _vectorised(output, inputs, cotangents, times)
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                result = _legacy(output, inputs, cotangents)
+            except Exception:  # noqa: BLE001 - this call falls back to vmap; never chosen again
+                result = None
+        if result is None or any("performance drop" in str(w.message) for w in caught):
+            times["legacy"] = [float("inf")] * EXPLORE_CALLS
+            return result if result is not None else _vectorised(output, inputs, cotangents)
+    if float("inf") not in times[name]:  # inf: vmap raised and the legacy path ran
+        times[name].append(time.perf_counter() - start)
+    if len(_timings) > 1024:  # a bounded memo: the oldest jobs are measured again
+        del _timings[next(iter(_timings))]
+    return result
+
+
+def _vectorised(
+    output: torch.Tensor,
+    inputs: list[torch.Tensor],
+    cotangents: torch.Tensor,
+    times: dict[str, list[float]] | None = None,
+) -> list[torch.Tensor]:
+    """``vmap`` over ``autograd.grad``; the legacy batching where ``vmap`` raises."""
 
     def one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         gs = torch.autograd.grad(output, inputs, v, retain_graph=True, allow_unused=True)
@@ -381,13 +495,20 @@ def batched_grad(
         (g,) = torch.autograd.grad(output, inputs, v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(inputs[0]) if g is None else g
 
-    if cotangents.shape[0] > 1:
-        try:
-            if len(inputs) == 1:
-                return [vmap(single)(cotangents)]
-            return list(vmap(one)(cotangents))
-        except Exception:  # noqa: BLE001 - NOTE [batched backward]: the legacy batching next
-            pass
+    try:
+        if len(inputs) == 1:
+            return [vmap(single)(cotangents)]
+        return list(vmap(one)(cotangents))
+    except Exception:  # noqa: BLE001 - NOTE [batched backward]: the legacy batching next
+        if times is not None:  # vmap cannot batch this graph: the legacy path is the choice
+            times["vmap"] = [float("inf")] * EXPLORE_CALLS
+    return _legacy(output, inputs, cotangents)
+
+
+def _legacy(
+    output: torch.Tensor, inputs: list[torch.Tensor], cotangents: torch.Tensor
+) -> list[torch.Tensor]:
+    """``is_grads_batched``: the legacy batching (NOTE [batched backward])."""
     gs = torch.autograd.grad(
         output, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
     )
