@@ -395,10 +395,19 @@ class FlatHVP:
 _saved_memo: dict[Hashable, tuple[weakref.ref, int]] = {}
 
 
+#: entries a per-job memo keeps; beyond it the oldest job is measured again.
+MEMO_SIZE = 1024
+
+
+def _bound(memo: dict) -> None:
+    """Drop a memo's oldest entries beyond :data:`MEMO_SIZE` (insertion order)."""
+    while len(memo) > MEMO_SIZE:
+        del memo[next(iter(memo))]
+
+
 def _remember(key: Hashable, f: Callable, used: int) -> None:
-    if len(_saved_memo) >= 1024:  # bounded: the oldest entry goes
-        del _saved_memo[next(iter(_saved_memo))]
     _saved_memo[key] = (weakref.ref(f), used)
+    _bound(_saved_memo)
 
 
 #: a vectoriser is tried by measurement only on calls faster than this (NOTE [batched backward]).
@@ -450,11 +459,9 @@ def batched_grad(
     if key is None or cotangents.device.type != "cpu":
         return _vectorised(output, inputs, cotangents)
     times = _timings.setdefault(key, {name: [] for name in _VECTORISERS})
-    pending = [
-        name
-        for name in _VECTORISERS
-        if len(times[name]) < EXPLORE_CALLS and min(times["vmap"], default=0.0) < EXPLORE_SECONDS
-    ]
+    _bound(_timings)
+    exploring = min(times["vmap"], default=0.0) < EXPLORE_SECONDS
+    pending = [n for n in _VECTORISERS if exploring and len(times[n]) < EXPLORE_CALLS]
     if not pending:
         best = min(_VECTORISERS, key=lambda name: min(times[name], default=float("inf")))
         return (_legacy if best == "legacy" else _vectorised)(output, inputs, cotangents)
@@ -474,8 +481,6 @@ def batched_grad(
             return result if result is not None else _vectorised(output, inputs, cotangents)
     if float("inf") not in times[name]:  # inf: vmap raised and the legacy path ran
         times[name].append(time.perf_counter() - start)
-    if len(_timings) > 1024:  # a bounded memo: the oldest jobs are measured again
-        del _timings[next(iter(_timings))]
     return result
 
 

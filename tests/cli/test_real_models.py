@@ -125,20 +125,19 @@ def _check_eigenvalues(report, mean_loss, theta) -> None:
         assert float(quotient) <= eig["eigenvalues"][0] * (1 + 1e-4) + 1e-7
 
 
-def test_torchvision_resnet_factory(tmp_path):
-    _require("torchvision")
-    factory = _wrapper(tmp_path, "resnet_factory", "width=2, batches=1, batch_size=2, size=8")
-    out = tmp_path / "report"
-    proc = _analyze(factory, out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _check_report(factory, out)
-
-
-def test_huggingface_causal_lm_factory(tmp_path):
-    _require("transformers")
-    # The library's default attention (scaled_dot_product_attention) and logits
-    # flattened to (B*T, V): cross-entropy averages over every token.
-    factory = _wrapper(tmp_path, "gpt2_factory", "batches=1, batch_size=2, context=4")
+@pytest.mark.parametrize(
+    ("library", "example", "options"),
+    [
+        ("torchvision", "resnet_factory", "width=2, batches=1, batch_size=2, size=8"),
+        # The library's default attention (scaled_dot_product_attention) and logits
+        # flattened to (B*T, V): cross-entropy averages over every token.
+        ("transformers", "gpt2_factory", "batches=1, batch_size=2, context=4"),
+    ],
+    ids=["torchvision-resnet", "huggingface-causal-lm"],
+)
+def test_example_factory(tmp_path, library, example, options):
+    _require(library)
+    factory = _wrapper(tmp_path, example, options)
     out = tmp_path / "report"
     proc = _analyze(factory, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
