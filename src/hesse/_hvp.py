@@ -202,7 +202,7 @@ class FlatHVP:
         if self._row_bytes is None:
             used = None
             revrev = self._leaf is not None and self.mode != "forward-over-reverse"
-            if revrev and self._graph is None:
+            if revrev:  # the graph is built here, or was (a probe product), and walked
                 key = self._memo_key()
                 known = _saved_memo.get(key) if key is not None else None
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from

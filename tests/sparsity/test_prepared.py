@@ -177,7 +177,12 @@ def test_compiled_reuse_equals_dense():
         _close(step(x), double_backward_hessian(f, x))
 
 
-def _one_shot(f, x, monkeypatch, node_seconds, edge_seconds):
+_FLOOR = sparse_module._coloring_floor
+
+
+def _one_shot(f, x, monkeypatch, node_seconds, edge_seconds, floor=False):
+    # the colouring floor before detection off unless asked: each decision forced alone
+    monkeypatch.setattr(sparse_module, "_coloring_floor", _FLOOR if floor else lambda n: 0.0)
     monkeypatch.setattr(sparse_module, "DETECT_NODE_SECONDS", node_seconds)
     monkeypatch.setattr(sparse_module, "COLOR_EDGE_SECONDS", edge_seconds)
     monkeypatch.setattr(sparse_module, "JIT_EDGE_SECONDS", edge_seconds)
@@ -214,3 +219,8 @@ def test_cost_model_skips_colouring_and_detection_when_dense_is_cheaper(monkeypa
     _close(_one_shot(f, x, monkeypatch, 0, 1e9), double_backward_hessian(f, x))
     monkeypatch.setattr(sparse_module, "_detect", never)
     _close(_one_shot(f, x, monkeypatch, 1e9, 0.0), double_backward_hessian(f, x))
+    # a colouring priced above the dense products decides before detection: a connected
+    # pattern costs at least a path's colouring (NOTE [one-shot cost model])
+    before = _one_shot(f, x, monkeypatch, 0.0, 1e9, floor=True)
+    assert before.values().numel() == 300 * 300
+    _close(before, double_backward_hessian(f, x))

@@ -65,10 +65,13 @@ class Plan:
     visit_vertex: torch.Tensor | None = None
     visit_parent: torch.Tensor | None = None
     gather: torch.Tensor | None = None  # per entry: index into cat([diagonal, edge values])
+    full: bool = False  # all n^2 entries: B (n Hessian rows) is read whole, transposed
 
     def recover(self, B: torch.Tensor, estimate: bool = False) -> tuple[torch.Tensor, float]:
         """The entries (CSR order) and, with ``estimate``, the largest estimated relative
         rounding error of substitution (NOTE [substitution]; ``0.0`` otherwise)."""
+        if self.full:  # entry (i, j) is B[j, i]: one transposed copy, no gather
+            return B.t().reshape(-1), 0.0
         flat = B.reshape(-1)
         index = self.direct if self.direct is not None else self.gather
         if index is not None and index.device != B.device:
@@ -115,7 +118,11 @@ class Plan:
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse CSR tensor ``(n, n)`` of the pattern holding ``values``."""
         cache = self.__dict__.setdefault("_index", {})
-        if values.device not in cache:
+        if values.device not in cache and self.full:
+            n, device = self.n, values.device
+            crow = torch.arange(0, n * n + 1, n, device=device)
+            cache[device] = (crow, torch.arange(n, device=device).repeat(n))
+        elif values.device not in cache:
             cache[values.device] = tuple(
                 t.to(values.device) for t in csr_index(self.rows, self.cols, self.n)
             )
@@ -168,6 +175,8 @@ def dense_plan(P: sp.csr_matrix | int) -> Plan:
         rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(S.indptr))
         cols = S.indices.astype(np.int64)
     coloring = Coloring(np.arange(n, dtype=np.int64), n, "dense")
+    if isinstance(P, int):
+        return Plan(n, rows, cols, coloring, full=True)
     return Plan(n, rows, cols, coloring, direct=torch.from_numpy(cols * n + rows))
 
 

@@ -426,7 +426,7 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
 # ``coloring="auto"`` and ``DENSE_MIN_N <= n <= DENSE_MAX_N`` (below, both paths take
 # milliseconds; an explicit colouring is honoured), the costs are compared twice:
 # * dense: ``n`` products in ``ceil(n / chunk)`` passes, timed on the function itself
-#   (once per call, 18 probe products): one product ``t_1`` (the per-pass cost) and a
+#   (once per call, 35 probe products, each timing the faster of two): one product ``t_1`` (the per-pass cost) and a
 #   batch of ``PROBE_ROWS`` (``t_b``), ``t_dense = passes * t_1 + n * (t_b - t_1) /
 #   (PROBE_ROWS - 1)``.
 # * before detection (no cached pattern, ``n <= DENSE_EARLY_MAX_N``): detection costs
@@ -434,7 +434,11 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
 #   propagation are Python work per operator, independent of ``n`` and of the threads;
 #   measured 0.45-0.82 ms per node, median 0.68, on the five benchmark problems on a
 #   quiet 16-core x86 machine, 0.4-0.95 on a loaded 2-core one; a value below the median
-#   is taken, erring towards detection). Dense wins: the result stores all
+#   is taken, erring towards detection), and colouring at least what a connected pattern
+#   at its sparsest (a path, ``2 (n - 1)`` coupled pairs) costs: at n = 1e3 the Python
+#   kernels colour a path in tens of milliseconds, as much as the dense products of a
+#   small function (the 5-point stencil: detection 30 ms, colouring 50 ms, dense products
+#   25 ms, 2 threads). Dense wins: the result stores all
 #   ``n^2`` entries (no pattern is known, and a stored entry must be structural: the
 #   result can be passed back as ``pattern=``).
 # * after detection, when the colouring is not cached: ``COLOR_EDGE_SECONDS`` per
@@ -459,6 +463,15 @@ def _coloring_seconds(P: sp.csr_matrix) -> float:
     if _key("acyclic-plan", P) in _CACHE or _key("star-plan", P) in _CACHE:
         return 0.0
     edges = _coupled_pairs(P)
+    if edges <= JIT_EDGES:
+        return COLOR_EDGE_SECONDS * edges
+    return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
+
+
+def _coloring_floor(n: int) -> float:
+    """The colouring time of a connected pattern on ``n`` variables, at its sparsest (a
+    path: ``2 (n - 1)`` coupled pairs), before detection (NOTE [one-shot cost model])."""
+    edges = 2 * (n - 1)
     if edges <= JIT_EDGES:
         return COLOR_EDGE_SECONDS * edges
     return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
@@ -491,12 +504,16 @@ class _DenseCost:
             now = clock(x)  # wall time: the products use every thread, detection one
             rows = basis_rows(n, x, capacity=PROBE_ROWS)
             engine.apply(1, rows, chunk_size=1)  # builds the gradient graph, settles the mode
-            start = now()
-            engine.apply(1, lambda a, b: rows(1 + a, 1 + b), chunk_size=1)
-            one = now() - start
-            start = now()
-            engine.apply(PROBE_ROWS, lambda a, b: rows(2 + a, 2 + b), chunk_size=PROBE_ROWS)
-            batch = now() - start
+
+            def timed(k: int) -> float:
+                start = now()
+                engine.apply(k, rows, chunk_size=k)
+                return now() - start
+
+            # the faster of two: a probe of a fraction of a millisecond is at the mercy of
+            # a single interruption, and this decides between paths 2x apart
+            one = min(timed(1), timed(1))
+            batch = min(timed(PROBE_ROWS), timed(PROBE_ROWS))
             per_row = max(batch - one, 0.0) / (PROBE_ROWS - 1)
             dense = math.ceil(n / (self.chunk_size or n)) * one + n * per_row
             self._seconds = (dense, one)
@@ -510,7 +527,8 @@ class _DenseCost:
         graph = self.engine._graph  # built by the probe (reverse-over-reverse)
         if graph is None or graph[1].grad_fn is None:
             return False
-        return dense < DETECT_NODE_SECONDS * _graph_nodes(graph[1].grad_fn)
+        detect = DETECT_NODE_SECONDS * _graph_nodes(graph[1].grad_fn)
+        return dense < detect + _coloring_floor(self.engine.n)
 
     def before_coloring(self, P: sp.csr_matrix) -> bool:
         """Dense products cost less than colouring ``P``."""
