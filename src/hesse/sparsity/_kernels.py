@@ -288,67 +288,109 @@ def acyclic(indptr, indices, twin, order, palette):  # noqa: C901 - the algorith
 # -- substitution: the trees of an acyclic colouring in preorder -----------------------------
 
 
-def forest_preorder(indptr, indices, twin, tree):
-    """Every two-coloured tree, depth first: the order of substitution (NOTE [substitution]).
+def tree_pairs(indices, tree, out):
+    """``out[p] = (indices[p], tree[p])``: a position's neighbour and tree side by side, so
+    a traversal reads one cache line per position instead of two (NOTE [forest order])."""
+    for p in range(len(indices)):
+        out[p, 0] = indices[p]
+        out[p, 1] = tree[p]
+    return out
 
-    Returns ``(vertex, parent, sign, end, edge)`` per visit of a non-root vertex, in
-    preorder over all trees: ``parent`` its tree parent, ``sign`` ``(-1)^depth``, ``end``
-    one past the last visit of its subtree, ``edge`` the CSR position of (parent, vertex).
-    A vertex lies in one tree per other colour it touches.
+
+def forest_preorder(indptr, pairs, colors, s_indptr, s_indices):  # noqa: C901 - one traversal
+    """Every two-coloured tree, depth first: the plan of substitution (NOTE [substitution]).
+
+    ``pairs`` (:func:`tree_pairs`) holds per CSR position of the adjacency graph its
+    neighbour and its tree; ``s_indptr``, ``s_indices`` are the symmetrised pattern (the
+    same graph with its diagonal entries). Per visit of a non-root vertex, in preorder
+    over all trees (roots: each tree's smallest vertex; children in column order):
+    ``src`` its flat index ``colour(parent) * n + vertex`` into ``B``, ``sign``
+    ``(-1)^depth``, ``end`` one past the last visit of its subtree, ``vertex``,
+    ``parent``; and per entry of the symmetrised pattern (CSR order) ``gather``: its
+    index into ``cat([diagonal, edge values])`` (edge ``k``, the edge of visit ``k``, is
+    ``n + k``). Visits are ``nnz / 2`` exactly when the trees are forests.
+
+    # NOTE [forest order]
+    A depth-first walk of trees spread over a large graph is bound by memory latency:
+    each step lands on a new row. So the walk reads one array per row (``pairs``) and
+    needs no per-position marks: within one tree the only neighbour already visited is
+    the parent, and a tree is started at the first position (in CSR order) of its
+    smallest vertex. The reverse position of each tree edge is the parent's, met while
+    scanning the child's row, so no reverse index is read either. Cost ``O(|E| t)``,
+    ``t`` the trees per vertex (at most the colours), each scan sequential in one row.
     """
     n = len(indptr) - 1
-    nnz = len(indices)
-    # a tree's edges are visited from one root; mark per directed position whether
-    # the traversal used it
-    used = np.zeros(nnz, dtype=np.bool_)
-    started = np.zeros(nnz, dtype=np.bool_)
-    out_v = np.empty(nnz // 2 + 1, dtype=np.int64)
-    out_p = np.empty(nnz // 2 + 1, dtype=np.int64)
-    out_s = np.empty(nnz // 2 + 1, dtype=np.int64)
-    out_e = np.empty(nnz // 2 + 1, dtype=np.int64)
-    out_q = np.empty(nnz // 2 + 1, dtype=np.int64)
-    stack_v = np.empty(nnz + 1, dtype=np.int64)
-    stack_pos = np.empty(nnz + 1, dtype=np.int64)
-    stack_slot = np.empty(nnz + 1, dtype=np.int64)
+    nnz = len(pairs)
+    started = np.zeros(nnz, dtype=np.bool_)  # per tree, by its representative position
+    edge_of = np.empty(nnz, dtype=np.int64)
+    m = nnz // 2 + 1
+    out_src = np.empty(m, dtype=np.int64)
+    out_sign = np.empty(m, dtype=np.float64)
+    out_end = np.empty(m, dtype=np.int64)
+    out_v = np.empty(m, dtype=np.int64)
+    out_p = np.empty(m, dtype=np.int64)
+    stack_v = np.empty(n + 1, dtype=np.int64)
+    stack_pos = np.empty(n + 1, dtype=np.int64)
+    stack_slot = np.empty(n + 1, dtype=np.int64)
     count = 0
     for r in range(n):
         for q in range(indptr[r], indptr[r + 1]):
-            t = tree[q]
-            if started[t] or used[q]:
+            t = pairs[q, 1]
+            if started[t]:
                 continue
             started[t] = True
-            # depth-first from r over edges of tree t
             top = 0
             stack_v[0] = r
-            stack_pos[0] = indptr[r]
+            stack_pos[0] = q
             stack_slot[0] = -1
             while top >= 0:
                 v = stack_v[top]
+                up = stack_v[top - 1] if top > 0 else -1
                 p = stack_pos[top]
-                moved = False
-                while p < indptr[v + 1]:
-                    w = indices[p]
-                    if tree[p] == t and not used[p]:
-                        used[p] = True
-                        used[twin[p]] = True
-                        stack_pos[top] = p + 1
-                        out_v[count] = w
-                        out_p[count] = v
-                        out_s[count] = 1 if (top + 1) % 2 == 0 else -1
-                        out_q[count] = p
-                        top += 1
-                        stack_v[top] = w
-                        stack_pos[top] = indptr[w]
-                        stack_slot[top] = count
-                        count += 1
-                        moved = True
-                        break
+                stop = indptr[v + 1]
+                while p < stop:
+                    if pairs[p, 1] == t:
+                        if pairs[p, 0] != up:
+                            break
+                        edge_of[p] = n + stack_slot[top]  # the edge to the parent
                     p += 1
-                if not moved:
+                if p < stop:
+                    # a tree has nnz / 2 edges at most and depth below n: more is a cycle
+                    assert 2 * count < nnz and top < n, "substitution: a two-coloured cycle"
+                    w = pairs[p, 0]
+                    stack_pos[top] = p + 1
+                    edge_of[p] = n + count
+                    out_src[count] = colors[v] * n + w
+                    out_sign[count] = 1.0 if top % 2 == 1 else -1.0
+                    out_v[count] = w
+                    out_p[count] = v
+                    top += 1
+                    stack_v[top] = w
+                    stack_pos[top] = indptr[w]
+                    stack_slot[top] = count
+                    count += 1
+                else:
                     if stack_slot[top] >= 0:
-                        out_e[stack_slot[top]] = count
+                        out_end[stack_slot[top]] = count
                     top -= 1
-    return out_v[:count], out_p[:count], out_s[:count], out_e[:count], out_q[:count]
+    gather = np.empty(len(s_indices), dtype=np.int64)
+    a = 0
+    for i in range(n):
+        for k in range(s_indptr[i], s_indptr[i + 1]):
+            if s_indices[k] == i:
+                gather[k] = i
+            else:
+                gather[k] = edge_of[a]
+                a += 1
+    assert a == nnz, "substitution: adjacency and pattern disagree"
+    return (
+        out_src[:count],
+        out_sign[:count],
+        out_end[:count],
+        out_v[:count],
+        out_p[:count],
+        gather,
+    )
 
 
 def twin_positions(indptr, indices):

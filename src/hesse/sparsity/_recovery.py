@@ -45,7 +45,6 @@ from hesse.sparsity._coloring import (
     int64_graph,
     star_recovery,
     symmetric,
-    twins,
 )
 
 
@@ -204,7 +203,7 @@ def _neutral(coloring: Coloring, src_color: np.ndarray) -> tuple[Coloring, np.nd
 
 def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
     """Substitution recovery from an acyclic colouring (NOTE [substitution])."""
-    from hesse.sparsity._kernels import forest_preorder, kernel
+    from hesse.sparsity._kernels import forest_preorder, kernel, tree_pairs
 
     n = P.shape[0]
     S = symmetric(P)
@@ -229,28 +228,21 @@ def substitution_plan(P: sp.csr_matrix, coloring: Coloring) -> Plan:
         )
     assert coloring.trees is not None, "substitution needs the trees of an acyclic colouring"
     indptr, indices = int64_graph(A)  # the colouring's: converted once per graph
-    twin = twins(A)
-    v, p, sign, end, q = kernel(forest_preorder, A.nnz)(indptr, indices, twin, coloring.trees)
+    # int32 pairs where the positions fit: half the memory a latency-bound walk reads
+    wide = A.nnz >= np.iinfo(np.int32).max
+    pairs = np.empty((A.nnz, 2), dtype=np.int64 if wide else np.int32)
+    pairs = kernel(tree_pairs, A.nnz)(indices, coloring.trees, pairs)
+    src, sign, end, v, p, gather = kernel(forest_preorder, A.nnz)(
+        indptr, pairs, colors, S.indptr, S.indices
+    )
     assert 2 * len(v) == A.nnz, "substitution: the two-coloured subgraphs are not forests"
-    # edge value k sits at A-positions q[k] and twin[q[k]]
-    edge_of = np.empty(A.nnz, dtype=np.int64)
-    ids = np.arange(n, n + len(v))  # edge k is entry n + k of cat([diagonal, edges])
-    edge_of[q] = ids
-    edge_of[twin[q]] = ids
-    # map entries of S to diagonal (index i) or edge (n + edge id)
-    gather = rows.copy()
-    off = rows != cols
-    # S + S.T stores no zeros, so A (S without its diagonal) holds S's off-diagonal
-    # entries in the same CSR order: the k-th of them is A's position k
-    assert np.count_nonzero(off) == A.nnz, "substitution: adjacency and pattern disagree"
-    gather[off] = edge_of
     return Plan(
         n,
         rows,
         cols,
         coloring,
-        visit_src=torch.from_numpy(colors[p] * n + v),
-        visit_sign=torch.from_numpy(sign.astype(np.float64)),
+        visit_src=torch.from_numpy(src),
+        visit_sign=torch.from_numpy(sign),
         visit_end=torch.from_numpy(end),
         visit_vertex=torch.from_numpy(v),
         visit_parent=torch.from_numpy(p),
