@@ -577,11 +577,13 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     at the price of recovery by substitution (NOTE [substitution]). The greedy
     algorithm of Gebremedhin, Tarafdar, Manne & Pothen (2007) runs in several vertex
     orders (:data:`ORDERS`: natural, largest first, smallest last, incidence degree,
-    dynamic largest first), each by first fit and then by the least-merging rule of
-    :func:`hesse.sparsity._kernels.acyclic` with one colour fewer than the best so far
-    (this reaches 3 colours on a 5-point stencil, where first fit needs 4 in every
-    order); the colouring with the fewest colours is kept, stopping at the lower bound
-    of :func:`_acyclic_bound` or when the time budget is spent (NOTE [colouring budget]).
+    dynamic largest first), each by first fit and by the least-merging rule of
+    :func:`hesse.sparsity._kernels.acyclic` aiming at one colour fewer than the best so
+    far, or at the lower bound of :func:`_acyclic_bound` when it runs first (on graphs of
+    small degree, as bands and stencils: the rule reaches 3 colours on a 5-point stencil
+    in one pass, where first fit needs 4 in every order); the colouring with the fewest
+    colours is kept, stopping at the lower bound or when the time budget is spent
+    (NOTE [colouring budget]).
 
     References:
         Gebremedhin, A. H., Tarafdar, A., Manne, F. & Pothen, A. (2007). New acyclic and
@@ -600,17 +602,25 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     twin = twins(A)
     run = K.kernel(K.acyclic, A.nnz)
     made: dict[str, np.ndarray] = {}
+    bound = _acyclic_bound(A)
 
     def attempt(name: str, palette: bool):
         def go(k: int | None):
             if name not in made:
                 made[name] = vertex_order(A, name)
-            return run(indptr, indices, twin, made[name], k - 1 if palette and k else 0)
+            target = (k - 1 if k else bound) if palette else 0
+            return run(indptr, indices, twin, made[name], target)
 
         return go
 
-    attempts = [attempt(name, palette) for name in orders for palette in (False, True)]
-    colors, trees = _best_of(attempts, _acyclic_bound(A), always=2)
+    # degrees at most 2 (bound - 1), as on bands and stencils, where the bound is usually
+    # the optimum: the rule aimed at the bound first, often the only pass; around a
+    # denser vertex it spreads the colours so that the vertex needs one more, and first
+    # fit goes first
+    rule_first = int(np.diff(A.indptr).max()) <= 2 * (bound - 1)
+    kinds = (True, False) if rule_first else (False, True)
+    attempts = [attempt(name, palette) for name in orders for palette in kinds]
+    colors, trees = _best_of(attempts, bound, always=2)
     return Coloring(colors, int(colors.max()) + 1, "acyclic", trees=trees)
 
 
