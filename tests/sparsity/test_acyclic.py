@@ -154,6 +154,91 @@ def test_compiled_kernels_equal_the_python_ones():
         assert np.array_equal(py, compiled)
 
 
+def _reference_plan(P, colors):
+    """Substitution's visits and gather from the colours alone (no trees, no kernels):
+    each component of each two-coloured subgraph walked depth first from its smallest
+    vertex, children by index; trees in the order of (root, root's first neighbour in
+    the tree), the CSR order in which the kernel meets them."""
+    A, S = C.adjacency(P), C.symmetric(P)
+    n = A.shape[0]
+    nbrs = [A.indices[A.indptr[i] : A.indptr[i + 1]].tolist() for i in range(n)]
+    starts = []
+    for a in range(colors.max() + 1):
+        for b in range(a + 1, colors.max() + 1):
+            pair, seen = (a, b), set()
+            for v in range(n):
+                near = [w for w in nbrs[v] if colors[v] in pair and colors[w] in pair]
+                if v in seen or not near:
+                    continue
+                starts.append((v, near[0], pair))
+                stack = [v]
+                while stack:
+                    u = stack.pop()
+                    if u not in seen:
+                        seen.add(u)
+                        stack.extend(w for w in nbrs[u] if colors[w] in pair)
+    visits = []  # [vertex, parent, sign, end]
+
+    def walk(v, parent, depth, pair):
+        for w in nbrs[v]:
+            if colors[w] in pair and w != parent:
+                k = len(visits)
+                visits.append([w, v, (-1.0) ** (depth + 1), 0])
+                walk(w, v, depth + 1, pair)
+                visits[k][3] = len(visits)
+
+    for root, _, pair in sorted(starts):
+        walk(root, -1, 0, pair)
+    edge = {frozenset(vis[:2]): n + k for k, vis in enumerate(visits)}
+    rows = np.repeat(np.arange(n), np.diff(S.indptr))
+    gather = [i if i == j else edge[frozenset((i, j))] for i, j in zip(rows, S.indices)]
+    v, p, sign, end = (np.array(c) for c in zip(*visits))
+    return {
+        "visit_vertex": v,
+        "visit_parent": p,
+        "visit_sign": sign,
+        "visit_end": end,
+        "visit_src": colors[p] * n + v,
+        "gather": np.array(gather),
+    }
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_substitution_plan_equals_a_walk_of_the_two_coloured_subgraphs(seed):
+    rng = np.random.default_rng(seed)
+    cases = [sp.csr_matrix(_random_symmetric(60, 0.08, rng) != 0), _band(80, 2), _arrow(40)]
+    jit = lambda fn: _kernels.kernel(fn, 10**9) if _kernels._numba() else fn  # noqa: E731
+    for P in cases:
+        A = C.adjacency(P)
+        indptr, indices = A.indptr.astype(np.int64), A.indices.astype(np.int64)
+        twin = C.twins(A)
+        S = C.symmetric(P)
+        for name in C.ORDERS:
+            for palette in (0, 3):
+                order = C.vertex_order(A, name)
+                colors, trees = _kernels.acyclic(indptr, indices, twin, order, palette)
+                want = _reference_plan(P, colors)
+                coloring = C.Coloring(colors, int(colors.max()) + 1, "acyclic", trees=trees)
+                plan = substitution_plan(P, coloring)  # the Python kernels at this size
+                for field, value in want.items():
+                    assert np.array_equal(getattr(plan, field).numpy(), value), field
+                for dtype in (np.int32, np.int64):  # compiled, narrow and wide pairs
+                    pairs = _kernels.tree_pairs(indices, trees, np.empty((A.nnz, 2), dtype))
+                    got = jit(_kernels.forest_preorder)(indptr, pairs, colors, S.indptr, S.indices)
+                    names = ("visit_src", "visit_sign", "visit_end", "visit_vertex")
+                    for field, value in zip((*names, "visit_parent", "gather"), got):
+                        assert np.array_equal(value, want[field]), field
+
+
+def test_substitution_rejects_trees_with_a_cycle():
+    cycle = sp.csr_matrix(np.roll(np.eye(4, dtype=bool), 1, 1) | np.eye(4, dtype=bool))
+    A = C.adjacency(cycle)
+    colors = np.array([0, 1, 0, 1])
+    trees = np.zeros(A.nnz, dtype=np.int64)  # one tree holding the whole 4-cycle
+    with pytest.raises(AssertionError, match="two-coloured cycle"):
+        substitution_plan(cycle, C.Coloring(colors, 2, "acyclic", trees=trees))
+
+
 def test_star_colourings_are_valid_in_every_order():
     rng = np.random.default_rng(3)
     for _ in range(10):
