@@ -146,6 +146,7 @@ def test_compiled_kernels_equal_the_python_ones():
         (_kernels.acyclic, (indptr, indices, twin, order, 0)),
         (_kernels.acyclic, (indptr, indices, twin, order, 3)),
         (_kernels.star, (indptr, indices, order)),
+        (_kernels.star, (indptr, indices, order, None, None, 3)),
         (_kernels.greedy, (indptr, indices, order)),
     ):
         py, compiled = fn(*args), jit(fn)(*args)

@@ -141,3 +141,49 @@ def test_empty_graph():
     P = sp.csr_matrix((0, 0), dtype=bool)
     assert C.star_coloring(P).num_colors == 0
     assert C.diagonal_coloring(P).num_colors == 0
+
+
+def test_star_bound_sees_an_edge_between_two_vertices_of_degree_two():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 10))
+        M = rng.random((n, n)) < rng.random() * 0.5
+        M = M | M.T
+        np.fill_diagonal(M, False)
+        A = sp.csr_matrix(M)
+        deg = M.sum(1)
+        want = any(deg[i] >= 2 and deg[j] >= 2 for i, j in zip(*np.nonzero(M)))
+        assert C._joins_two_hubs(A, np.diff(A.indptr)) == want
+
+
+@pytest.mark.parametrize("case", ["symmetric", "one-sided", "duplicates", "explicit zero"])
+def test_symmetric_pattern_is_the_boolean_sum_with_the_transpose(case):
+    rng = np.random.default_rng(1)
+    M = rng.random((30, 30)) < 0.1
+    if case != "one-sided":
+        M = M | M.T
+    P = sp.csr_matrix(M.astype(float))
+    if case == "duplicates":  # a repeated entry, stored twice
+        r, c = np.nonzero(M)
+        r, c = np.append(r, r[0]), np.append(c, c[0])
+        order = np.argsort(r, kind="stable")
+        indptr = np.searchsorted(r[order], np.arange(31))
+        P = sp.csr_matrix((np.ones(len(r)), c[order], indptr), shape=(30, 30))
+        assert not P.has_canonical_format
+    if case == "explicit zero":  # a stored zero is no entry
+        P.data[0] = 0.0
+    S = C.symmetric(P)
+    dense = P.toarray() != 0
+    want = dense | dense.T
+    assert np.array_equal(S.toarray(), want)
+    assert S.has_canonical_format and S.nnz == want.sum() and S.dtype == bool
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_star_probe_stops_once_the_natural_star_colouring_exceeds_its_limit(seed):
+    rng = np.random.default_rng(seed)
+    M = rng.random((80, 80)) < 0.06
+    P = sp.csr_matrix(M | M.T)
+    full = C.star_coloring(P, orders=C.ORDERS[:1]).num_colors
+    for limit in range(1, full + 2):
+        assert C.star_probe(P, limit) == (full if full <= limit else limit + 1)

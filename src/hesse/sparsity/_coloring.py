@@ -125,9 +125,18 @@ def symmetric(pattern: sp.spmatrix) -> sp.csr_matrix:
 
     def make() -> sp.csr_matrix:
         P = sp.csr_matrix(pattern, dtype=bool)
-        S = (P + P.T).tocsr()
-        S.sum_duplicates()
-        S.sort_indices()
+        T = P.T.tocsr()  # sorted indices
+        if (
+            P.has_canonical_format
+            and np.array_equal(P.indptr, T.indptr)
+            and np.array_equal(P.indices, T.indices)
+            and P.data.all()
+        ):  # a symmetric pattern (as detected Hessian patterns are): P itself, no sum
+            S = sp.csr_matrix((P.data, P.indices, P.indptr), shape=P.shape)
+        else:
+            S = (P + T).tocsr()
+            S.sum_duplicates()
+            S.sort_indices()
         S.__dict__["_hesse_symmetric"] = _stamp(S)  # already symmetric: not made again
         return S
 
@@ -178,18 +187,25 @@ def _lower_bound(A: sp.csr_matrix, star: bool) -> int:
         return 1
     deg = np.diff(A.indptr)
     bound = 2
-    if star:  # an edge between two vertices of degree >= 2, counted per row by a prefix sum
-        big = deg >= 2
-        seen = np.zeros(len(A.indices) + 1, dtype=np.int64)
-        np.cumsum(big[A.indices], out=seen[1:])
-        if (big & (seen[A.indptr[1:]] > seen[A.indptr[:-1]])).any():
-            bound = 3
+    if star and _joins_two_hubs(A, deg):
+        bound = 3
     v = int(np.argmax(deg))
     nb = np.append(A.indices[A.indptr[v] : A.indptr[v + 1]], v)
     k = len(nb)
     if A[nb][:, nb].nnz == k * (k - 1):
         bound = max(bound, k)
     return bound
+
+
+def _joins_two_hubs(A: sp.csr_matrix, deg: np.ndarray) -> bool:
+    """Whether an edge joins two vertices of degree >= 2 (then a path on four vertices
+    exists), from the degrees in ``O(n)``: with ``E_k`` the edges with ``k`` such ends,
+    their degrees sum to ``E_1 + 2 E_2``, so ``E_2`` is that sum less ``E - E_0``, and
+    ``E_0`` counts the edges between two leaves."""
+    leaves = np.flatnonzero(deg == 1)
+    e0 = int(np.count_nonzero(deg[A.indices[A.indptr[leaves]]] == 1)) // 2
+    e2 = int(deg[deg >= 2].sum()) - (A.nnz // 2 - e0)
+    return e2 > 0
 
 
 def int64_graph(A: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -451,6 +467,20 @@ def star_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> Col
         _lower_bound(A, True),
     )
     return Coloring(colors, int(colors.max()) + 1, "star")
+
+
+def star_probe(pattern: sp.spmatrix, limit: int) -> int:
+    """The colours of the greedy star colouring in natural order (the first of
+    :data:`ORDERS`), or ``limit + 1`` when it needs more than ``limit``: found at the
+    first vertex that does (a vertex's colour depends only on those before it), which
+    on bands and stencils against an acyclic count is within the first few vertices."""
+    A = adjacency(pattern)
+    if A.shape[0] == 0:
+        return 0
+    indptr, indices = int64_graph(A)
+    order = np.arange(A.shape[0], dtype=np.int64)
+    colors = K.kernel(K.star, A.nnz)(indptr, indices, order, None, None, limit)
+    return min(int(colors.max()) + 1, limit + 1)
 
 
 # -- recovery -----------------------------------------------------------------------------

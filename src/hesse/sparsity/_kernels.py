@@ -410,7 +410,7 @@ def twin_positions(indptr, indices):
     return twin
 
 
-def star(indptr, indices, order, side=None, seeded=None):  # noqa: C901 - the algorithm in one piece
+def star(indptr, indices, order, side=None, seeded=None, limit=0):  # noqa: C901 - the algorithm
     """Greedy star colouring in ``order``: distance-1, and no path on four vertices uses
     only two colours (every two-coloured component is a star).
 
@@ -429,6 +429,10 @@ def star(indptr, indices, order, side=None, seeded=None):  # noqa: C901 - the al
     must differ. Every edge joins one side to itself (all of one side) or to the other
     (a bipartite graph), so the colours around a vertex come from one palette. One side,
     all seeded (the default): the plain star colouring.
+
+    ``limit > 0``: stop at the first vertex that needs colour ``limit`` (the colours of
+    the vertices before it in ``order`` are those of the full run: greedy never looks
+    ahead), leaving the rest ``-1``.
 
     Returns colours ``0..K-1`` per side, ``-1`` for neutral vertices.
     """
@@ -472,6 +476,8 @@ def star(indptr, indices, order, side=None, seeded=None):  # noqa: C901 - the al
                     forbidden[c] = v
         cv = _first_free(forbidden, v)
         color[v] = cv
+        if limit > 0 and cv >= limit:
+            break
         for p in range(indptr[v], indptr[v + 1]):
             w = indices[p]
             cw = color[w]

@@ -48,7 +48,6 @@ from hesse._validation import (
 )
 from hesse.sparsity import _recovery
 from hesse.sparsity._coloring import (
-    ORDERS,
     Coloring,
     acyclic_coloring,
     bicoloring,
@@ -57,6 +56,7 @@ from hesse.sparsity._coloring import (
     one_sided,
     release,
     star_coloring,
+    star_probe,
     symmetric,
 )
 from hesse.sparsity._kernels import JIT_EDGES
@@ -394,8 +394,9 @@ def _kind(coloring: str, P: sp.csr_matrix) -> str:
     acyclic = _coloured("acyclic", P).num_colors
     # a star colouring in one order first: the best of all orders (several times its
     # cost, most of a small one-shot) is only computed when it can tie or win
-    probe = _cached("star-probe", P, lambda: star_coloring(P, orders=ORDERS[:1])).num_colors
-    if probe > acyclic + _STAR_PROBE_SLACK:
+    most = acyclic + _STAR_PROBE_SLACK
+    probe = _cached(f"star-probe-{most}", P, lambda: star_probe(P, most))
+    if probe > most:
         return "acyclic"
     star = _plan("star", P).coloring.num_colors  # after NOTE [neutral colours]
     return "star" if star <= acyclic else "acyclic"  # a tie: direct recovery
