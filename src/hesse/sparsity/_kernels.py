@@ -301,7 +301,8 @@ def forest_preorder(indptr, pairs, colors, s_indptr, s_indices):  # noqa: C901 -
     """Every two-coloured tree, depth first: the plan of substitution (NOTE [substitution]).
 
     ``pairs`` (:func:`tree_pairs`) holds per CSR position of the adjacency graph its
-    neighbour and its tree; ``s_indptr``, ``s_indices`` are the symmetrised pattern (the
+    neighbour and its tree (overwritten: a visited position's tree becomes
+    ``-1 - k``, ``k`` its edge's visit); ``s_indptr``, ``s_indices`` are the symmetrised pattern (the
     same graph with its diagonal entries). Per visit of a non-root vertex, in preorder
     over all trees (roots: each tree's smallest vertex; children in column order):
     ``src`` its flat index ``colour(parent) * n + vertex`` into ``B``, ``sign``
@@ -316,13 +317,15 @@ def forest_preorder(indptr, pairs, colors, s_indptr, s_indices):  # noqa: C901 -
     needs no per-position marks: within one tree the only neighbour already visited is
     the parent, and a tree is started at the first position (in CSR order) of its
     smallest vertex. The reverse position of each tree edge is the parent's, met while
-    scanning the child's row, so no reverse index is read either. Cost ``O(|E| t)``,
-    ``t`` the trees per vertex (at most the colours), each scan sequential in one row.
+    scanning the child's row, so no reverse index is read either; the edge's number is
+    written over the position's tree (no per-edge array: fresh memory costs page
+    faults). Cost ``O(|E| t)``, ``t`` the trees per vertex (at most the colours), each
+    scan sequential in one row.
     """
     n = len(indptr) - 1
     nnz = len(pairs)
     started = np.zeros(nnz, dtype=np.bool_)  # per tree, by its representative position
-    edge_of = np.empty(nnz, dtype=np.int64)
+    entered = -np.ones(n, dtype=np.int64)  # the last tree a vertex was entered in
     m = nnz // 2 + 1
     out_src = np.empty(m, dtype=np.int64)
     out_sign = np.empty(m, dtype=np.float64)
@@ -336,9 +339,10 @@ def forest_preorder(indptr, pairs, colors, s_indptr, s_indices):  # noqa: C901 -
     for r in range(n):
         for q in range(indptr[r], indptr[r + 1]):
             t = pairs[q, 1]
-            if started[t]:
+            if t < 0 or started[t]:  # visited, or in a tree walked before
                 continue
             started[t] = True
+            entered[r] = t
             top = 0
             stack_v[0] = r
             stack_pos[0] = q
@@ -352,14 +356,15 @@ def forest_preorder(indptr, pairs, colors, s_indptr, s_indices):  # noqa: C901 -
                     if pairs[p, 1] == t:
                         if pairs[p, 0] != up:
                             break
-                        edge_of[p] = n + stack_slot[top]  # the edge to the parent
+                        pairs[p, 1] = -1 - stack_slot[top]  # the edge to the parent
                     p += 1
                 if p < stop:
-                    # a tree has nnz / 2 edges at most and depth below n: more is a cycle
-                    assert 2 * count < nnz and top < n, "substitution: a two-coloured cycle"
                     w = pairs[p, 0]
+                    # a vertex entered twice in one walk closes a cycle
+                    assert entered[w] != t, "substitution: a two-coloured cycle"
+                    entered[w] = t
                     stack_pos[top] = p + 1
-                    edge_of[p] = n + count
+                    pairs[p, 1] = -1 - count
                     out_src[count] = colors[v] * n + w
                     out_sign[count] = 1.0 if top % 2 == 1 else -1.0
                     out_v[count] = w
@@ -380,7 +385,7 @@ def forest_preorder(indptr, pairs, colors, s_indptr, s_indices):  # noqa: C901 -
             if s_indices[k] == i:
                 gather[k] = i
             else:
-                gather[k] = edge_of[a]
+                gather[k] = n - 1 - pairs[a, 1]
                 a += 1
     assert a == nnz, "substitution: adjacency and pattern disagree"
     return (
