@@ -523,7 +523,11 @@ def per_sample_diagonal(
         in closed form for ``nn.Linear`` and ``nn.Conv2d`` layers (NOTE [linear fast
         path] in ``hesse/operators/_squares.py``); outputs that couple samples
         (tokens flattened to ``(B*T, V)``, BatchNorm in train mode) cost ``K`` VJPs
-        per output row.
+        per output row. ``"exact"`` and ``"ggn"`` on an ``nn.Sequential`` chain of
+        ``nn.Linear``/``nn.Conv2d`` layers and activations with ``nn.CrossEntropyLoss``
+        skip tracing and autograd: one hand-written sweep per layer (NOTE [chain fast
+        path] in ``hesse/curvprop/_chain.py``). Each parameter's diagonals are their
+        own tensor (NOTE [per-parameter results]).
 
     Example:
         >>> import torch

@@ -28,6 +28,23 @@ one Python step per layer instead of the traced engine's per-node cost (the CNN
 of ``hesse bench --sweep`` at ``B=1``). Anything else (a weight used twice, other
 layers or losses, shapes a layer does not expect) returns ``None`` and the traced
 engine runs.
+
+Without the activations' residual columns the same sweep gives the exact diagonal
+of the generalised Gauss-Newton matrix (``per_sample_diagonal(..., method="ggn")``,
+BackPACK's ``BatchDiagGGNExact``): only the ``C`` columns of the loss's factor
+travel. The loss's ``1/B`` (a mean) enters the columns as ``sqrt(1/B)`` rather than
+as a pass over the result.
+
+# NOTE [per-parameter results]
+Per-sample diagonals are ``(B, numel)`` blocks of the size of the parameters times
+the batch (40 MB for the 784x100 weight at ``B = 128`` in float32), written once
+and returned. Each parameter gets its own tensor, not a view into one ``(B, n)``
+block: glibc serves a block above its mmap threshold (at most 32 MiB) with fresh
+pages, and every fresh page is a page fault when first written. One block puts the
+small parameters' rows into fresh pages too (the 100x100 weight's 5 MB took 10 ms
+to write there, 2 ms from the heap); separate tensors leave only the large ones
+there, as BackPACK's per-parameter results do, and a caller keeping one
+parameter's diagonals frees the others.
 """
 
 from __future__ import annotations
