@@ -298,6 +298,12 @@ MEASURED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch) -> None:
+    """Each test sees no settled vectoriser choice (NOTE [batched backward])."""
+    monkeypatch.setattr(hvp_module, "_chosen", {})
+
+
 @pytest.mark.parametrize("case", list(MEASURED))
 def test_measured_vectoriser_choice_times_both_and_agrees(case: str, monkeypatch) -> None:
     """NOTE [batched backward]: the first calls of a job time vmap and the legacy batching

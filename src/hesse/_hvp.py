@@ -97,7 +97,7 @@ class FlatHVP:
     def g(self, x: torch.Tensor) -> torch.Tensor:
         with math_attention():  # NOTE [math attention]
             out = check_scalar_output(self.call, self.inputs.call(self.f, x))
-        return out.reshape(())
+        return out if out.dim() == 0 else out.reshape(())  # no view node when already 0-d
 
     @property
     def n(self) -> int:
@@ -232,7 +232,11 @@ class FlatHVP:
             weakref.ref(self.f)
         except TypeError:  # no weak reference: no memo (a stale id could be reused)
             return None
-        leaves, spec = tree_flatten(self.inputs.args)
+        args = self.inputs.args
+        if all(isinstance(a, torch.Tensor) for a in args):  # no pytree work (per-call cost)
+            leaves, spec = args, len(args)
+        else:
+            leaves, spec = tree_flatten(args)
         shapes = tuple(
             (t.shape, t.dtype, t.device)
             if isinstance(t, torch.Tensor)
@@ -412,10 +416,12 @@ def _remember(key: Hashable, f: Callable, used: int) -> None:
 
 #: a vectoriser is tried by measurement only on calls faster than this (NOTE [batched backward]).
 EXPLORE_SECONDS = 0.05
-#: timed calls of each vectoriser before the faster is kept (the minimum of these counts).
-EXPLORE_CALLS = 2
+#: timed calls of each vectoriser before the faster is kept (the minimum of these counts,
+#: the first call of each left out: it pays one-time set-up, 2-4x a later call).
+EXPLORE_CALLS = 3
 _VECTORISERS = ("vmap", "legacy")
 _timings: dict[Hashable, dict[str, list[float]]] = {}
+_chosen: dict[Hashable, Callable] = {}  # the settled choice per job, read first
 
 
 def batched_grad(
@@ -443,7 +449,9 @@ def batched_grad(
     20-45 us lower on calls of a few hundred microseconds. So for a keyed job whose
     calls take under :data:`EXPLORE_SECONDS`, the first calls time each vectoriser
     :data:`EXPLORE_CALLS` times (alternating, so warm-up falls on both) and later
-    calls use the one with the lower minimum; slower jobs never try the legacy
+    calls use the one with the lower minimum of all but its first call (the first
+    call of each pays one-time set-up and, counted, chose the slower one on
+    ``sum(sin(x))`` at n = 100); slower jobs never try the legacy
     path, whose worst case is a loop. A legacy run that warns of a missing batching
     rule (a per-row loop) or raises is never chosen. Where ``vmap`` raises (an
     in-place op or a custom ``autograd.Function`` that functorch cannot batch) the
@@ -458,13 +466,20 @@ def batched_grad(
         return _legacy(output, inputs, cotangents)
     if key is None or cotangents.device.type != "cpu":
         return _vectorised(output, inputs, cotangents)
-    times = _timings.setdefault(key, {name: [] for name in _VECTORISERS})
-    _bound(_timings)
+    chosen = _chosen.get(key)
+    if chosen is not None:  # settled: no bookkeeping (these calls take microseconds)
+        return chosen(output, inputs, cotangents)
+    times = _timings.get(key)
+    if times is None:
+        times = _timings[key] = {name: [] for name in _VECTORISERS}
+        _bound(_timings)
     exploring = min(times["vmap"], default=0.0) < EXPLORE_SECONDS
     pending = [n for n in _VECTORISERS if exploring and len(times[n]) < EXPLORE_CALLS]
     if not pending:
-        best = min(_VECTORISERS, key=lambda name: min(times[name], default=float("inf")))
-        return (_legacy if best == "legacy" else _vectorised)(output, inputs, cotangents)
+        best = min(_VECTORISERS, key=lambda name: min(times[name][1:], default=float("inf")))
+        chosen = _chosen[key] = _legacy if best == "legacy" else _vectorised
+        _bound(_chosen)
+        return chosen(output, inputs, cotangents)
     name = min(pending, key=lambda n: len(times[n]))  # alternate: vmap, legacy, vmap, ...
     start = time.perf_counter()
     if name == "vmap":
