@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 import hesse
+from tests.curvprop.test_chain import CubeAct
 
 
 def brute_per_sample_ggn(model, loss_fn, X, y) -> dict[str, torch.Tensor]:
@@ -285,23 +286,6 @@ def test_ggn_chain_matches_brute_force(chain_spy, case, reduction):
     assert len(storages) == len(got) and all(v.is_contiguous() for v in got.values())
 
 
-class _Cube(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**3
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * g
-
-
-class _CubeAct(nn.Module):
-    def forward(self, x):
-        return _Cube.apply(x)
-
-
 GGN_HAND_OVER = {  # model, loss: each must take the general path
     "weight used twice": lambda: (
         nn.Sequential(*(lambda lin: [lin, nn.Tanh(), lin])(nn.Linear(5, 5)), nn.Linear(5, 3)),
@@ -312,7 +296,7 @@ GGN_HAND_OVER = {  # model, loss: each must take the general path
         nn.CrossEntropyLoss(),
     ),
     "custom Function": lambda: (
-        nn.Sequential(nn.Linear(5, 4), _CubeAct(), nn.Linear(4, 3)),
+        nn.Sequential(nn.Linear(5, 4), CubeAct(), nn.Linear(4, 3)),
         nn.CrossEntropyLoss(),
     ),
     "label smoothing": lambda: (_mlp(), nn.CrossEntropyLoss(label_smoothing=0.1)),
