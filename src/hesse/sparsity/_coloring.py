@@ -646,8 +646,9 @@ def acyclic_coloring(pattern: sp.spmatrix, orders: tuple[str, ...] = ORDERS) -> 
     # degrees at most 2 (bound - 1), as on bands and stencils, where the bound is usually
     # the optimum: the rule aimed at the bound first, often the only pass; around a
     # denser vertex it spreads the colours so that the vertex needs one more, and first
-    # fit goes first
-    rule_first = int(np.diff(A.indptr).max()) <= 2 * (bound - 1)
+    # fit goes first; so it does on forests (bound 2), where the rule's scores only cost
+    # time (a path: 30 % more than first fit, the same 2 colours)
+    rule_first = 3 <= bound and int(np.diff(A.indptr).max()) <= 2 * (bound - 1)
     kinds = (True, False) if rule_first else (False, True)
     attempts = [attempt(name, palette) for name in orders for palette in kinds]
     colors, trees = _best_of(attempts, bound, always=2)
