@@ -298,6 +298,12 @@ MEASURED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch) -> None:
+    """Each test sees no settled vectoriser choice (NOTE [batched backward])."""
+    monkeypatch.setattr(hvp_module, "_chosen", {})
+
+
 @pytest.mark.parametrize("case", list(MEASURED))
 def test_measured_vectoriser_choice_times_both_and_agrees(case: str, monkeypatch) -> None:
     """NOTE [batched backward]: the first calls of a job time vmap and the legacy batching
@@ -394,3 +400,28 @@ def test_memory_memo_counts_once_per_function_and_shapes(monkeypatch) -> None:
         ref = loop_hessian(lambda v, a=a: f(v, a), x)
         torch.testing.assert_close(hesse.hessian(f, mode="reverse-over-reverse")(x, a), ref, **TOL)
     assert len(counted) == 2  # rows=5 once, rows=9 once
+
+
+def test_memory_memo_under_vmap_counts_the_vjp_once(monkeypatch) -> None:
+    """NOTE [memory memo] under a transform: per-sample Hessians (``vmap`` of
+    ``hesse.hessian``) count the VJP's allocations on the first call only; each call
+    equals row-by-row double backward per sample."""
+    counted = []
+    original = hvp_module.allocated_bytes
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hvp_module, "allocated_bytes", counting)
+    monkeypatch.setattr(hvp_module, "_saved_memo", {})
+    a = torch.randn(5, 7, generator=torch.Generator().manual_seed(7), dtype=DT)
+
+    def f(x):
+        return (torch.tanh(a @ x) ** 2).sum() + x.pow(3).sum()
+
+    X = torch.randn(3, 7, generator=torch.Generator().manual_seed(8), dtype=DT)
+    for _ in range(3):
+        got = torch.vmap(hesse.hessian(f))(X)
+        torch.testing.assert_close(got, torch.stack([loop_hessian(f, x) for x in X]), **TOL)
+    assert len(counted) == 1

@@ -18,6 +18,8 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from hesse._validation import check_differentiable_leaves, normalize_argnums
 
+_LEAF = tree_flatten(torch.empty(0))[1]  # the spec of a single tensor
+
 
 @dataclass(frozen=True)
 class Flat:
@@ -31,6 +33,8 @@ class Flat:
 
     @staticmethod
     def of(tree: Any) -> Flat:
+        if isinstance(tree, torch.Tensor):  # one tensor: no pytree work (per-call cost)
+            return Flat(_LEAF, (tree.shape,), (tree.numel(),), tree.dtype, tree.device)
         leaves, spec = tree_flatten(tree)
         return Flat(
             spec=spec,
@@ -54,6 +58,8 @@ class Flat:
 
     def flatten(self, tree: Any) -> torch.Tensor:
         """Concatenate the leaves of ``tree`` (laid out like this one) into ``(n,)``."""
+        if isinstance(tree, torch.Tensor):
+            return tree.reshape(-1)
         leaves, _ = tree_flatten(tree)
         if len(leaves) == 1:
             return leaves[0].reshape(-1)
@@ -69,6 +75,8 @@ class Flat:
         """Split ``(..., n)`` into the tree, each leaf shaped ``(..., *shape)``."""
         batch = vec.shape[:-1]
         if self.spec.is_leaf():  # one tensor: no pytree work
+            if vec.dim() == 1 and self.shapes[0] == vec.shape:
+                return vec  # no view: each view is one more node in every later backward
             return vec.reshape((*batch, *self.shapes[0]))  # a tuple: shape () is legal
         if len(self.shapes) == 1:  # no split: its backward would copy every product
             return tree_unflatten([vec.reshape((*batch, *self.shapes[0]))], self.spec)

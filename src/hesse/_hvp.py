@@ -97,7 +97,7 @@ class FlatHVP:
     def g(self, x: torch.Tensor) -> torch.Tensor:
         with math_attention():  # NOTE [math attention]
             out = check_scalar_output(self.call, self.inputs.call(self.f, x))
-        return out.reshape(())
+        return out if out.dim() == 0 else out.reshape(())  # no view node when already 0-d
 
     @property
     def n(self) -> int:
@@ -203,22 +203,18 @@ class FlatHVP:
             used = None
             revrev = self._leaf is not None and self.mode != "forward-over-reverse"
             if revrev:  # the graph is built here, or was (a probe product), and walked
-                key = self._memo_key()
-                known = _saved_memo.get(key) if key is not None else None
+                leaf = self._leaf
                 try:  # NOTE [strategy race]: the graph reverse-over-reverse starts from
-                    if known is not None and known[0]() is self.f:  # NOTE [memory memo]
-                        self._revrev_graph()
-                        used = known[1]
-                    else:
-                        _, used = saved_bytes(self._revrev_graph, self._leaf, at_most=enough)
-                        if key is not None:
-                            _remember(key, self.f, used)
+                    used = self._counted(
+                        self._revrev_graph,
+                        lambda: saved_bytes(self._revrev_graph, leaf, at_most=enough)[1],
+                    )
                 except Exception:  # noqa: BLE001 - NOTE [strategies]
                     if self.mode != "auto":
                         raise
                     self.mode = "forward-over-reverse"
-            if used is None and self.mode == "vjp-of-grad" and self._pull is None:
-                _, used = allocated_bytes(self._pullback)  # the VJP the products reuse
+            if used is None and self.mode == "vjp-of-grad" and self._pull is None:  # reused VJP
+                used = self._counted(self._pullback, lambda: allocated_bytes(self._pullback)[1])
             if used is None:
                 gr, used = allocated_bytes(lambda: grad(self.g)(self.x))
                 self._gradient = gr.detach()  # type: ignore[union-attr]
@@ -226,13 +222,30 @@ class FlatHVP:
             self._split = splitting_pays(used, self.n * self.x.element_size())
         return self._row_bytes
 
+    def _counted(self, build: Callable[[], object], count: Callable[[], int]) -> int:
+        """``count()`` (which builds what it counts), or ``build()`` and the count a
+        repeated call of this job remembered (NOTE [memory memo])."""
+        key = self._memo_key()
+        known = _saved_memo.get(key) if key is not None else None
+        if known is not None and known[0]() is self.f:
+            build()
+            return known[1]
+        used = count()
+        if key is not None:
+            _remember(key, self.f, used)
+        return used
+
     def _memo_key(self) -> Hashable | None:
         """NOTE [memory memo]: the key of this job's saved-bytes count, if it can have one."""
         try:
             weakref.ref(self.f)
         except TypeError:  # no weak reference: no memo (a stale id could be reused)
             return None
-        leaves, spec = tree_flatten(self.inputs.args)
+        args = self.inputs.args
+        if all(isinstance(a, torch.Tensor) for a in args):  # no pytree work (per-call cost)
+            leaves, spec = args, len(args)
+        else:
+            leaves, spec = tree_flatten(args)
         shapes = tuple(
             (t.shape, t.dtype, t.device)
             if isinstance(t, torch.Tensor)
@@ -386,7 +399,9 @@ class FlatHVP:
 # NOTE [memory memo]
 # Counting the bytes a gradient graph saves walks the whole graph once (Python per
 # node): on small functions (Rosenbrock at n = 100) that walk costs as much as the
-# Hessian. A repeated call of the same function object (held by a weak reference,
+# Hessian; under a transform (NOTE [under a transform]) counting the allocations of
+# the gradient's VJP sends every operator through a dispatch mode (10 % of a
+# per-sample forum-MLP Hessian at B = 1). A repeated call of the same function object (held by a weak reference,
 # so a recycled ``id`` never matches) with the same argument structure, shapes,
 # dtype and device reuses the first call's count. The count sizes chunks only; it
 # never changes a value. A function whose saved tensors grow between calls with
@@ -412,10 +427,12 @@ def _remember(key: Hashable, f: Callable, used: int) -> None:
 
 #: a vectoriser is tried by measurement only on calls faster than this (NOTE [batched backward]).
 EXPLORE_SECONDS = 0.05
-#: timed calls of each vectoriser before the faster is kept (the minimum of these counts).
-EXPLORE_CALLS = 2
+#: timed calls of each vectoriser before the faster is kept (the minimum of these counts,
+#: the first call of each left out: it pays one-time set-up, 2-4x a later call).
+EXPLORE_CALLS = 3
 _VECTORISERS = ("vmap", "legacy")
 _timings: dict[Hashable, dict[str, list[float]]] = {}
+_chosen: dict[Hashable, Callable] = {}  # the settled choice per job, read first
 
 
 def batched_grad(
@@ -443,7 +460,9 @@ def batched_grad(
     20-45 us lower on calls of a few hundred microseconds. So for a keyed job whose
     calls take under :data:`EXPLORE_SECONDS`, the first calls time each vectoriser
     :data:`EXPLORE_CALLS` times (alternating, so warm-up falls on both) and later
-    calls use the one with the lower minimum; slower jobs never try the legacy
+    calls use the one with the lower minimum of all but its first call (the first
+    call of each pays one-time set-up and, counted, chose the slower one on
+    ``sum(sin(x))`` at n = 100); slower jobs never try the legacy
     path, whose worst case is a loop. A legacy run that warns of a missing batching
     rule (a per-row loop) or raises is never chosen. Where ``vmap`` raises (an
     in-place op or a custom ``autograd.Function`` that functorch cannot batch) the
@@ -458,13 +477,20 @@ def batched_grad(
         return _legacy(output, inputs, cotangents)
     if key is None or cotangents.device.type != "cpu":
         return _vectorised(output, inputs, cotangents)
-    times = _timings.setdefault(key, {name: [] for name in _VECTORISERS})
-    _bound(_timings)
+    chosen = _chosen.get(key)
+    if chosen is not None:  # settled: no bookkeeping (these calls take microseconds)
+        return chosen(output, inputs, cotangents)
+    times = _timings.get(key)
+    if times is None:
+        times = _timings[key] = {name: [] for name in _VECTORISERS}
+        _bound(_timings)
     exploring = min(times["vmap"], default=0.0) < EXPLORE_SECONDS
     pending = [n for n in _VECTORISERS if exploring and len(times[n]) < EXPLORE_CALLS]
     if not pending:
-        best = min(_VECTORISERS, key=lambda name: min(times[name], default=float("inf")))
-        return (_legacy if best == "legacy" else _vectorised)(output, inputs, cotangents)
+        best = min(_VECTORISERS, key=lambda name: min(times[name][1:], default=float("inf")))
+        chosen = _chosen[key] = _legacy if best == "legacy" else _vectorised
+        _bound(_chosen)
+        return chosen(output, inputs, cotangents)
     name = min(pending, key=lambda n: len(times[n]))  # alternate: vmap, legacy, vmap, ...
     start = time.perf_counter()
     if name == "vmap":

@@ -62,6 +62,8 @@ def normalize_argnums(call: str, argnums: int | Sequence[int], nargs: int) -> tu
 
 def check_differentiable_leaves(call: str, tree: Any, what: str = "argument") -> list[torch.Tensor]:
     """Every leaf of ``tree`` must be a real floating-point tensor; return the leaves."""
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point():  # one valid tensor
+        return [tree]
     leaves, _ = tree_flatten(tree)
     if not leaves:
         fail(call, f"expected the differentiated {what} to hold at least one tensor, got none.")

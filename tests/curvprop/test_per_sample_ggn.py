@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 import hesse
+from tests.curvprop.test_chain import CubeAct
 
 
 def brute_per_sample_ggn(model, loss_fn, X, y) -> dict[str, torch.Tensor]:
@@ -218,3 +219,138 @@ def test_ggn_batchnorm_in_train_mode_couples_the_samples():
     want = brute_per_sample_ggn(model, nn.CrossEntropyLoss(), X, y)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10)
+
+
+# -- NOTE [chain fast path] for "ggn": chains of Linear/Conv2d and activations -------------
+def _seeded(*layers):
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).double()
+
+
+GGN_CHAINS = {  # model, input shape
+    "tanh-sigmoid mlp": (
+        lambda: _seeded(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 3)),
+        (5,),
+    ),
+    "relu mlp, no bias": (
+        lambda: _seeded(nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 3)),
+        (5,),
+    ),
+    "cnn pool-tanh-conv-flatten": (
+        lambda: _seeded(
+            nn.Conv2d(2, 3, 3, padding=1, stride=2),
+            nn.Tanh(),
+            nn.MaxPool2d(2, stride=1),
+            nn.Conv2d(3, 2, 2),
+            nn.Flatten(),
+            nn.Sigmoid(),
+            nn.Linear(8, 3),
+        ),
+        (2, 8, 8),
+    ),  # fmt: skip
+}
+
+
+@pytest.fixture
+def chain_spy(monkeypatch):
+    from hesse.curvprop import _api
+
+    calls = []
+    original = _api.chain_diagonal
+
+    def wrapped(*args, **kwargs):
+        calls.append(kwargs.get("residuals"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_api, "chain_diagonal", wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("case", list(GGN_CHAINS))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ggn_chain_matches_brute_force(chain_spy, case, reduction):
+    build, shape = GGN_CHAINS[case]
+    model, loss_fn = build(), nn.CrossEntropyLoss(reduction=reduction)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(5, *shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    got = hesse.per_sample_diagonal(model, loss_fn, X, y, method="ggn")
+    assert chain_spy == [False], "the chain fast path (without residuals) did not run"
+    want = brute_per_sample_ggn(model, loss_fn, X, y)
+    assert list(got) == list(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10)
+        assert want[k].abs().max() > 1e-6
+    # NOTE [per-parameter results]: one tensor per parameter, no views of one block
+    storages = {v.untyped_storage().data_ptr() for v in got.values()}
+    assert len(storages) == len(got) and all(v.is_contiguous() for v in got.values())
+
+
+GGN_HAND_OVER = {  # model, loss: each must take the general path
+    "weight used twice": lambda: (
+        nn.Sequential(*(lambda lin: [lin, nn.Tanh(), lin])(nn.Linear(5, 5)), nn.Linear(5, 3)),
+        nn.CrossEntropyLoss(),
+    ),
+    "batchnorm train": lambda: (
+        nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)),
+        nn.CrossEntropyLoss(),
+    ),
+    "custom Function": lambda: (
+        nn.Sequential(nn.Linear(5, 4), CubeAct(), nn.Linear(4, 3)),
+        nn.CrossEntropyLoss(),
+    ),
+    "label smoothing": lambda: (_mlp(), nn.CrossEntropyLoss(label_smoothing=0.1)),
+    "mse": lambda: (_mlp(), nn.MSELoss()),
+}
+
+
+@pytest.mark.parametrize("case", list(GGN_HAND_OVER))
+def test_ggn_chain_hands_over(chain_spy, case):
+    torch.manual_seed(2)
+    model, loss_fn = GGN_HAND_OVER[case]()
+    model = model.double()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    if case == "mse":
+        y = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    else:
+        y = torch.randint(0, 3, (6,), generator=gen)
+    got = hesse.per_sample_diagonal(model, loss_fn, X, y, method="ggn")
+    assert not chain_spy, f"{case}: the chain fast path must not run"
+    want = brute_per_sample_ggn(model, loss_fn, X, y)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10)
+
+
+def test_ggn_chain_parameter_subset_hands_over(chain_spy):
+    model, loss_fn, X, y = _case("ce-mlp")
+    got = hesse.per_sample_diagonal(
+        model, loss_fn, X, y, method="ggn", params={"0.bias": model[0].bias}
+    )
+    assert not chain_spy
+    want = brute_per_sample_ggn(model, loss_fn, X, y)
+    torch.testing.assert_close(got["0.bias"], want["0.bias"], rtol=0, atol=1e-10)
+
+
+def test_ggn_chain_leaves_int32_targets_to_the_loss_check(chain_spy):
+    model, loss_fn, X, y = _case("ce-mlp")
+    with pytest.raises(ValueError, match="CrossEntropyLoss needs class-index targets of dtype"):
+        hesse.per_sample_diagonal(model, loss_fn, X, y.to(torch.int32), method="ggn")
+    assert not chain_spy
+
+
+def test_ggn_chain_agrees_with_the_factor_path(chain_spy, monkeypatch):
+    """The chain and the hooks-and-autograd path of NOTE [linear fast path] agree."""
+    from hesse.curvprop import _api
+
+    build, shape = GGN_CHAINS["cnn pool-tanh-conv-flatten"]
+    model, loss_fn = build(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(7, *shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    fast = hesse.per_sample_diagonal(model, loss_fn, X, y, method="ggn")
+    assert chain_spy
+    monkeypatch.setattr(_api, "_chain_fast", lambda *args: None)
+    slow = hesse.per_sample_diagonal(model, loss_fn, X, y, method="ggn")
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=1e-12)

@@ -593,7 +593,11 @@ def per_sample_diagonal(
         in closed form for ``nn.Linear`` and ``nn.Conv2d`` layers (NOTE [linear fast
         path] in ``hesse/operators/_squares.py``); outputs that couple samples
         (tokens flattened to ``(B*T, V)``, BatchNorm in train mode) cost ``K`` VJPs
-        per output row.
+        per output row. ``"exact"`` and ``"ggn"`` on an ``nn.Sequential`` chain of
+        ``nn.Linear``/``nn.Conv2d`` layers and activations with ``nn.CrossEntropyLoss``
+        skip tracing and autograd: one hand-written sweep per layer (NOTE [chain fast
+        path] in ``hesse/curvprop/_chain.py``). Each parameter's diagonals are their
+        own tensor (NOTE [per-parameter results]).
 
     Example:
         >>> import torch
@@ -620,6 +624,11 @@ def per_sample_diagonal(
     check_choice(call, "method", method, METHODS + GGN_METHODS)
     check_chunk_size(call, chunk_size)
     check_generator(call, generator)
+    b = inputs.shape[0]
+    detached = {k: v.detach() for k, v in params.items()}
+    fast = _chain_fast(call, method, model, loss_fn, detached, inputs, targets, True)
+    if fast is not None:  # NOTE [per-parameter results]
+        return {k: v.view(b, *params[k].shape) for k, v in fast.items()}
     if method in GGN_METHODS:
         return _per_sample_ggn(
             call, model, loss_fn, params, inputs, targets, method, generator, chunk_size
@@ -730,7 +739,7 @@ def batch_diagonal(
     params = {k: v.detach() for k, v in params.items()}
     fast = _chain_fast(call, method, model, loss_fn, params, inputs, targets, per_sample)
     if fast is not None:
-        return fast
+        return torch.cat(list(fast.values()), 1) if per_sample else fast
     try:
         tr = prepare(call, model, loss_fn, params, inputs, targets)
         if per_sample and not tr.per_sample:
@@ -768,16 +777,18 @@ def batch_diagonal(
 
 
 def _chain_fast(call, method, model, loss_fn, params, inputs, targets, per_sample):
-    """The exact diagonal by NOTE [chain fast path], or ``None`` where it does not apply."""
-    if method != "exact":
+    """The exact diagonal (``"exact"``) or GGN diagonal (``"ggn"``) by NOTE [chain fast
+    path]: ``(n,)``, per sample a dict name -> ``(B, numel)``; ``None`` where it does not
+    apply."""
+    if method not in ("exact", "ggn"):
         return None
     layers = chain_plan(model, loss_fn, params, inputs, targets)
     if layers is None:
         return None
-    reduction = loss_fn.reduction
     return chain_diagonal(
-        layers, list(params), params, inputs, targets, reduction, per_sample=per_sample, call=call
-    )
+        layers, list(params), params, inputs, targets, loss_fn.reduction,
+        per_sample=per_sample, residuals=method == "exact", call=call,
+    )  # fmt: skip
 
 
 def check_model_inputs(call, model, inputs, targets, params) -> dict[str, torch.Tensor]:

@@ -28,9 +28,28 @@ one Python step per layer instead of the traced engine's per-node cost (the CNN
 of ``hesse bench --sweep`` at ``B=1``). Anything else (a weight used twice, other
 layers or losses, shapes a layer does not expect) returns ``None`` and the traced
 engine runs.
+
+Without the activations' residual columns the same sweep gives the exact diagonal
+of the generalised Gauss-Newton matrix (``per_sample_diagonal(..., method="ggn")``,
+BackPACK's ``BatchDiagGGNExact``): only the ``C`` columns of the loss's factor
+travel. The loss's ``1/B`` (a mean) enters the columns as ``sqrt(1/B)`` rather than
+as a pass over the result.
+
+# NOTE [per-parameter results]
+Per-sample diagonals are ``(B, numel)`` blocks of the size of the parameters times
+the batch (40 MB for the 784x100 weight at ``B = 128`` in float32), written once
+and returned. Each parameter gets its own tensor, not a view into one ``(B, n)``
+block: glibc serves a block above its mmap threshold (at most 32 MiB) with fresh
+pages, and every fresh page is a page fault when first written. One block puts the
+small parameters' rows into fresh pages too (the 100x100 weight's 5 MB took 10 ms
+to write there, 2 ms from the heap); separate tensors leave only the large ones
+there, as BackPACK's per-parameter results do, and a caller keeping one
+parameter's diagonals frees the others.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -64,7 +83,9 @@ def chain_plan(model: nn.Module, loss_fn, params: dict, inputs, targets) -> list
         return None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() not in (2, 4):
         return None
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.is_floating_point():
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.long:
+        return None
+    if targets.shape != inputs.shape[:1]:  # one class index per sample
         return None
     if bool((targets == loss_fn.ignore_index).any()):
         return None
@@ -135,9 +156,14 @@ def _back(layer: nn.Module, w, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 
 def chain_diagonal(
     layers: list, names: list[str], params: dict, inputs, targets, reduction: str, *,
-    per_sample: bool, call: str,
-) -> torch.Tensor:  # fmt: skip
-    """The flat exact diagonal, ``(n,)`` or ``(B, n)`` per sample, in the order of ``names``.
+    per_sample: bool, residuals: bool = True, call: str,
+) -> torch.Tensor | dict[str, torch.Tensor]:  # fmt: skip
+    """The exact diagonal: flat ``(n,)`` in the order of ``names``, or per sample.
+
+    ``residuals=False`` drops the activations' residual columns: the diagonal of the
+    generalised Gauss-Newton matrix instead of the Hessian (NOTE [chain fast path]).
+    ``per_sample``: a dict name -> ``(B, numel)``, one tensor per parameter (NOTE
+    [per-parameter results]).
 
     Samples go in groups (:func:`hesse._chunking.map_chunks`) whose columns, at most
     ``(group, K, width)`` with ``K`` the classes plus the widths of the curved
@@ -159,47 +185,50 @@ def chain_diagonal(
     else:
         widths = [layer.out_features for layer in layers if type(layer) is nn.Linear]
         width = max(widths)
-    columns = sum(widths)  # at most: the classes plus every hidden width
+    # At most the classes plus every hidden width (the classes alone without residuals).
+    columns = sum(widths) if residuals else widths[-1]
     per_sample_bytes = 4 * columns * width * inputs.element_size()
     group = chunk_size_for(
         rows=b, per_row_bytes=per_sample_bytes, fixed_bytes=0,
         budget=int(default_memory_budget(inputs.device)),
     )  # fmt: skip
     groups = -(-b // group)
+    # The loss's 1/B goes into the columns (squared: 1/B), not over the result afterwards.
+    scale = 1.0 / b if reduction == "mean" else 1.0
 
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        lo = int(ids[0]) * group
-        hi = min(b, lo + group)
-        return _chain_group(layers, names, params, inputs[lo:hi], targets[lo:hi], False)[None]
+    def one(lo: int, hi: int, dest: dict | None = None) -> torch.Tensor | None:
+        return _chain_group(
+            layers, names, params, inputs[lo:hi], targets[lo:hi], scale, residuals, dest
+        )
 
-    if per_sample:  # every group writes its rows of one (B, n) result: no copies
-        flat = inputs.new_empty((b, sum(params[k].numel() for k in names)))
+    if per_sample:  # every group writes its rows of the per-parameter results: no copies
+        out = {k: inputs.new_empty((b, params[k].numel())) for k in names}
         for lo in range(0, b, group):
             hi = min(b, lo + group)
-            _chain_group(layers, names, params, inputs[lo:hi], targets[lo:hi], True, flat[lo:hi])
-    elif groups == 1:
-        flat = run(torch.zeros(1))[0]
-    else:
-        flat = map_chunks(
-            run, None, groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call
-        ).sum(0)
-    scale = 1.0 / b if reduction == "mean" else 1.0
-    return flat.mul_(scale) if scale != 1 else flat
+            one(lo, hi, {k: v[lo:hi] for k, v in out.items()})
+        return out
+    if groups == 1:
+        return one(0, b)
+    return map_chunks(
+        lambda ids: one(int(ids[0]) * group, min(b, int(ids[0]) * group + group))[None],
+        None, groups, lambda s, e: torch.arange(s, e), chunk_size=1, call=call,
+    ).sum(0)  # fmt: skip
 
 
 def _chain_group(
-    layers, names, params, inputs, targets, per_sample: bool, result: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One group of samples: the unscaled diagonal, ``(n,)``, or ``(B, n)`` written to ``result``."""
+    layers, names, params, inputs, targets, scale: float, residuals: bool,
+    dest: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor | None:  # fmt: skip
+    """One group of samples: the diagonal ``(n,)``, or per sample written to ``dest``.
+
+    ``scale`` multiplies every sample's loss (``1/B`` for a mean): it enters the
+    columns as ``sqrt(scale)`` and the gradient as ``scale``. ``dest``: name ->
+    ``(group, numel)`` destination of each parameter's per-sample diagonals.
+    """
     b = inputs.shape[0]
+    per_sample = dest is not None
     prefix = {id(layer): str(i) for i, layer in enumerate(layers)}
-    dest: dict[str, torch.Tensor] = {}  # per-sample: each parameter's (B, numel) columns
-    if per_sample:
-        assert result is not None, "per-sample diagonals are written to a given result"
-        start = 0
-        for k in names:
-            dest[k] = result[:, start : start + params[k].numel()]
-            start += params[k].numel()
+    dest = dest or {}
 
     def weights(layer):
         key = prefix[id(layer)]
@@ -212,12 +241,17 @@ def _chain_group(
             acts.append(_apply(layer, params, prefix[id(layer)], acts[-1]))
         logits = acts[-1]
         p = torch.softmax(logits, dim=1)
-        g = p.clone()
-        g[torch.arange(b), targets] -= 1  # d loss_b / d logits
+        g = None
+        if residuals:
+            g = p.clone()
+            g[torch.arange(b), targets] -= 1  # d loss_b / d logits
+            g = g.mul_(scale) if scale != 1 else g
         sq = p.sqrt()
         # Columns u_c = sqrt(p_c) (e_c - p): (B, C, C), all signs +1. Columns keep the
         # feature shape: (B, K, *features).
         dense = torch.diag_embed(sq) - sq[:, :, None] * p[:, None, :]
+        if scale != 1:
+            dense = dense.mul_(math.sqrt(scale))
         dense_signs: torch.Tensor | None = None  # None: all +1
         diag_cols: torch.Tensor | None = None  # (B, *features) columns sqrt|r_j| e_j
         diag_signs: torch.Tensor | None = None
@@ -244,14 +278,14 @@ def _chain_group(
             if kind in ACTIVATIONS:
                 d1, d2 = _derivatives(layer, a)
                 dense = dense * d1[:, None]
-                if d2 is not None:
+                if g is not None and d2 is not None:
                     r = g * d2
                     diag_cols, diag_signs = r.abs().sqrt(), torch.sign(r)
-                g = g * d1
+                g = None if g is None else g * d1
                 continue
             w = weights(layer)[0] if kind in (nn.Linear, nn.Conv2d) else None
             k = dense.shape[1]
-            g = _back(layer, w, a, g)
+            g = None if g is None else _back(layer, w, a, g)
             dense = _back(layer, w, a, dense.reshape(b * k, *dense.shape[2:]))
             dense = dense.reshape(b, k, *dense.shape[1:])
             if diag_cols is not None and kind is nn.Flatten:
@@ -271,7 +305,7 @@ def _chain_group(
         return torch.cat([out[k].reshape(-1) for k in names])
     for k, value in out.items():
         dest[k].copy_(value.reshape(b, -1))
-    return result
+    return None
 
 
 def _apply(layer: nn.Module, params: dict, key: str, x: torch.Tensor) -> torch.Tensor:
