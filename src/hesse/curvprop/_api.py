@@ -3,7 +3,8 @@
 The model graph and the loss graph are traced separately on one sample (NOTE
 [per-sample] in ``_exact``): the loss graph is swept first and hands the exact
 factorisation of the output Hessian, and the gradient, to the model graph. The
-sweep is ``vmap``-ed over the samples of a batch in memory-sized chunks through
+sweep is ``vmap``-ed over the samples of a batch in chunks timed to amortise a sweep's
+fixed cost within the memory budget (NOTE [sweep chunks]) through
 :func:`hesse._chunking.map_chunks`.
 """
 
@@ -566,7 +567,8 @@ def per_sample_diagonal(
         params: the parameters to differentiate (name -> tensor); default: every
             parameter of ``model`` that requires grad.
         method: ``"exact"``, ``"becker-lecun"``, ``"ggn"`` or ``"ggn-mc"``.
-        chunk_size: samples per vectorised pass; default sized from free memory.
+        chunk_size: samples per vectorised pass; default chosen from measured time
+            within the memory budget (NOTE [sweep chunks]).
         generator: the source of the sampled labels of ``"ggn-mc"`` (default: a
             generator seeded with 0); unused by the other methods.
 
