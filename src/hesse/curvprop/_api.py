@@ -68,7 +68,10 @@ BRUTE_FORCE_MARGIN = 1.5
 # each chunk is twice the best so far (at least the cache-sized one), kept unless
 # its time per sample exceeds SWEEP_SLOWER times the best; SWEEP_MISSES larger
 # chunks in a row that are clearly slower (their work outgrew the caches; one could
-# be noise on a loaded machine) settle the size. A remainder under a quarter of a
+# be noise on a loaded machine) settle the size. The tolerance leans to larger
+# chunks: with a strict "must be faster" rule, two noisy readings at two threads on
+# a loaded machine settled attention at B=32 on chunks of 2 (3.3x brute force), where
+# chunks of 16-32 are 5x faster than 4. A remainder under a quarter of a
 # chunk joins it (no sweep for a few samples). Measured on a loaded two-core
 # machine, B=32: one thread ~8 ms per sample at chunks of 8, 9-11 ms at 16-32; two
 # threads 1.0-1.2 s at 16-32 against 5.1 s at 4 (hand-offs per op). The state
