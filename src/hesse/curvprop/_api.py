@@ -3,13 +3,15 @@
 The model graph and the loss graph are traced separately on one sample (NOTE
 [per-sample] in ``_exact``): the loss graph is swept first and hands the exact
 factorisation of the output Hessian, and the gradient, to the model graph. The
-sweep is ``vmap``-ed over the samples of a batch in memory-sized chunks through
+sweep is ``vmap``-ed over the samples of a batch in chunks timed to amortise a sweep's
+fixed cost within the memory budget (NOTE [sweep chunks]) through
 :func:`hesse._chunking.map_chunks`.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -54,6 +56,59 @@ SWEEP_OVERHEAD = 4
 BRUTE_FORCE_MARGIN = 1.5
 
 
+# NOTE [sweep chunks]
+# One sweep carries a fixed cost per traced node (Python, dispatch, and at several
+# threads a parallel-region hand-off per op) on top of work that grows with the
+# samples it carries; on small models the fixed part dominates (attention with T=8,
+# d=16: ~25 ms per sweep of one sample, ~8 ms per sample in sweeps of eight, one
+# thread). A cache-sized chunk (NOTE [when to split] in ``hesse._chunking``) cannot
+# see that cost: there a sample's sweep alone outgrew the cap, so samples went one
+# by one. So the chunk is chosen from measured time (CPU time of the process on the
+# CPU, like NOTE [strategies] in ``hesse._hvp``): after the first sample's sweep,
+# each chunk is twice the best so far (at least the cache-sized one), kept unless
+# its time per sample exceeds SWEEP_SLOWER times the best; SWEEP_MISSES larger
+# chunks in a row that are clearly slower (their work outgrew the caches; one could
+# be noise on a loaded machine) settle the size. The tolerance leans to larger
+# chunks: with a strict "must be faster" rule, two noisy readings at two threads on
+# a loaded machine settled attention at B=32 on chunks of 2 (3.3x brute force), where
+# chunks of 16-32 are 5x faster than 4. A remainder under a quarter of a
+# chunk joins it (no sweep for a few samples). Measured on a loaded two-core
+# machine, B=32: one thread ~8 ms per sample at chunks of 8, 9-11 ms at 16-32; two
+# threads 1.0-1.2 s at 16-32 against 5.1 s at 4 (hand-offs per op). The state
+# lives with the trace, per method and thread count, so later calls on the same
+# shapes start from it. Chunks stay within the memory budget and SWEEP_CHUNK_BYTES
+# (in the units of NOTE [memory estimate from the sweep], about 4x the real use).
+# The chunking never changes a value: every sample is swept the same way.
+SWEEP_SLOWER = 1.1
+SWEEP_MISSES = 2
+SWEEP_CHUNK_BYTES = 2 * 1024**3
+
+
+@dataclass
+class ChunkTuner:
+    """The chunk size of a trace's sweeps (NOTE [sweep chunks])."""
+
+    size: int = 1  # the best chunk measured so far
+    seconds: float = math.inf  # its time per sample
+    misses: int = 0  # larger chunks in a row that were clearly slower
+
+    def next(self, cap: int, floor: int) -> int:
+        """The chunk to run next: at most ``cap``, at least ``floor`` while exploring."""
+        settled = self.misses >= SWEEP_MISSES
+        want = self.size if settled else max(floor, 2 * self.size)
+        return max(1, min(cap, want))
+
+    def record(self, size: int, seconds: float) -> None:
+        per = seconds / size
+        if size == self.size:
+            self.seconds = min(self.seconds, per)
+        elif size > self.size:  # a smaller chunk (a batch's remainder) says nothing
+            if per <= SWEEP_SLOWER * self.seconds:
+                self.size, self.seconds, self.misses = size, per, 0
+            else:
+                self.misses += 1
+
+
 class PreferBruteForce(Exception):  # noqa: N818 - a decision, not an error
     """The cost model chose the basis products (NOTE [cost model])."""
 
@@ -75,6 +130,11 @@ class Traced:
     sample_bytes: dict[str, int] = field(default_factory=dict)  # per method, measured once
     loss_state: list[torch.Tensor] = field(default_factory=list)  # the loss's buffers (weights)
     brute_force: bool = False  # NOTE [cost model] chose the basis products for this trace
+    tuners: dict[tuple[str, int], ChunkTuner] = field(default_factory=dict)
+
+    def chunking(self, method: str) -> ChunkTuner:
+        """This trace's chunk tuner for ``method`` at the current thread count."""
+        return self.tuners.setdefault((method, torch.get_num_threads()), ChunkTuner())
 
 
 def by_sample(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -358,12 +418,17 @@ def diagonals(
 
     b = inputs.shape[0]
     rows = lambda s, e: torch.arange(s, e, device=inputs.device)  # noqa: E731
+    clock = time.process_time if inputs.device.type == "cpu" else time.perf_counter
     done, out = 0, None
+    tuner = None if chunk_size is not None else tr.chunking(method)
     if method not in tr.sample_bytes:
         # The first sample of a new trace runs alone: it surfaces an unsupported op
         # before any vmap fallback could hide it, and its sweep counts one sample's
         # memory in passing (NOTE [memory estimate from the sweep]).
+        start = clock()
         head = batched(rows(0, 1))
+        if tuner is not None:
+            tuner.record(1, clock() - start)
         tr.sample_bytes[method] = SWEEP_OVERHEAD * holder[0].made_bytes
         n = sum(p.numel() for p in plist)
         if method == "exact" and holder[0].made_bytes > BRUTE_FORCE_MARGIN * n * max(
@@ -375,24 +440,33 @@ def diagonals(
         out = head.new_empty((b, head.shape[1]))
         out[:1] = head
         done = 1
-    if chunk_size is None:
-        chunk_size = chunk_size_for(
-            rows=max(1, b - done),
-            per_row_bytes=tr.sample_bytes[method],
-            fixed_bytes=0,
-            budget=default_memory_budget(inputs.device),
-        )
-    if done < b:
-        rest = map_chunks(
+    if done == b:
+        return assemble(tr, holder[0], out, plist, per_sample=per_sample)
+    # NOTE [sweep chunks]: chunk sizes from measured time, within the memory budget.
+    budget = default_memory_budget(inputs.device)
+    sizing = dict(rows=b - done, per_row_bytes=tr.sample_bytes[method], fixed_bytes=0)
+    floor = chunk_size_for(**sizing, budget=budget)  # cache-sized (NOTE [when to split])
+    cap = chunk_size_for(**sizing, budget=min(budget, SWEEP_CHUNK_BYTES), split=False)
+    while done < b:
+        c = min(chunk_size or tuner.next(cap, floor), b - done)
+        if tuner is not None and b - done <= min(cap, c + c // 4):
+            c = b - done  # the remainder joins this chunk
+        start = clock()
+        part = map_chunks(
             batched,
             single,
-            b - done,
-            lambda s, e: rows(done + s, done + e),
-            chunk_size=chunk_size,
+            c,
+            lambda s, e, d=done: rows(d + s, d + e),
+            chunk_size=c,
             call=call,
-            out=None if out is None else out[done:],
+            out=None if out is None else out[done : done + c],
         )
-        out = rest if out is None else out
+        if tuner is not None:
+            tuner.record(c, clock() - start)
+        if out is None:
+            out = part.new_empty((b, part.shape[1]))
+            out[:c] = part
+        done += c
     return assemble(tr, holder[0], out, plist, per_sample=per_sample)
 
 
@@ -496,7 +570,8 @@ def per_sample_diagonal(
         params: the parameters to differentiate (name -> tensor); default: every
             parameter of ``model`` that requires grad.
         method: ``"exact"``, ``"becker-lecun"``, ``"ggn"`` or ``"ggn-mc"``.
-        chunk_size: samples per vectorised pass; default sized from free memory.
+        chunk_size: samples per vectorised pass; default chosen from measured time
+            within the memory budget (NOTE [sweep chunks]).
         generator: the source of the sampled labels of ``"ggn-mc"`` (default: a
             generator seeded with 0); unused by the other methods.
 
