@@ -378,18 +378,24 @@ def test_slow_jobs_never_try_the_legacy_batching(monkeypatch) -> None:
     assert times["legacy"] == []
 
 
-def test_memory_memo_counts_once_per_function_and_shapes(monkeypatch) -> None:
-    """NOTE [memory memo]: a repeated call reuses the saved-bytes count; other shapes of
-    any argument count again; values equal double backward either way."""
-    counted = []
-    original = hvp_module.saved_bytes
+def _count_calls(monkeypatch, name: str) -> list[int]:
+    """A fresh memory memo, and a list that grows by one per call of ``hvp_module.name``."""
+    counted: list[int] = []
+    original = getattr(hvp_module, name)
 
     def counting(*args, **kwargs):
         counted.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hvp_module, "saved_bytes", counting)
+    monkeypatch.setattr(hvp_module, name, counting)
     monkeypatch.setattr(hvp_module, "_saved_memo", {})
+    return counted
+
+
+def test_memory_memo_counts_once_per_function_and_shapes(monkeypatch) -> None:
+    """NOTE [memory memo]: a repeated call reuses the saved-bytes count; other shapes of
+    any argument count again; values equal double backward either way."""
+    counted = _count_calls(monkeypatch, "saved_bytes")
 
     def f(x, a):
         return (torch.tanh(a @ x) ** 2).sum()
@@ -406,15 +412,7 @@ def test_memory_memo_under_vmap_counts_the_vjp_once(monkeypatch) -> None:
     """NOTE [memory memo] under a transform: per-sample Hessians (``vmap`` of
     ``hesse.hessian``) count the VJP's allocations on the first call only; each call
     equals row-by-row double backward per sample."""
-    counted = []
-    original = hvp_module.allocated_bytes
-
-    def counting(*args, **kwargs):
-        counted.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(hvp_module, "allocated_bytes", counting)
-    monkeypatch.setattr(hvp_module, "_saved_memo", {})
+    counted = _count_calls(monkeypatch, "allocated_bytes")
     a = torch.randn(5, 7, generator=torch.Generator().manual_seed(7), dtype=DT)
 
     def f(x):
