@@ -425,10 +425,12 @@ def _remember(key: Hashable, f: Callable, used: int) -> None:
     _bound(_saved_memo)
 
 
-#: a vectoriser is tried by measurement only on calls faster than this (NOTE [batched backward]).
-EXPLORE_SECONDS = 0.05
-#: timed calls of each vectoriser before the faster is kept (the minimum of these counts,
-#: the first call of each left out: it pays one-time set-up, 2-4x a later call).
+#: a vectoriser is tried by measurement only on calls faster than this (NOTE [batched backward]):
+#: the legacy batching saves tens of microseconds where it wins, nothing on longer calls.
+EXPLORE_SECONDS = 0.02
+#: timed runs of each vectoriser in a job's first call before the faster is kept (the
+#: minimum of these counts, the first run of each left out: it pays one-time set-up,
+#: 2-4x a later run).
 EXPLORE_CALLS = 3
 _VECTORISERS = ("vmap", "legacy")
 _timings: dict[Hashable, dict[str, list[float]]] = {}
@@ -457,12 +459,14 @@ def batched_grad(
     is about 2x faster (2.8 ms against 6.0 ms at one thread; the legacy path falls
     back to per-row loops in more backward formulas), while on small elementwise
     graphs (``sum(sin(x))``, Rosenbrock, n <= 150) the legacy path's fixed cost is
-    20-45 us lower on calls of a few hundred microseconds. So for a keyed job whose
-    calls take under :data:`EXPLORE_SECONDS`, the first calls time each vectoriser
-    :data:`EXPLORE_CALLS` times (alternating, so warm-up falls on both) and later
-    calls use the one with the lower minimum of all but its first call (the first
-    call of each pays one-time set-up and, counted, chose the slower one on
-    ``sum(sin(x))`` at n = 100); slower jobs never try the legacy
+    20-45 us lower on calls of a few hundred microseconds. So the first call of a
+    keyed job whose batched backward takes under :data:`EXPLORE_SECONDS` runs it
+    with each vectoriser :data:`EXPLORE_CALLS` times, alternating, all within that
+    call (spread over the first calls instead, the slower vectoriser's runs fell
+    into a caller's timed repeats), and every later call uses the one with the
+    lower minimum of all but its first run (the first run of each pays one-time
+    set-up and, counted, chose the slower one on ``sum(sin(x))`` at n = 100);
+    slower jobs never try the legacy
     path, whose worst case is a loop. A legacy run that warns of a missing batching
     rule (a per-row loop) or raises is never chosen. Where ``vmap`` raises (an
     in-place op or a custom ``autograd.Function`` that functorch cannot batch) the
@@ -484,30 +488,37 @@ def batched_grad(
     if times is None:
         times = _timings[key] = {name: [] for name in _VECTORISERS}
         _bound(_timings)
-    exploring = min(times["vmap"], default=0.0) < EXPLORE_SECONDS
-    pending = [n for n in _VECTORISERS if exploring and len(times[n]) < EXPLORE_CALLS]
-    if not pending:
-        best = min(_VECTORISERS, key=lambda name: min(times[name][1:], default=float("inf")))
-        chosen = _chosen[key] = _legacy if best == "legacy" else _vectorised
-        _bound(_chosen)
-        return chosen(output, inputs, cotangents)
-    name = min(pending, key=lambda n: len(times[n]))  # alternate: vmap, legacy, vmap, ...
-    start = time.perf_counter()
-    if name == "vmap":
-        result = _vectorised(output, inputs, cotangents, times)
-    else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                result = _legacy(output, inputs, cotangents)
-            except Exception:  # noqa: BLE001 - this call falls back to vmap; never chosen again
-                result = None
-        if result is None or any("performance drop" in str(w.message) for w in caught):
-            times["legacy"] = [float("inf")] * EXPLORE_CALLS
-            return result if result is not None else _vectorised(output, inputs, cotangents)
-    if float("inf") not in times[name]:  # inf: vmap raised and the legacy path ran
-        times[name].append(time.perf_counter() - start)
-    return result
+    result: list[torch.Tensor] | None = None
+    while True:  # the first call of a job times both, alternating (NOTE [batched backward])
+        exploring = min(times["vmap"], default=0.0) < EXPLORE_SECONDS
+        pending = [n for n in _VECTORISERS if exploring and len(times[n]) < EXPLORE_CALLS]
+        if not pending:
+            break
+        name = min(pending, key=lambda n: len(times[n]))  # vmap, legacy, vmap, ...
+        start = time.perf_counter()
+        if name == "vmap":
+            out = _vectorised(output, inputs, cotangents, times)
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    out = _legacy(output, inputs, cotangents)
+                except Exception:  # noqa: BLE001 - never chosen; vmap's result serves
+                    out = None
+            if out is None or any("performance drop" in str(w.message) for w in caught):
+                times["legacy"] = [float("inf")] * EXPLORE_CALLS
+                result = out if out is not None else result
+                continue
+        if float("inf") not in times[name]:  # inf: vmap raised and the legacy path ran
+            times[name].append(time.perf_counter() - start)
+        result = out
+
+    def cost(name: str) -> tuple[bool, float]:  # a vectoriser that failed goes last
+        return float("inf") in times[name], min(times[name][1:], default=float("inf"))
+
+    chosen = _chosen[key] = _legacy if min(_VECTORISERS, key=cost) == "legacy" else _vectorised
+    _bound(_chosen)
+    return result if result is not None else chosen(output, inputs, cotangents)
 
 
 def _vectorised(
