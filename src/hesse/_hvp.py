@@ -401,9 +401,9 @@ class FlatHVP:
 # node): on small functions (Rosenbrock at n = 100) that walk costs as much as the
 # Hessian; under a transform (NOTE [under a transform]) counting the allocations of
 # the gradient's VJP sends every operator through a dispatch mode (10 % of a
-# per-sample forum-MLP Hessian at B = 1). A repeated call of the same function object (held by a weak reference,
-# so a recycled ``id`` never matches) with the same argument structure, shapes,
-# dtype and device reuses the first call's count. The count sizes chunks only; it
+# per-sample forum-MLP Hessian at B = 1). A repeated call of the same function object
+# (held by a weak reference, so a recycled ``id`` never matches) with the same argument
+# structure, shapes, dtype and device reuses the first call's count. The count sizes chunks only; it
 # never changes a value. A function whose saved tensors grow between calls with
 # the same shapes (a closure over a model that is swapped for a larger one) keeps
 # the first count: pass ``chunk_size=`` or a ``memory_budget=`` there.
@@ -466,8 +466,7 @@ def batched_grad(
     into a caller's timed repeats), and every later call uses the one with the
     lower minimum of all but its first run (the first run of each pays one-time
     set-up and, counted, chose the slower one on ``sum(sin(x))`` at n = 100);
-    slower jobs never try the legacy
-    path, whose worst case is a loop. A legacy run that warns of a missing batching
+    slower jobs never try the legacy path, whose worst case is a loop. A legacy run that warns of a missing batching
     rule (a per-row loop) or raises is never chosen. Where ``vmap`` raises (an
     in-place op or a custom ``autograd.Function`` that functorch cannot batch) the
     legacy path runs, and its failure goes to the caller's fallback (NOTE

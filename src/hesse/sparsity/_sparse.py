@@ -429,9 +429,9 @@ def _coupled_pairs(P: sp.csr_matrix) -> int:
 # ``coloring="auto"`` and ``DENSE_MIN_N <= n <= DENSE_MAX_N`` (below, both paths take
 # milliseconds; an explicit colouring is honoured), the costs are compared twice:
 # * dense: ``n`` products in ``ceil(n / chunk)`` passes, timed on the function itself
-#   (once per call, 35 probe products, each timing the faster of two): one product ``t_1`` (the per-pass cost) and a
-#   batch of ``PROBE_ROWS`` (``t_b``), ``t_dense = passes * t_1 + n * (t_b - t_1) /
-#   (PROBE_ROWS - 1)``.
+#   (once per call, 35 probe products, each timing the faster of two): one product
+#   ``t_1`` (the per-pass cost) and a batch of ``PROBE_ROWS`` (``t_b``),
+#   ``t_dense = passes * t_1 + n * (t_b - t_1) / (PROBE_ROWS - 1)``.
 # * before detection (no cached pattern, ``n <= DENSE_EARLY_MAX_N``): detection costs
 #   about ``DETECT_NODE_SECONDS`` per node of the gradient's autograd graph (tracing and
 #   propagation are Python work per operator, independent of ``n`` and of the threads;
@@ -465,16 +465,17 @@ def _coloring_seconds(P: sp.csr_matrix) -> float:
     """The estimated colouring time of ``P`` (NOTE [one-shot cost model])."""
     if _key("acyclic-plan", P) in _CACHE or _key("star-plan", P) in _CACHE:
         return 0.0
-    edges = _coupled_pairs(P)
-    if edges <= JIT_EDGES:
-        return COLOR_EDGE_SECONDS * edges
-    return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
+    return _edge_seconds(_coupled_pairs(P))
 
 
 def _coloring_floor(n: int) -> float:
     """The colouring time of a connected pattern on ``n`` variables, at its sparsest (a
     path: ``2 (n - 1)`` coupled pairs), before detection (NOTE [one-shot cost model])."""
-    edges = 2 * (n - 1)
+    return _edge_seconds(2 * (n - 1))
+
+
+def _edge_seconds(edges: int) -> float:
+    """The estimated time to colour a graph of ``edges`` coupled pairs (NOTE [kernels])."""
     if edges <= JIT_EDGES:
         return COLOR_EDGE_SECONDS * edges
     return JIT_EDGE_SECONDS * edges + NUMBA_START_SECONDS * ("numba" not in sys.modules)
